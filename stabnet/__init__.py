@@ -1,0 +1,1 @@
+"""stabnet: forward-stable ResNets (Zhang & Schaeffer) in JAX/Flax."""
