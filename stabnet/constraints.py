@@ -1,0 +1,254 @@
+"""Regularisers and constraints of Table 4.1 as Optax transformations, and the optimiser.
+
+The optimiser is SGD with momentum on the data loss plus the smooth Frobenius terms, followed by
+proximal steps for the non-smooth terms (SPEC §4)::
+
+    g ← ∇loss + 2λK                     (Frobenius decay, λ‖K‖²_F, masked)
+    m ← μ m + g;  u ← −η_t m            (optax.trace, scale_by_learning_rate)
+    u ← prox(p + u) − p                 (each proximal transformation below, masked)
+
+A proximal transformation returns ``prox(p + u) − p`` so that ``optax.apply_updates`` lands on
+``prox(p + u)``. Which parameter gets which term is decided by regular expressions on parameter
+paths such as ``res5/K2`` (module names follow Figure 4.1, see :mod:`stabnet.networks`):
+
+* :func:`soft_threshold` – ``prox`` of ``η_t λ‖·‖₁``, entrywise ``sign(v)·max(|v| − η_t λ, 0)``;
+* :func:`nonnegative` – projection of ResNet-D's outer filters onto ``K₂ ≥ 0``;
+* :func:`spectral_rescale` – ``K ← K·min(1, c/‖A_K‖₂)`` for ResNet-S filters, with the exact FFT
+  norm; in the certified variant the *effective* operator ``diag(γ/√(v+ε)) A_K`` is rescaled
+  through ``γ`` (BN ignores the scale of ``K``), with the running variance ``v`` passed as the
+  extra argument ``batch_stats``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from stabnet import layers, norms
+
+Params = Any
+Mask = Any
+
+SQRT2 = math.sqrt(2.0)
+
+# Table 4.1 (inferred): which regulariser each kind of filter gets. Patterns match parameter paths.
+FILTERS = {
+    "conv": r"^conv\d+/K0$",
+    "res": r"^res\d+/K[12]?$",
+    "pool": r"^pool\d+/Kp$",
+    "fc": r"^fc\d+/W$",
+}
+TABLE_4_1: dict[str, dict[str, str]] = {
+    "resnet_d": {"conv": "l1", "res": "frobenius", "pool": "frobenius", "fc": "l1"},
+    "resnet_s": {"conv": "frobenius", "res": "frobenius", "pool": "frobenius", "fc": "frobenius"},
+}
+OUTER_FILTER = r"^res\d+/K2$"  # ResNet-D: K₂ ≥ 0
+SYMMETRIC_FILTER = r"^res\d+/K$"  # ResNet-S: ‖A_K‖₂ ≤ √2
+REGULARIZER_TABLES = ("paper", "frobenius", "none")
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """``'res5/K2'`` for the key path of a leaf of a nested dict."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def path_mask(params: Params, pattern: str) -> Mask:
+    """A pytree of Python bools: ``True`` where the leaf's path matches ``pattern``."""
+    rx = re.compile(pattern)
+    return jax.tree_util.tree_map_with_path(lambda p, _: bool(rx.search(path_str(p))), params)
+
+
+def _any(mask: Mask) -> bool:
+    return any(jax.tree.leaves(mask))
+
+
+def _prox_updates(
+    updates: Params, params: Params, mask: Mask, prox: Callable[[jax.Array], jax.Array]
+) -> Params:
+    """``prox(p + u) − p`` on masked leaves, ``u`` elsewhere."""
+    return jax.tree.map(lambda u, p, m: prox(p + u) - p if m else u, updates, params, mask)
+
+
+class ProxState(NamedTuple):
+    count: jax.Array  # steps taken, to evaluate the step size η_t of the schedule
+
+
+def soft_threshold(
+    weight: float, learning_rate: optax.ScalarOrSchedule, mask: Mask
+) -> optax.GradientTransformation:
+    """``prox`` of ``η_t λ‖·‖₁`` on masked leaves (the ℓ₁ terms of Table 4.1)."""
+    schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+    def init(params):
+        del params
+        return ProxState(jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        threshold = weight * schedule(state.count)
+
+        def prox(v):
+            return jnp.sign(v) * jnp.maximum(jnp.abs(v) - threshold, 0.0)
+
+        return _prox_updates(updates, params, mask, prox), ProxState(state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def nonnegative(mask: Mask) -> optax.GradientTransformation:
+    """Projection onto the non-negative orthant, ``K₂ ← max(K₂, 0)`` (ResNet-D, ι{K₂ ≥ 0})."""
+
+    def update(updates, state, params=None):
+        return _prox_updates(updates, params, mask, lambda v: jnp.maximum(v, 0.0)), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+class SpectralState(NamedTuple):
+    max_norm_before: jax.Array  # largest ‖A‖₂ of the constrained layers before the rescaling
+    max_norm_after: jax.Array  # … and after it: min(before, max_norm)
+
+
+def _layer_of(path: str) -> str:
+    return path.split("/")[0]
+
+
+def spectral_rescale(
+    pattern: str,
+    grids: Mapping[str, tuple[int, int]],
+    max_norm: float = SQRT2,
+    *,
+    effective: bool = False,
+    bn_eps: float = 1e-5,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescale so that ``‖A‖₂ ≤ max_norm`` for every filter whose path matches ``pattern``.
+
+    ``A`` is ``A_K`` on the layer's grid (``grids[layer]``), with the exact FFT norm. With
+    ``effective``, ``A = diag(γ₁/√(v₁ + ε)) A_K`` (the certified ResNet-S) and the rescaling is
+    applied to ``γ₁`` — the running variance ``v₁`` comes from the extra argument
+    ``batch_stats`` (after this step's update), so the bound holds exactly at inference. Without
+    BN statistics in a layer the filter itself is rescaled. Each norm is computed once per step.
+    """
+
+    def init(params):
+        del params
+        return SpectralState(jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
+
+    def update(updates, state, params=None, *, batch_stats=None, **extra):
+        del extra
+        if effective and batch_stats is None:
+            raise ValueError("spectral_rescale(effective=True) needs the batch_stats extra arg")
+        rx = re.compile(pattern)
+        new = jax.tree.map(lambda u: u, updates)  # shallow copy of the nested dicts
+        worst = jnp.zeros([], jnp.float32)
+        for name in sorted(params):
+            kname = next((k for k in params[name] if rx.search(f"{name}/{k}")), None)
+            if kname is None:
+                continue
+            kernel = params[name][kname] + updates[name][kname]
+            stats = (batch_stats or {}).get(name, {})
+            fold = effective and "var1" in stats
+            scale = None
+            if fold:
+                gamma = params[name]["gamma1"] + updates[name]["gamma1"]
+                scale = gamma * jax.lax.rsqrt(stats["var1"] + bn_eps)
+            norm = norms.fft_norm(kernel, grids[name], scale=scale)
+            factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+            if fold:
+                new[name]["gamma1"] = gamma * factor - params[name]["gamma1"]
+            else:
+                new[name][kname] = kernel * factor - params[name][kname]
+            worst = jnp.maximum(worst, norm)
+        return new, SpectralState(worst, jnp.minimum(worst, max_norm))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """``η_t = η₀ · factor^⌊t / decay_every⌋`` (SPEC §4: 0.1, ÷10 every 24K or 32K steps)."""
+    return optax.exponential_decay(
+        config.optim.learning_rate,
+        transition_steps=config.optim.decay_every,
+        decay_rate=config.optim.decay_factor,
+        staircase=True,
+    )
+
+
+def regularizer_masks(params: Params, variant: str, table: str) -> tuple[Mask, Mask]:
+    """``(frobenius_mask, l1_mask)`` for ``table`` = ``paper`` (Table 4.1; the baseline gets
+    Frobenius everywhere, the certified ResNet-S ResNet-S's row), ``frobenius`` or ``none``."""
+    if table not in REGULARIZER_TABLES:
+        raise ValueError(
+            f"optim.regularizers={table!r} is unknown; allowed: {', '.join(REGULARIZER_TABLES)}"
+        )
+    row = {kind: "frobenius" for kind in FILTERS}
+    if table == "paper":
+        row = TABLE_4_1.get(variant.removesuffix("_certified"), row)
+    elif table == "none":
+        row = {kind: "none" for kind in FILTERS}
+
+    def mask_for(term):
+        pattern = "|".join(f"(?:{FILTERS[k]})" for k, t in row.items() if t == term)
+        return path_mask(params, pattern or r"(?!)")
+
+    return mask_for("frobenius"), mask_for("l1")
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict,
+    params: Params,
+    grids: Mapping[str, tuple[int, int]],
+) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+    """The whole optimiser of SPEC §4 from ``config`` (``model.*``, ``optim.*``).
+
+    Returns the chained transformation (call its ``update`` with ``batch_stats=`` the new running
+    statistics) and the learning-rate schedule.
+    """
+    opt, variant = config.optim, config.model.variant
+    schedule = learning_rate_schedule(config)
+    frob, l1 = regularizer_masks(params, variant, opt.regularizers)
+    lam = opt.weight_decay
+    chain: list[optax.GradientTransformation] = []
+    if lam and _any(frob):
+        chain.append(optax.masked(optax.add_decayed_weights(2.0 * lam), frob))
+    chain += [optax.trace(decay=opt.momentum, nesterov=opt.nesterov),
+              optax.scale_by_learning_rate(schedule)]  # fmt: skip
+    if lam and _any(l1):
+        chain.append(soft_threshold(lam, schedule, l1))
+    if opt.constraints:
+        form = layers.RESIDUAL_FORMS[variant]
+        if form.outer == "K2" and form.sign < 0:
+            chain.append(nonnegative(path_mask(params, OUTER_FILTER)))
+        if form.outer == "adjoint":
+            chain.append(
+                spectral_rescale(
+                    SYMMETRIC_FILTER,
+                    grids,
+                    opt.max_operator_norm,
+                    effective=form.outer_bn == "folded",
+                    bn_eps=config.model.bn_eps,
+                )
+            )
+    return optax.chain(*chain), schedule
+
+
+def constraint_metrics(params: Params, opt_state: Any) -> dict[str, jax.Array]:
+    """What the constraints achieved after a step: ``outer_filter_min`` (ResNet-D, ``≥ 0``) and
+    ``operator_norm_max`` / ``operator_norm_max_before`` (ResNet-S, ``≤ √2`` after)."""
+    out: dict[str, jax.Array] = {}
+    mask = path_mask(params, OUTER_FILTER)
+    outer = [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True) if m]
+    if outer:
+        out["outer_filter_min"] = jnp.min(jnp.stack([jnp.min(p) for p in outer]))
+    for key, field in (("operator_norm_max", "max_norm_after"),
+                       ("operator_norm_max_before", "max_norm_before")):  # fmt: skip
+        value = optax.tree_utils.tree_get(opt_state, field)
+        if value is not None:
+            out[key] = value
+    return out

@@ -1,0 +1,329 @@
+"""The paper's layers, eqs. (3.1) and (4.1)–(4.6), as pure functions with thin Flax wrappers.
+
+Each layer is a pure function ``f(params, x, *, stats, train, cfg) -> (y, used)``:
+
+* ``params`` – the layer's trainable leaves (filters ``K0, K1, K2, K, Kp``, BN ``gamma*``/``beta*``,
+  fully connected ``W, b``), named as in the paper so that optimiser masks can select them;
+* ``stats``  – the running BN statistics (``mean*``, ``var*``), read at inference;
+* ``used``   – the BN statistics this call normalised with, so a caller can update running averages.
+
+The ``flax.linen`` modules at the bottom only declare the variables (with SPEC §4's initialisers),
+call the pure function and keep the running averages; all the mathematics is in the functions.
+
+The three residual layers share one skeleton, ``x⁺ = σ(x ± BN₂(outer(σ(BN₁(A_{K₁} x)))))``; a
+:class:`ResidualForm` says which sign, which outer operator and which outer BN. The table
+:data:`RESIDUAL_FORMS` is the whole difference between ResNet, ResNet-D and ResNet-S.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from stabnet import ops
+
+Params = Mapping[str, jax.Array]
+Stats = Mapping[str, jax.Array]
+Used = dict[str, ops.BNStats]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """Choices shared by every layer of a network.
+
+    Attributes:
+      padding: boundary condition of every stride-1 and stride-2 convolution (SPEC §1).
+      use_bn: ``False`` removes BatchNorm: a trained BN becomes a bias ``+β``, a frozen BN the
+        identity (the "ResNet without BN" of SPEC §7).
+      bn_eps: ``ε`` of BN.
+      bn_momentum: momentum of the running averages.
+      pool_window: window of the average pooling ``P`` in (4.4); 1 is plain subsampling.
+      dtype: compute dtype of convolutions and features (parameters and BN statistics stay
+        float32).
+    """
+
+    padding: ops.Padding = "circular"
+    use_bn: bool = True
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.9
+    pool_window: int = 3
+    dtype: Any = jnp.float32
+
+
+BNMode = Literal["trained", "frozen", "folded"]
+
+
+def normalize(
+    params: Params,
+    stats: Stats,
+    z: jax.Array,
+    which: str,
+    mode: BNMode,
+    *,
+    train: bool,
+    cfg: LayerConfig,
+    used: Used,
+) -> tuple[jax.Array, jax.Array]:
+    """``BN_which(z)``: a trained BN (``γ, β`` in ``params``), a frozen BN₀ (``γ = 1, β = 0``),
+    or none at all (``folded``: the certified ResNet-S folds the scale into ``A``).
+
+    Records the statistics it used in ``used[which]`` and returns ``(BN(z), s)`` with ``s`` the
+    per-channel scale applied (``γ/√(v + ε)``; ones without BN).
+    """
+    ones = jnp.ones(z.shape[-1], jnp.float32)
+    if mode == "folded":
+        return z, ones
+    if not cfg.use_bn:
+        return (z + params["beta" + which].astype(z.dtype) if mode == "trained" else z), ones
+    trained = mode == "trained"
+    y, s, batch = ops.batch_norm(
+        z,
+        mean=stats["mean" + which],
+        var=stats["var" + which],
+        gamma=params["gamma" + which] if trained else None,
+        beta=params["beta" + which] if trained else None,
+        train=train,
+        eps=cfg.bn_eps,
+    )
+    used[which] = batch
+    return y, s
+
+
+def conv_layer(
+    params: Params, x: jax.Array, *, stats: Stats, train: bool, cfg: LayerConfig
+) -> tuple[jax.Array, Used]:
+    """Convolution layer (4.3): ``x₁ = σ(BN(A_{K₀} x₀))``."""
+    used: Used = {}
+    z, _ = normalize(
+        params,
+        stats,
+        ops.conv(x, params["K0"], padding=cfg.padding),
+        "",
+        "trained",
+        train=train,
+        cfg=cfg,
+        used=used,
+    )
+    return jax.nn.relu(z), used
+
+
+class ResidualForm(NamedTuple):
+    """What distinguishes the residual layers: ``x⁺ = σ(x + sign · BN₂(outer(σ(BN₁(A_{K₁} x)))))``.
+
+    Attributes:
+      sign: ``+1`` adds the branch (3.1); ``−1`` subtracts it (4.1), (4.2).
+      outer: ``"K2"`` – a second filter, ``A_{K₂}``; ``"adjoint"`` – the adjoint of the inner
+        filter, ``A_K^T`` (one filter ``K`` used twice, ResNet-S).
+      outer_bn: mode of ``BN₂`` (see :func:`normalize`).
+    """
+
+    sign: int
+    outer: Literal["K2", "adjoint"]
+    outer_bn: BNMode
+
+    @property
+    def inner(self) -> str:
+        """Name of the inner filter: ``K`` for ResNet-S (one filter), ``K1`` otherwise."""
+        return "K" if self.outer == "adjoint" else "K1"
+
+
+RESIDUAL_FORMS: dict[str, ResidualForm] = {
+    "resnet": ResidualForm(+1, "K2", "trained"),  # (3.1)  σ(x + BN(A_{K₂} σ(BN(A_{K₁} x))))
+    "resnet_d": ResidualForm(-1, "K2", "frozen"),  # (4.1)  σ(x − BN₀(A_{K₂} σ(BN(A_{K₁} x))))
+    "resnet_s": ResidualForm(-1, "adjoint", "frozen"),  # (4.2)  σ(x − BN₀(A_K^T σ(BN(A_K x))))
+    "resnet_s_certified": ResidualForm(-1, "adjoint", "folded"),  # σ(x − A^T σ(A x + b))
+}
+
+
+def residual_layer(
+    params: Params,
+    x: jax.Array,
+    *,
+    stats: Stats,
+    train: bool,
+    cfg: LayerConfig,
+    form: ResidualForm,
+) -> tuple[jax.Array, Used]:
+    """A residual layer, eqs. (3.1), (4.1), (4.2), chosen by ``form`` (:data:`RESIDUAL_FORMS`).
+
+    With ``form.outer_bn == "folded"`` this is the certified ResNet-S layer
+    ``x⁺ = σ(x − A^T σ(A x + b))`` with ``A = diag(s) A_K`` and ``A x + b = BN₁(A_K x)``, so
+    ``A^T y = A_K^T(s ⊙ y)``: at inference Lemma A.1 applies exactly and the layer is
+    1-Lipschitz in ℓ₂ whenever ``‖diag(s) A_K‖₂ ≤ √2``.
+    """
+    used: Used = {}
+    inner = params[form.inner]
+    z, s = normalize(
+        params,
+        stats,
+        ops.conv(x, inner, padding=cfg.padding),
+        "1",
+        "trained",
+        train=train,
+        cfg=cfg,
+        used=used,
+    )
+    z = jax.nn.relu(z)
+    if form.outer == "K2":
+        v = ops.conv(z, params["K2"], padding=cfg.padding)
+    else:
+        scaled = z * s.astype(z.dtype) if form.outer_bn == "folded" else z
+        v = ops.conv_transpose(scaled, inner, padding=cfg.padding)
+    v, _ = normalize(params, stats, v, "2", form.outer_bn, train=train, cfg=cfg, used=used)
+    return jax.nn.relu(x + form.sign * v), used
+
+
+def pooling_layer(
+    params: Params, x: jax.Array, *, stats: Stats, train: bool, cfg: LayerConfig
+) -> tuple[jax.Array, Used]:
+    """2-D pooling layer (4.4) (inferred): ``x⁺ = σ(E(P(x)) − σ(BN(A^{(2)}_{K_p} x)))``.
+
+    ``A^{(2)}`` is the stride-2 convolution ``c → c'``, ``P`` average pooling (stride 2,
+    ``cfg.pool_window``), ``E`` zero padding of the channel axis. Since both terms are ``≥ 0``,
+    ``0 ≤ x⁺ ≤ E(P(x))``: the layer never grows ``‖x‖_∞``.
+    """
+    used: Used = {}
+    kp = params["Kp"]
+    z, _ = normalize(
+        params,
+        stats,
+        ops.conv(x, kp, stride=2, padding=cfg.padding),
+        "",
+        "trained",
+        train=train,
+        cfg=cfg,
+        used=used,
+    )
+    skip = ops.pad_channels(ops.avg_pool(x, cfg.pool_window), kp.shape[-1])
+    return jax.nn.relu(skip - jax.nn.relu(z)), used
+
+
+def global_pooling(x: jax.Array) -> jax.Array:
+    """Global pooling (4.5): ``g = mean over h, w of x``."""
+    return ops.global_avg_pool(x)
+
+
+def fully_connected(params: Params, g: jax.Array) -> jax.Array:
+    """Fully connected layer (4.6): ``y = W g + b`` (computed in float32)."""
+    return g.astype(jnp.float32) @ params["W"] + params["b"]
+
+
+# --------------------------------------------------------------------------------------------
+# Thin flax.linen wrappers: declare variables with SPEC §4's initialisers, call the functions.
+# --------------------------------------------------------------------------------------------
+
+
+def uniform_scaling(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """ "Uniform scaling" of the convolution layer: ``U[−√(3/fan_in), √(3/fan_in)]`` (SPEC §4)."""
+    limit = jnp.sqrt(3.0 / (shape[0] * shape[1] * shape[2]))
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+
+he_truncated_normal = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+
+def nonnegative_he(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """``|he_truncated_normal|``: ResNet-D's outer filter starts feasible, ``K₂ ≥ 0`` (SPEC §4)."""
+    return jnp.abs(he_truncated_normal(key, shape, dtype))
+
+
+# FC: truncated normal, σ = 0.02, redrawn beyond 2σ (inferred; flax truncates at ±2σ).
+fc_init = nn.initializers.truncated_normal(0.02)
+
+
+class _Layer(nn.Module):
+    """Shared plumbing: BN variables and running averages for one of the layer functions."""
+
+    cfg: LayerConfig
+
+    def bn_variables(self, which: str, channels: int, trained: bool) -> tuple[dict, dict]:
+        params, stats = {}, {}
+        if trained:
+            if self.cfg.use_bn:
+                params["gamma" + which] = self.param(
+                    "gamma" + which, nn.initializers.ones, (channels,)
+                )
+            params["beta" + which] = self.param("beta" + which, nn.initializers.zeros, (channels,))
+        if self.cfg.use_bn:
+            for name, init in (("mean", jnp.zeros), ("var", jnp.ones)):
+                stats[name + which] = self.variable(
+                    "batch_stats", name + which, init, (channels,), jnp.float32
+                )
+        return params, stats
+
+    def run(self, fn, params: dict, stats: dict, x: jax.Array, train: bool, **kw) -> jax.Array:
+        y, used = fn(
+            params, x, stats={k: v.value for k, v in stats.items()}, train=train, cfg=self.cfg, **kw
+        )
+        if train and not self.is_initializing():
+            for which, batch in used.items():
+                mean, var = stats["mean" + which], stats["var" + which]
+                new = ops.update_running(
+                    ops.BNStats(mean.value, var.value), batch, self.cfg.bn_momentum
+                )
+                mean.value, var.value = new.mean, new.var
+        return y
+
+
+class ConvLayer(_Layer):
+    """Linen wrapper of :func:`conv_layer` (4.3)."""
+
+    features: int = 16
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        params, stats = self.bn_variables("", self.features, trained=True)
+        params["K0"] = self.param("K0", uniform_scaling, (3, 3, x.shape[-1], self.features))
+        return self.run(conv_layer, params, stats, x, train)
+
+
+class ResidualLayer(_Layer):
+    """Linen wrapper of :func:`residual_layer` ((3.1), (4.1), (4.2), certified ResNet-S)."""
+
+    form: ResidualForm = RESIDUAL_FORMS["resnet"]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = x.shape[-1]
+        form = self.form
+        params, stats = self.bn_variables("1", c, trained=True)
+        if form.outer_bn != "folded":
+            outer_params, outer_stats = self.bn_variables("2", c, form.outer_bn == "trained")
+            params |= outer_params
+            stats |= outer_stats
+        params[form.inner] = self.param(form.inner, he_truncated_normal, (3, 3, c, c))
+        if form.outer == "K2":
+            init = nonnegative_he if form.sign < 0 else he_truncated_normal
+            params["K2"] = self.param("K2", init, (3, 3, c, c))
+        return self.run(residual_layer, params, stats, x, train, form=form)
+
+
+class PoolingLayer(_Layer):
+    """Linen wrapper of :func:`pooling_layer` (4.4)."""
+
+    features: int = 32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        params, stats = self.bn_variables("", self.features, trained=True)
+        params["Kp"] = self.param("Kp", he_truncated_normal, (3, 3, x.shape[-1], self.features))
+        return self.run(pooling_layer, params, stats, x, train)
+
+
+class FullyConnected(nn.Module):
+    """Linen wrapper of :func:`fully_connected` (4.6)."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, g: jax.Array) -> jax.Array:
+        params = {
+            "W": self.param("W", fc_init, (g.shape[-1], self.num_classes)),
+            "b": self.param("b", nn.initializers.zeros, (self.num_classes,)),
+        }
+        return fully_connected(params, g)

@@ -1,0 +1,190 @@
+"""The network of the paper's Figure 4.1 for every variant (SPEC §3).
+
+Depth parameter ``n ≥ 1``, widths ``(16, 32, 64)``::
+
+    layer 0          convolution layer, c_in → 16, at h×w                  conv0
+    layers 1..n      n residual layers, 16 channels                         res1 … res{n}
+    layer n+1        2-D pooling layer, 16 → 32, h/2 × w/2                  pool{n+1}
+    layers n+2..2n   n−1 residual layers, 32 channels                       res{n+2} …
+    layer 2n+1       2-D pooling layer, 32 → 64, h/4 × w/4                  pool{2n+1}
+    layers 2n+2..3n  n−1 residual layers, 64 channels                       res{2n+2} …
+    layer 3n+1       global pooling;   layer 3n+2  fully connected, 64 → K  fc{3n+2}
+
+Module names carry the layer's kind and its index in this table, so a parameter path such as
+``res5/K2`` says where it is in the paper; optimiser masks and the analysis select by these names.
+Only the residual layer changes between variants (:data:`stabnet.layers.RESIDUAL_FORMS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from stabnet import layers, ops
+
+VARIANTS: tuple[str, ...] = tuple(layers.RESIDUAL_FORMS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One row of Figure 4.1: index ``k``, kind, and the module name ``f"{kind}{k}"``."""
+
+    index: int
+    kind: str  # "conv" | "res" | "pool" | "global_pool" | "fc"
+    channels: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.index}"
+
+
+def paper_depth(variant: str, n: int) -> int:
+    """The paper's depth (learned filters and weights): ``6n`` for ResNet and ResNet-D, ``3n + 2``
+    for ResNet-S (Table 5.2)."""
+    return 3 * n + 2 if layers.RESIDUAL_FORMS[variant].outer == "adjoint" else 6 * n
+
+
+def check_architecture(
+    variant: str,
+    n: int,
+    image_shape: Sequence[int],
+    num_classes: int,
+    widths: Sequence[int] = (16, 32, 64),
+) -> None:
+    """Raise ``ValueError`` naming the field and the allowed values if the network is impossible."""
+    if variant not in layers.RESIDUAL_FORMS:
+        raise ValueError(f"model.variant={variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"model.n={n!r} is invalid; allowed: an integer ≥ 1")
+    if len(widths) != 3 or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"model.widths={tuple(widths)!r} is invalid; allowed: 3 positive integers")
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        if b < a or (b - a) % 2:
+            raise ValueError(
+                f"model.widths={tuple(widths)!r} is invalid; each width must be ≥ the previous one "
+                "and differ from it by an even number (the pooling layer pads channels evenly)"
+            )
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} is invalid; allowed: an integer ≥ 1")
+    if len(image_shape) != 3 or any(d < 1 for d in image_shape):
+        raise ValueError(f"image shape {tuple(image_shape)!r} is invalid; allowed: (h, w, c) ≥ 1")
+    h, w, _ = image_shape
+    if h % 4 or w % 4:
+        raise ValueError(
+            f"image shape {h}×{w} is invalid; allowed: h and w divisible by 4 (two stride-2 "
+            "pooling layers); pad or crop the data (data.name)"
+        )
+
+
+def layer_specs(n: int, widths: Sequence[int] = (16, 32, 64)) -> list[LayerSpec]:
+    """The rows of Figure 4.1 for depth parameter ``n``, indexed as in SPEC §3."""
+    w0, w1, w2 = widths
+    specs = [LayerSpec(0, "conv", w0)]
+    specs += [LayerSpec(k, "res", w0) for k in range(1, n + 1)]
+    specs.append(LayerSpec(n + 1, "pool", w1))
+    specs += [LayerSpec(k, "res", w1) for k in range(n + 2, 2 * n + 1)]
+    specs.append(LayerSpec(2 * n + 1, "pool", w2))
+    specs += [LayerSpec(k, "res", w2) for k in range(2 * n + 2, 3 * n + 1)]
+    specs.append(LayerSpec(3 * n + 1, "global_pool", w2))
+    specs.append(LayerSpec(3 * n + 2, "fc", -1))
+    return specs
+
+
+def layer_grids(n: int, image_hw: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """The input grid ``(h, w)`` of every convolutional layer (conv, res, pool), by module name."""
+    h, w = image_hw
+    grids: dict[str, tuple[int, int]] = {}
+    stage = 0
+    for spec in layer_specs(n):
+        if spec.kind in ("conv", "res", "pool"):
+            grids[spec.name] = (h >> stage, w >> stage)
+        stage += spec.kind == "pool"
+    return grids
+
+
+class StableResNet(nn.Module):
+    """Figure 4.1 with the residual layer of ``variant``.
+
+    Attributes:
+      variant: ``resnet`` (baseline, (3.1)), ``resnet_d`` (4.1), ``resnet_s`` (4.2) or
+        ``resnet_s_certified`` (SPEC §2, beyond the paper).
+      n: depth parameter.
+      num_classes: ``K``.
+      widths: channel widths of the three stages.
+      cfg: padding, BN, pooling window and compute dtype (:class:`stabnet.layers.LayerConfig`).
+    """
+
+    variant: str
+    n: int
+    num_classes: int
+    widths: tuple[int, int, int] = (16, 32, 64)
+    cfg: layers.LayerConfig = layers.LayerConfig()
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, train: bool = False, return_features: bool = False
+    ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+        """Logits ``[N, K]``; with ``return_features`` also the list of every layer's output,
+        ``features[k]`` = output of layer ``k`` of SPEC §3 (the last entry is the logits)."""
+        check_architecture(self.variant, self.n, x.shape[1:], self.num_classes, self.widths)
+        form = layers.RESIDUAL_FORMS[self.variant]
+        cfg = self.cfg
+        x = x.astype(cfg.dtype)
+        features: list[jax.Array] = []
+        for spec in layer_specs(self.n, self.widths):
+            if spec.kind == "conv":
+                x = layers.ConvLayer(cfg, spec.channels, name=spec.name)(x, train)
+            elif spec.kind == "res":
+                x = layers.ResidualLayer(cfg, form, name=spec.name)(x, train)
+            elif spec.kind == "pool":
+                x = layers.PoolingLayer(cfg, spec.channels, name=spec.name)(x, train)
+            elif spec.kind == "global_pool":
+                x = layers.global_pooling(x)
+            else:
+                x = layers.FullyConnected(self.num_classes, name=spec.name)(x)
+            features.append(x)
+        return (x, features) if return_features else x
+
+
+def build_model(
+    variant: str,
+    n: int,
+    num_classes: int,
+    *,
+    widths: Sequence[int] = (16, 32, 64),
+    padding: str = "circular",
+    use_bn: bool = True,
+    pool_window: int = 3,
+    bn_momentum: float = 0.9,
+    bn_eps: float = 1e-5,
+    dtype: Any = jnp.float32,
+) -> StableResNet:
+    """Construct :class:`StableResNet`, validating every argument first (``ValueError``)."""
+    if padding not in ops.PADDINGS:
+        allowed = ", ".join(ops.PADDINGS)
+        raise ValueError(f"model.padding={padding!r} is unknown; allowed: {allowed}")
+    if not isinstance(pool_window, int) or pool_window < 1 or pool_window % 2 == 0:
+        raise ValueError(f"model.pool_window={pool_window!r} is invalid; allowed: 1, 3, 5, …")
+    check_architecture(variant, n, (4, 4, 1), num_classes, widths)
+    cfg = layers.LayerConfig(
+        padding=padding,
+        use_bn=use_bn,
+        bn_eps=bn_eps,
+        bn_momentum=bn_momentum,
+        pool_window=pool_window,
+        dtype=dtype,
+    )
+    return StableResNet(variant, n, num_classes, tuple(widths), cfg)
+
+
+def init_variables(
+    model: StableResNet, key: jax.Array, image_shape: Sequence[int]
+) -> dict[str, Any]:
+    """``{'params': …, 'batch_stats': …}`` for inputs of shape ``image_shape`` (h, w, c)."""
+    check_architecture(model.variant, model.n, image_shape, model.num_classes, model.widths)
+    return dict(model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False))

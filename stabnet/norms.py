@@ -1,0 +1,211 @@
+"""Operator norms of the paper's linear maps (SPEC §4, §6).
+
+* :func:`fft_norm` – the **exact** ℓ₂ norm of a circular convolution (any grid, ``c_in ≠ c_out``,
+  stride 1 or 2, optionally followed by ``diag(s)``). ``A_K`` is block-circulant, so the DFT
+  block-diagonalises it: ``‖A_K‖₂ = max_ω σ_max(K̂(ω))`` (Sedghi, Gupta & Long, ICLR 2019). A
+  stride-``s`` circular convolution is block-circulant on the coarse grid once the input is split
+  into its ``s²`` polyphase components, so its symbol is a ``c_out × s²c_in`` matrix per coarse
+  frequency and the norm is exact too.
+* :func:`power_iteration_norm` – power iteration on ``AᵀA`` (``Aᵀ`` by :func:`jax.vjp`) for any
+  linear map: zero padding, strides, compositions.
+* :func:`linf_norm` – the ℓ∞ operator norm (max absolute row sum) of ``diag(s) A_K``.
+* :func:`effective_operators` – the BN-folded operator ``diag(s) A_K`` of every conv+BN pair of a
+  trained network at inference (Remark 4.3): BN ignores the scale of ``K``, so the theory's norm
+  conditions are conditions on these.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stabnet import layers, networks, ops
+
+
+def conv_symbol(
+    kernel: jax.Array, hw: Sequence[int], *, stride: int = 1, half: bool = True
+) -> jax.Array:
+    """The DFT symbol of the circular convolution ``A_K`` on an ``h×w`` grid.
+
+    Returns ``[H, W', c_out, stride²·c_in]`` complex matrices, ``H = h/stride``, ``W = w/stride``,
+    one per coarse frequency (``W' = W//2 + 1`` with ``half``: a real filter's symbol at ``−ω`` is
+    the conjugate of that at ``ω``, with the same singular values). The singular values of
+    ``A_K`` are exactly those of these matrices. Works for grids smaller than the filter
+    (taps alias modulo the grid), as the circular convolution itself does.
+    """
+    kh, kw, ci, co = kernel.shape
+    h, w = hw
+    if h % stride or w % stride:
+        raise ValueError(f"grid {h}×{w} is not divisible by the stride {stride}")
+    big_h, big_w = h // stride, w // stride
+    u = jnp.arange(big_h)[:, None]
+    v = jnp.arange(big_w // 2 + 1 if half else big_w)[None, :]
+    kernel = kernel.astype(jnp.float32)
+    blocks: list[list[jax.Array]] = [[] for _ in range(stride * stride)]
+    for a in range(kh):
+        # tap offset o = stride·shift + phase, 0 ≤ phase < stride: the tap reads polyphase
+        # component `phase` of the input, shifted by `shift` on the coarse grid.
+        sa, pa = divmod(a - kh // 2, stride)
+        for b in range(kw):
+            sb, pb = divmod(b - kw // 2, stride)
+            phase = jnp.exp(2j * jnp.pi * (u * sa / big_h + v * sb / big_w))
+            blocks[pa * stride + pb].append(phase[..., None, None] * kernel[a, b].T)
+    return jnp.concatenate(
+        [sum(b) if b else jnp.zeros((*phase.shape, co, ci), phase.dtype) for b in blocks],
+        axis=-1,
+    )
+
+
+def fft_norm(
+    kernel: jax.Array,
+    hw: Sequence[int],
+    *,
+    scale: jax.Array | None = None,
+    stride: int = 1,
+) -> jax.Array:
+    """Exact ``‖diag(scale) A_K‖₂`` of a circular convolution on an ``h×w`` grid (see module doc).
+
+    The largest singular value of each frequency's symbol is the square root of the largest
+    eigenvalue of its (smaller) Gram matrix, computed with ``eigh`` in float32.
+    """
+    sym = conv_symbol(kernel, hw, stride=stride)
+    if scale is not None:
+        sym = sym * scale.astype(jnp.float32)[:, None]
+    co, ci = sym.shape[-2:]
+    sym_h = jnp.conj(jnp.swapaxes(sym, -1, -2))
+    gram = sym @ sym_h if co <= ci else sym_h @ sym
+    top = jnp.linalg.eigvalsh(gram)[..., -1]
+    return jnp.sqrt(jnp.maximum(jnp.max(top), 0.0))
+
+
+def power_iteration_norm(
+    linear_fn: Callable[[jax.Array], jax.Array],
+    in_shape: Sequence[int],
+    key: jax.Array,
+    *,
+    num_iters: int = 200,
+) -> jax.Array:
+    """``‖A‖₂`` of any linear map by power iteration on ``AᵀA`` (``Aᵀ`` from :func:`jax.vjp`).
+
+    Converges to the norm from below; the rate is the ratio of the two largest singular values.
+    Used for zero padding, strides and compositions, where :func:`fft_norm` does not apply.
+    """
+    x0 = jax.random.normal(key, tuple(in_shape), jnp.float32)
+
+    def step(_, x):
+        y, vjp = jax.vjp(linear_fn, x)
+        (z,) = vjp(y)
+        return z / (jnp.linalg.norm(z) + 1e-30)
+
+    x = jax.lax.fori_loop(0, num_iters, step, x0 / jnp.linalg.norm(x0))
+    return jnp.linalg.norm(linear_fn(x)) / jnp.linalg.norm(x)
+
+
+def linf_norm(kernel: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """``‖diag(s) A_K‖_∞``: the largest absolute row sum, ``max_o |s_o| Σ_{a,b,i} |K[a,b,i,o]|``.
+
+    Exact for circular padding at any stride (every row holds all taps once) and for zero
+    padding on grids of at least 3×3 (interior rows do).
+    """
+    rows = jnp.sum(jnp.abs(kernel), axis=(0, 1, 2))
+    if scale is not None:
+        rows = rows * jnp.abs(scale)
+    return jnp.max(rows)
+
+
+def as_matrix(linear_fn: Callable[[jax.Array], jax.Array], in_shape: Sequence[int]) -> np.ndarray:
+    """The dense matrix of a linear map, built column by column (for tests and small analyses)."""
+    size = int(np.prod(in_shape))
+    basis = jnp.eye(size, dtype=jnp.float32).reshape(size, *in_shape)
+    cols = jax.vmap(linear_fn)(basis)
+    return np.asarray(cols.reshape(size, -1).T, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Effective (BN-folded) operators of a trained network.
+# --------------------------------------------------------------------------------------------
+
+
+class EffectiveConv(NamedTuple):
+    """``diag(scale) A_K`` on a ``grid`` (input h×w) with the given stride (Remark 4.3)."""
+
+    kernel: jax.Array
+    scale: jax.Array
+    stride: int
+    grid: tuple[int, int]
+
+    def apply(self, x: jax.Array, padding: ops.Padding = "circular") -> jax.Array:
+        return ops.conv(x, self.kernel, stride=self.stride, padding=padding) * self.scale
+
+    def l2(self, padding: ops.Padding = "circular", key: jax.Array | None = None) -> jax.Array:
+        """Exact FFT norm for circular padding; power iteration otherwise."""
+        if padding == "circular":
+            return fft_norm(self.kernel, self.grid, scale=self.scale, stride=self.stride)
+        shape = (1, *self.grid, self.kernel.shape[2])
+        key = jax.random.key(0) if key is None else key
+        return power_iteration_norm(lambda x: self.apply(x, padding), shape, key)
+
+    def linf(self) -> jax.Array:
+        return linf_norm(self.kernel, self.scale)
+
+
+def bn_scale(
+    params: Mapping[str, Any], stats: Mapping[str, Any], which: str, mode: str, eps: float
+) -> jax.Array | None:
+    """The inference scale ``s`` of a BN: ``γ/√(v + ε)`` (trained), ``1/√(v + ε)`` (frozen);
+    ``None`` where there is no BN statistic (BN removed, or folded)."""
+    if "var" + which not in stats:
+        return None
+    s = jax.lax.rsqrt(stats["var" + which] + eps)
+    return params["gamma" + which] * s if mode == "trained" else s
+
+
+_LAYER = re.compile(r"^(conv|res|pool|fc)(\d+)$")
+
+
+def effective_operators(
+    variables: Mapping[str, Any],
+    variant: str,
+    image_hw: Sequence[int],
+    *,
+    eps: float = 1e-5,
+) -> dict[str, EffectiveConv | jax.Array]:
+    """Every linear operator of a trained network at inference, BN folded in (running stats).
+
+    Keys are ``"<layer>/<operator>"``: ``conv0/A0``; ``res{k}/A1`` (``diag(s₁)A_{K₁}``, or
+    ``diag(s₁)A_K`` for ResNet-S) and ``res{k}/A2`` (``diag(s₂)A_{K₂}``, or ``diag(s₂)A_K^T`` for
+    ResNet-S, absent for the certified form where ``A^T`` is the adjoint of ``A1``);
+    ``pool{k}/Ap`` (stride 2); ``fc{k}/W`` (the matrix ``Wᵀ`` acting on ``g``, ``[K, c]``).
+    """
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    form = layers.RESIDUAL_FORMS[variant]
+    fc_index = max(int(m.group(2)) for m in map(_LAYER.match, params) if m and m.group(1) == "fc")
+    grids = networks.layer_grids((fc_index - 2) // 3, image_hw)  # the FC layer is layer 3n + 2
+    ops_: dict[str, EffectiveConv | jax.Array] = {}
+
+    def eff(name, kernel, which, mode, stride=1):
+        s = bn_scale(params[name], stats.get(name, {}), which, mode, eps)
+        s = jnp.ones(kernel.shape[-1], jnp.float32) if s is None else s
+        return EffectiveConv(kernel, s, stride, grids[name])
+
+    for name, p in params.items():
+        kind = _LAYER.match(name).group(1)
+        if kind == "conv":
+            ops_[f"{name}/A0"] = eff(name, p["K0"], "", "trained")
+        elif kind == "pool":
+            ops_[f"{name}/Ap"] = eff(name, p["Kp"], "", "trained", stride=2)
+        elif kind == "fc":
+            ops_[f"{name}/W"] = p["W"].T
+        else:
+            inner = p[form.inner]
+            ops_[f"{name}/A1"] = eff(name, inner, "1", "trained")
+            if form.outer_bn == "folded":
+                continue
+            outer = p["K2"] if form.outer == "K2" else ops.adjoint_kernel(inner)
+            ops_[f"{name}/A2"] = eff(name, outer, "2", form.outer_bn)
+    return ops_
