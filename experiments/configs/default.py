@@ -1,0 +1,57 @@
+"""Default configuration: the paper's training protocol (SPEC §4) for ResNet-D, n = 3, CIFAR-10.
+
+Named configs import this and change a few fields. Every field is checked by
+:func:`stabnet.config.validate` before any work starts; unknown keys are refused.
+"""
+
+import math
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.batch_size = 128  # global batch, split over all devices of all hosts
+    config.num_train_steps = 70_000
+    config.eval_every = 500  # evaluate on the whole test set every this many steps
+    config.log_every = 100  # training metrics (means over the interval) every this many steps
+    config.checkpoint_every = 5_000
+    config.keep_checkpoints = 3
+    config.final_average_steps = 5_000  # reported accuracy: mean of the evals in the last 5K steps
+    config.steps_per_dispatch = 20  # train steps fused into one device call (lax.scan)
+    config.on_nonfinite = "stop"  # NaN/Inf in loss, gradients or parameters: "stop" or "skip"
+    config.progress_bar = True  # only shown when stderr is a terminal
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "cifar10"
+    config.data.source = "auto"  # auto | local | embedded | tfds
+    config.data.local_dir = ""  # folder of <name>.npz; "" → $STABNET_DATA_DIR
+    config.data.tfds_data_dir = ""  # "" → TFDS's default
+    config.data.augment_pad = 4  # random crop after zero padding by this many pixels
+    config.data.augment_flip = True  # random horizontal flip
+    config.data.on_device = True  # data set resident on the devices (fast path)
+    config.data.eval_batch_size = 1000
+
+    config.model = ml_collections.ConfigDict()
+    config.model.variant = "resnet_d"  # resnet | resnet_d | resnet_s | resnet_s_certified
+    config.model.n = 3
+    config.model.widths = (16, 32, 64)
+    config.model.padding = "circular"  # circular | zeros
+    config.model.use_bn = True
+    config.model.pool_window = 3
+    config.model.bn_momentum = 0.9
+    config.model.bn_eps = 1e-5
+    config.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 0.1
+    config.optim.momentum = 0.9
+    config.optim.nesterov = False
+    config.optim.decay_every = 24_000
+    config.optim.decay_factor = 0.1
+    config.optim.weight_decay = 1e-4  # λ of Table 4.1
+    config.optim.regularizers = "paper"  # paper (Table 4.1) | frobenius | none
+    config.optim.constraints = True  # K₂ ≥ 0 (ResNet-D), ‖A‖₂ ≤ max_operator_norm (ResNet-S)
+    config.optim.max_operator_norm = math.sqrt(2.0)
+    return config

@@ -1,0 +1,135 @@
+"""Validation of experiment configs: every field checked for type and range before any work.
+
+:data:`SCHEMA` lists every allowed key (dotted path), its type and its allowed values; keys not in
+it are refused, so a misspelled override cannot pass silently. Errors are :class:`ConfigError`
+with one line naming the field, what was found and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import ml_collections
+
+from stabnet import constraints, networks, ops
+
+
+class ConfigError(ValueError):
+    """A config field is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    types: tuple[type, ...]
+    check: Callable[[Any], bool] = lambda v: True
+    allowed: str = ""
+
+
+def _choice(*values: str) -> Field:
+    return Field((str,), lambda v: v in values, "one of " + ", ".join(values))
+
+
+def _int(lo: int = 0, hi: float = math.inf) -> Field:
+    text = f"an integer ≥ {lo}" if hi == math.inf else f"an integer in [{lo}, {hi}]"
+    return Field((int,), lambda v: lo <= v <= hi, text)
+
+
+def _float(lo: float, hi: float = math.inf, *, open_lo: bool = False) -> Field:
+    bound = ">" if open_lo else "≥"
+    text = f"a number {bound} {lo}" + ("" if hi == math.inf else f" and ≤ {hi}")
+    return Field((int, float), lambda v: (v > lo if open_lo else v >= lo) and v <= hi, text)
+
+
+_BOOL = Field((bool,), allowed="true or false")
+_STR = Field((str,), allowed="a string")
+_WIDTHS = Field(
+    (tuple, list),
+    lambda v: len(v) == 3 and all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                                  for w in v),
+    "three positive integers, e.g. (16, 32, 64)",
+)  # fmt: skip
+
+SCHEMA: dict[str, Field] = {
+    "seed": _int(0),
+    "batch_size": _int(1),
+    "num_train_steps": _int(1),
+    "eval_every": _int(1),
+    "log_every": _int(1),
+    "checkpoint_every": _int(1),
+    "keep_checkpoints": _int(1),
+    "final_average_steps": _int(1),
+    "steps_per_dispatch": _int(1, 10_000),
+    "on_nonfinite": _choice("stop", "skip"),
+    "progress_bar": _BOOL,
+    "data.name": _choice("digits", "mnist", "fashion_mnist", "cifar10", "cifar100"),
+    "data.source": _choice("auto", "local", "embedded", "tfds"),
+    "data.local_dir": _STR,
+    "data.tfds_data_dir": _STR,
+    "data.augment_pad": _int(0, 64),
+    "data.augment_flip": _BOOL,
+    "data.on_device": _BOOL,
+    "data.eval_batch_size": _int(1),
+    "model.variant": _choice(*networks.VARIANTS),
+    "model.n": _int(1, 1000),
+    "model.widths": _WIDTHS,
+    "model.padding": _choice(*ops.PADDINGS),
+    "model.use_bn": _BOOL,
+    "model.pool_window": Field((int,), lambda v: v >= 1 and v % 2 == 1, "an odd integer ≥ 1"),
+    "model.bn_momentum": _float(0.0, 1.0),
+    "model.bn_eps": _float(0.0, 1.0, open_lo=True),
+    "model.dtype": _choice("float32", "bfloat16"),
+    "optim.learning_rate": _float(0.0, 100.0, open_lo=True),
+    "optim.momentum": _float(0.0, 1.0),
+    "optim.nesterov": _BOOL,
+    "optim.decay_every": _int(1),
+    "optim.decay_factor": _float(0.0, 1.0, open_lo=True),
+    "optim.weight_decay": _float(0.0, 1.0),
+    "optim.regularizers": _choice(*constraints.REGULARIZER_TABLES),
+    "optim.constraints": _BOOL,
+    "optim.max_operator_norm": _float(0.0, open_lo=True),
+}
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``("model.n", 3)``, … for every leaf of a nested config."""
+    for key, value in config.items():
+        if isinstance(value, Mapping | ml_collections.ConfigDict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for the first bad field (unknown, missing, type, range)."""
+    items = dict(flatten(config.to_dict() if hasattr(config, "to_dict") else config))
+    for key in items:
+        if key not in SCHEMA:
+            close = [k for k in SCHEMA if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"config key {key!r} is unknown{hint}; remove it or fix its spelling")
+    for key, field in SCHEMA.items():
+        if key not in items:
+            raise ConfigError(
+                f"config key {key!r} is missing; start from experiments/configs/default.py"
+            )
+        value = items[key]
+        bad_type = not isinstance(value, field.types) or (
+            isinstance(value, bool) and bool not in field.types
+        )
+        if bad_type or not field.check(value):
+            raise ConfigError(f"config field {key}={value!r} is invalid; allowed: {field.allowed}")
+    try:
+        networks.check_architecture(
+            items["model.variant"], items["model.n"], (4, 4, 1), 1, tuple(items["model.widths"])
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """The config as indented JSON (written to ``workdir/config.json``)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)

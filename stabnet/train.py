@@ -1,0 +1,514 @@
+"""Training and evaluation (SPEC §4): ``train_and_evaluate(config, workdir)``.
+
+The fast path, on by default: the data set lives on the devices, each step draws its batch by
+index and augments it there from a key derived from ``(seed, step)``, and ``steps_per_dispatch``
+steps run inside one ``lax.scan`` with metrics summed on the device, so the host touches the
+device once per chunk. The straightforward path (``data.on_device=False``) draws the same
+indices, gathers each batch on the host, feeds it with :func:`parallel.put_global_batch` and runs
+one jitted step per call; both paths share :func:`guarded_step` and give the same run.
+
+Everything a step needs is in :class:`TrainState`, and batches and augmentations are functions
+of ``(seed, step)``, so a run resumed from a checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax import lax
+
+from stabnet import checkpoints, constraints, data, logbook, networks, parallel
+from stabnet import config as config_lib
+
+log = logging.getLogger(__name__)
+
+# Keys derived from the run's root key: parameter init, data order, augmentation.
+_INIT, _ORDER, _AUGMENT = 0, 1, 2
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (all of it checkpointed)."""
+
+    step: jax.Array  # int32 scalar: optimiser steps taken
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    key: jax.Array  # uint32[2]: the run's root key; per-step keys are fold_in(·, step)
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf in the loss, gradients or parameters (``on_nonfinite="stop"``)."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGINT: a checkpoint was written; run the same command again to resume."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint written")
+        self.signum, self.step = signum, step
+
+
+# --------------------------------------------------------------------------------------------
+# Model, state, steps.
+# --------------------------------------------------------------------------------------------
+
+
+def model_from_config(config: ml_collections.ConfigDict, num_classes: int):
+    """The network of ``config.model`` (validated)."""
+    m = config.model
+    return networks.build_model(
+        m.variant,
+        m.n,
+        num_classes,
+        widths=tuple(m.widths),
+        padding=m.padding,
+        use_bn=m.use_bn,
+        pool_window=m.pool_window,
+        bn_momentum=m.bn_momentum,
+        bn_eps=m.bn_eps,
+        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: networks.StableResNet,
+    image_shape: tuple[int, int, int],
+) -> tuple[TrainState, optax.GradientTransformationExtraArgs, optax.Schedule]:
+    """Initial state (SPEC §4 initialisers), the optimiser and its schedule."""
+    root = jax.random.PRNGKey(config.seed)
+    variables = networks.init_variables(model, jax.random.fold_in(root, _INIT), image_shape)
+    grids = networks.layer_grids(model.n, image_shape[:2])
+    tx, schedule = constraints.build_optimizer(config, variables["params"], grids)
+    state = TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+        key=root,
+    )
+    return state, tx, schedule
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy (4.6)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch: int) -> jax.Array:
+    """Indices of the global batch of ``step``; each epoch is a fresh permutation (the remainder
+    of an epoch that does not fill a batch is dropped)."""
+    per_epoch = num_examples // batch
+    epoch, position = step // per_epoch, step % per_epoch
+    order = jax.random.permutation(
+        jax.random.fold_in(jax.random.fold_in(key, _ORDER), epoch), num_examples
+    )
+    return lax.dynamic_slice(order, (position * batch,), (batch,))
+
+
+def tree_all_finite(*trees: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
+    return jnp.all(jnp.stack(leaves))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """The jitted functions of one run (built by :func:`make_step_fns`)."""
+
+    chunk: Callable[..., Any]  # fast path: (state, x_train, y_train, mean, num_steps)
+    step: Callable[..., Any]  # straightforward path: (state, acc, images, labels, mean)
+    evaluate: Callable[..., Any]  # (state, x_test, y_test, mask, mean) → sums
+    new_acc: Callable[[], Any]
+
+
+def make_step_fns(
+    config: ml_collections.ConfigDict,
+    model: networks.StableResNet,
+    tx: optax.GradientTransformationExtraArgs,
+    mesh: jax.sharding.Mesh,
+    num_train: int,
+) -> StepFns:
+    """Build the jitted train chunk, train step and evaluation for ``model`` on ``mesh``."""
+    batch = config.batch_size
+    rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    pad, flip = config.data.augment_pad, config.data.augment_flip
+    skip = config.on_nonfinite == "skip"
+
+    def train_step(state: TrainState, images, labels, mean):
+        """One SGD step with constraints on a global batch (pure; may produce non-finite)."""
+        aug_key = jax.random.fold_in(jax.random.fold_in(state.key, _AUGMENT), state.step)
+        x = data.augment(aug_key, data.normalize(images, mean), pad=pad, flip=flip)
+
+        def loss_fn(params):
+            logits, updated = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(cross_entropy(logits, labels)), (logits, updated["batch_stats"])
+
+        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, batch_stats=stats)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(state.step + 1, params, stats, opt_state, state.key)
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        return new, loss, correct, tree_all_finite(loss, grads, params)
+
+    def new_acc():
+        z = jnp.zeros([], jnp.float32)
+        return {"loss_sum": z, "correct": z, "steps": jnp.zeros([], jnp.int32),
+                "skipped": jnp.zeros([], jnp.int32), "halted": jnp.zeros([], bool),
+                "bad_step": jnp.full([], -1, jnp.int32)}  # fmt: skip
+
+    def guarded_step(state: TrainState, acc, images, labels, mean):
+        """:func:`train_step` with the non-finite policy: keep the old state and stop (halt all
+        later steps), or skip the step (advance ``step`` only)."""
+        images = lax.with_sharding_constraint(images, shard)
+        labels = lax.with_sharding_constraint(labels, shard)
+        new, loss, correct, finite = train_step(state, images, labels, mean)
+        accept = finite & ~acc["halted"]
+        if skip:
+            fallback = state.replace(step=state.step + 1)
+        else:
+            fallback = state
+        out = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, fallback)
+        fresh_bad = ~finite & ~acc["halted"]
+        acc = {
+            "loss_sum": acc["loss_sum"] + jnp.where(accept, loss, 0.0),
+            "correct": acc["correct"] + jnp.where(accept, correct, 0).astype(jnp.float32),
+            "steps": acc["steps"] + accept.astype(jnp.int32),
+            "skipped": acc["skipped"] + (~finite & ~acc["halted"]).astype(jnp.int32),
+            "halted": acc["halted"] | (~finite if not skip else jnp.zeros([], bool)),
+            "bad_step": jnp.where(fresh_bad & (acc["bad_step"] < 0), state.step, acc["bad_step"]),
+        }
+        return out, acc
+
+    @functools.partial(
+        jax.jit,
+        static_argnums=4,
+        in_shardings=(rep, rep, rep, rep),
+        out_shardings=rep,
+        donate_argnums=0,
+    )
+    def chunk(state, x_train, y_train, mean, num_steps):
+        def body(carry, _):
+            state, acc = carry
+            idx = batch_indices(state.key, state.step, num_train, batch)
+            return guarded_step(state, acc, x_train[idx], y_train[idx], mean), None
+
+        (state, acc), _ = lax.scan(body, (state, new_acc()), None, length=num_steps)
+        return state, acc
+
+    step = jax.jit(
+        guarded_step,
+        in_shardings=(rep, rep, shard, shard, rep),
+        out_shardings=rep,
+        donate_argnums=(0, 1),
+    )
+
+    @functools.partial(jax.jit, in_shardings=rep, out_shardings=rep)
+    def evaluate(state, x_test, y_test, mask, mean):
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+        def body(sums, xs):
+            images, labels, m = (lax.with_sharding_constraint(a, shard) for a in xs)
+            logits = model.apply(variables, data.normalize(images, mean), train=False)
+            right = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+            loss = cross_entropy(logits, labels)
+            return (sums[0] + jnp.sum(loss * m), sums[1] + jnp.sum(right * m)), None
+
+        (loss, correct), _ = lax.scan(body, (0.0, 0.0), (x_test, y_test, mask))
+        return {"loss_sum": loss, "correct": correct}
+
+    return StepFns(chunk, step, evaluate, jax.jit(new_acc, out_shardings=rep))
+
+
+def padded_batches(
+    x: np.ndarray, y: np.ndarray, batch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[nb, batch, …]`` arrays covering every example once, padding masked out (mask 0)."""
+    nb = -(-len(x) // batch)
+    pad = nb * batch - len(x)
+    mask = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
+    xp = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    yp = np.concatenate([y, np.zeros(pad, y.dtype)])
+    return (xp.reshape(nb, batch, *x.shape[1:]), yp.reshape(nb, batch), mask.reshape(nb, batch))
+
+
+def params_norm(params: Any) -> float:
+    return float(parallel.to_host(optax.global_norm(params)))
+
+
+# --------------------------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------------------------
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag read between chunks (the current chunk finishes)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signum = signum
+        print(f"stabnet: got signal {signum}; finishing the current steps and checkpointing",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def requested(self) -> bool:
+        flag = self.signum is not None
+        if jax.process_count() > 1:  # every process must agree, or the collectives deadlock
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+
+def check_workdir(workdir: str) -> None:
+    """Refuse a workdir that cannot be created or written (before any work)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(
+            f"--workdir={workdir} cannot be written ({e.strerror}); choose a writable folder"
+        ) from None
+
+
+def fingerprint(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict[str, Any]:
+    """What makes two checkpoints the same network."""
+    m = config.model
+    return {"variant": m.variant, "n": m.n, "widths": list(m.widths), "padding": m.padding,
+            "use_bn": m.use_bn, "pool_window": m.pool_window, "data": ds.name,
+            "num_classes": ds.num_classes, "image_shape": list(ds.image_shape)}  # fmt: skip
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str):
+    """Every check that can refuse the run, before any training: config, workdir, data, batch,
+    network, checkpoint compatibility. Returns what the run needs."""
+    config_lib.validate(config)
+    check_workdir(workdir)
+    d = config.data
+    ds = data.load_dataset(
+        d.name,
+        local_dir=d.local_dir or None,
+        tfds_data_dir=d.tfds_data_dir or None,
+        source=d.source,
+    )
+    if config.batch_size > len(ds.x_train):
+        raise config_lib.ConfigError(
+            f"config field batch_size={config.batch_size} exceeds the {len(ds.x_train)} training "
+            f"examples of {ds.name}; use a smaller batch"
+        )
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    if config.batch_size % jax.process_count():
+        raise config_lib.ConfigError(
+            f"batch_size={config.batch_size} does not divide over {jax.process_count()} processes"
+        )
+    networks.check_architecture(
+        config.model.variant, config.model.n, ds.image_shape, ds.num_classes,
+        tuple(config.model.widths),
+    )  # fmt: skip
+    ckpt = checkpoints.Checkpointer(
+        os.path.join(workdir, "checkpoints"), config.keep_checkpoints, fingerprint(config, ds)
+    )
+    ckpt.check_compatible()
+    return ds, mesh, ckpt
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train and evaluate one network as SPEC §4 describes; resume from ``workdir`` if it holds a
+    checkpoint. Returns (and writes) ``results.json``'s content.
+
+    Raises:
+      ConfigError, DataError, CheckpointError, ValueError: bad input, before any work.
+      NonFiniteError: NaN/Inf with ``on_nonfinite="stop"`` (the last good checkpoint is kept).
+      Preempted: SIGTERM/SIGINT; a checkpoint was written.
+    """
+    t_start = time.time()
+    ds, mesh, ckpt = prepare(config, workdir)
+    primary = jax.process_index() == 0
+    model = model_from_config(config, ds.num_classes)
+    state, tx, schedule = create_train_state(config, model, ds.image_shape)
+    state = parallel.put_replicated(state, mesh)
+    restored = ckpt.restore(state)
+    start_step = 0
+    if restored is not None:
+        state, start_step = restored
+        print(f"stabnet: resuming from step {start_step} in {workdir}", flush=True)
+    if primary:
+        logbook.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    metrics_log = logbook.MetricsLog(workdir, tensorboard=primary)
+    rows = metrics_log.open(start_step) if primary else []
+
+    mean = data.pixel_mean(ds.x_train)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    fns = make_step_fns(config, model, tx, mesh, len(ds.x_train))
+    eval_batch = -(-config.data.eval_batch_size // mesh.devices.size) * mesh.devices.size
+    test_arrays = padded_batches(ds.x_test, ds.y_test, eval_batch)
+    on_device = parallel.put_replicated(
+        {"mean": mean, "x_test": test_arrays[0], "y_test": test_arrays[1], "mask": test_arrays[2]},
+        mesh,
+    )
+    if config.data.on_device:
+        train_arrays = parallel.put_replicated((ds.x_train, ds.y_train), mesh)
+    host_indices = jax.jit(batch_indices, static_argnums=(2, 3))
+
+    def run_evaluation(step: int, write: bool = True) -> dict[str, Any]:
+        sums = parallel.to_host(
+            fns.evaluate(
+                state,
+                on_device["x_test"],
+                on_device["y_test"],
+                on_device["mask"],
+                on_device["mean"],
+            )  # fmt: skip
+        )
+        m = {"test_loss": float(sums["loss_sum"]) / len(ds.x_test),
+             "test_accuracy": float(sums["correct"]) / len(ds.x_test)}  # fmt: skip
+        if primary and write:
+            rows.append(metrics_log.write(step, m))
+        return m
+
+    def run_steps(state, num_steps: int):
+        if config.data.on_device:
+            return fns.chunk(state, *train_arrays, on_device["mean"], num_steps)
+        acc = fns.new_acc()
+        rows_ = parallel.process_rows(config.batch_size)
+        for _ in range(num_steps):
+            step, key = parallel.to_host((state.step, state.key))
+            idx = np.asarray(host_indices(key, step, len(ds.x_train), config.batch_size))[rows_]
+            images, labels = parallel.put_global_batch((ds.x_train[idx], ds.y_train[idx]), mesh)
+            state, acc = fns.step(state, acc, images, labels, on_device["mean"])
+        return state, acc
+
+    total = config.num_train_steps
+    boundaries = (config.log_every, config.eval_every, config.checkpoint_every)
+    step = start_step
+    interval = {"loss_sum": 0.0, "correct": 0.0, "steps": 0, "skipped": 0, "t0": time.time()}
+    last_train: dict[str, Any] = {}
+    compile_seconds = None
+    bar = None
+    if primary and config.progress_bar and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
+    with _StopSignal() as stop:
+        while step < total:
+            nxt = min([total] + [(step // b + 1) * b for b in boundaries])
+            n = min(config.steps_per_dispatch, nxt - step)
+            t0 = time.time()
+            state, acc = run_steps(state, n)
+            acc = parallel.to_host(acc)
+            if compile_seconds is None:
+                compile_seconds = time.time() - t0
+            if acc["halted"]:
+                raise NonFiniteError(
+                    "NaN or Inf in the loss, gradients or parameters at step "
+                    f"{int(acc['bad_step'])}; the last good checkpoint is kept (steps "
+                    f"{ckpt.steps()}). Lower "
+                    "optim.learning_rate, or set --config.on_nonfinite=skip to skip such steps"
+                )
+            step = int(parallel.to_host(state.step))
+            for k in ("loss_sum", "correct", "steps", "skipped"):
+                interval[k] += acc[k]
+            if acc["skipped"]:
+                print(f"stabnet: skipped {int(acc['skipped'])} non-finite step(s) before "
+                      f"step {step}", file=sys.stderr)  # fmt: skip
+            if bar is not None:
+                bar.update(n)
+            if step % config.log_every == 0 or step == total:
+                seen = max(interval["steps"], 1)
+                elapsed = time.time() - interval["t0"]
+                last_train = {
+                    "train_loss": interval["loss_sum"] / seen,
+                    "train_accuracy": interval["correct"] / (seen * config.batch_size),
+                    "learning_rate": float(schedule(step - 1)),
+                    "images_per_second": interval["steps"] * config.batch_size / elapsed,
+                    **{k: float(v) for k, v in parallel.to_host(
+                        constraints.constraint_metrics(state.params, state.opt_state)).items()},
+                }  # fmt: skip
+                if interval["skipped"]:
+                    last_train["skipped_steps"] = int(interval["skipped"])
+                if primary:
+                    rows.append(metrics_log.write(step, last_train))
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_train['train_loss']:.3f}")
+                interval = {"loss_sum": 0.0, "correct": 0.0, "steps": 0, "skipped": 0,
+                            "t0": time.time()}  # fmt: skip
+            if step % config.eval_every == 0 or step == total:
+                run_evaluation(step)
+            if step % config.checkpoint_every == 0 or step == total:
+                ckpt.save(step, state)
+            if step < total and stop.requested():
+                if step not in ckpt.steps():
+                    ckpt.save(step, state)
+                metrics_log.close()
+                print(f"stabnet: checkpoint written at step {step}; rerun the same command to "
+                      "resume", file=sys.stderr, flush=True)  # fmt: skip
+                raise Preempted(stop.signum or signal.SIGTERM, step)
+    if bar is not None:
+        bar.close()
+
+    if start_step == total:  # a finished run started again: evaluate, log nothing twice
+        logged = any(r["step"] == total and "test_accuracy" in r for r in rows)
+        run_evaluation(total, write=not logged)
+    evals = [r for r in rows if "test_accuracy" in r]
+    train_rows = [r for r in rows if "train_loss" in r]
+    results = {
+        "final_test_accuracy": logbook.final_accuracy(rows, total, config.final_average_steps),
+        "test_accuracy": evals[-1]["test_accuracy"] if evals else None,
+        "test_loss": evals[-1]["test_loss"] if evals else None,
+        "train_loss": train_rows[-1]["train_loss"] if train_rows else None,
+        "steps": total,
+        "params": n_params,
+        "params_norm": params_norm(state.params),
+        "depth": networks.paper_depth(config.model.variant, config.model.n),
+        "variant": config.model.variant,
+        "n": config.model.n,
+        "data": ds.name,
+        "data_source": ds.source,
+        "devices": mesh.devices.size,
+        "processes": jax.process_count(),
+        "compile_seconds": compile_seconds,
+        "wall_seconds": time.time() - t_start,
+    }
+    if primary:
+        logbook.write_json_atomic(os.path.join(workdir, "results.json"), results)
+    metrics_log.close()
+    ckpt.close()
+    return results
