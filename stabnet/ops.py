@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Padding = Literal["circular", "zeros"]
@@ -39,15 +40,22 @@ def conv(
     The input is padded by ``k // 2`` on each side (periodically, or with zeros) and the
     correlation is taken with the given stride, so stride 1 keeps ``H×W`` and stride 2 gives
     ``⌈H/2⌉×⌈W/2⌉``. The operation runs in the dtype of ``x`` (the caller casts ``kernel``).
+
+    Implementation note: at stride 1 the periodic case is computed as a "SAME" convolution of
+    the periodically padded input, cropped to its interior (the same numbers as a "VALID"
+    convolution of that input). XLA:CPU's filter gradient is about 2× faster on that form.
     """
+    kernel = kernel.astype(x.dtype)
+    if stride == 1 and padding == "zeros":
+        return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
     kh, kw = kernel.shape[:2]
     xp = _pad_spatial(x, kh, kw, padding)
+    if stride == 1:
+        ph, pw = kh // 2, kw // 2
+        y = lax.conv_general_dilated(xp, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
+        return y[:, ph : y.shape[1] - ph, pw : y.shape[2] - pw, :]
     return lax.conv_general_dilated(
-        xp,
-        kernel.astype(x.dtype),
-        window_strides=(stride, stride),
-        padding="VALID",
-        dimension_numbers=_DIMS,
+        xp, kernel, window_strides=(stride, stride), padding="VALID", dimension_numbers=_DIMS
     )
 
 
@@ -131,7 +139,7 @@ def avg_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
     p = window // 2
     summed = lax.reduce_window(
         x,
-        jnp.array(0, x.dtype),
+        np.zeros((), x.dtype),
         lax.add,
         window_dimensions=(1, window, window, 1),
         window_strides=(1, stride, stride, 1),

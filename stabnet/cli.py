@@ -1,0 +1,36 @@
+"""Shared behaviour of the command-line entry points: one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """Print ``stabnet: error: <message>`` (one line) to stderr and exit with ``code``."""
+    print(f"stabnet: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def exit_codes() -> Iterator[None]:
+    """Map the library's exceptions to one stderr line and the documented exit codes."""
+    from stabnet.checkpoints import CheckpointError
+    from stabnet.config import ConfigError
+    from stabnet.data import DataError
+    from stabnet.train import NonFiniteError, Preempted
+
+    try:
+        yield
+    except Preempted as e:
+        print(f"stabnet: {e}", file=sys.stderr, flush=True)
+        sys.exit(128 + int(e.signum or signal.SIGTERM))
+    except NonFiniteError as e:
+        fail(str(e), EXIT_NONFINITE)
+    except (ConfigError, DataError, CheckpointError) as e:
+        fail(str(e))
