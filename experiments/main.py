@@ -25,6 +25,8 @@ flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process.")
 flags.DEFINE_bool("distributed", False, "Start jax.distributed (implied by the flags above; "
                   "with none of them, JAX detects TPU VM / SLURM clusters).")  # fmt: skip
+flags.DEFINE_integer("cpu_devices", None, "Split the CPU into this many JAX devices (testing "
+                     "data parallelism without accelerators).")  # fmt: skip
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,6 +34,10 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    import jax
+
+    if FLAGS.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     from stabnet import cli, parallel, train  # after flag parsing: JAX not touched before
 
     if FLAGS.distributed or FLAGS.coordinator_address:
@@ -39,10 +45,11 @@ def main(argv: list[str]) -> int:
     with cli.exit_codes():
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
         acc = results["final_test_accuracy"]
-        print(
-            f"stabnet: done: final_test_accuracy={acc:.4f} params={results['params']} "
-            f"wall_seconds={results['wall_seconds']:.1f}; see {FLAGS.workdir}/results.json"
-        )
+        if jax.process_index() == 0:
+            print(
+                f"stabnet: done: final_test_accuracy={acc:.4f} params={results['params']} "
+                f"wall_seconds={results['wall_seconds']:.1f}; see {FLAGS.workdir}/results.json"
+            )
     return 0
 
 

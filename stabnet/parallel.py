@@ -30,6 +30,8 @@ def initialize(
     """
     if jax.distributed.is_initialized():
         return
+    # CPU processes (tests, CPU clusters) need a collectives implementation; others ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
