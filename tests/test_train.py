@@ -1,0 +1,166 @@
+"""The training system (issue 3): outputs, schedule, evaluation, resume, devices, hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from stabnet import logbook, runs, train
+from tests.conftest import REPO, small_config
+from tests.helpers import error_line, read_results, run_main, short_overrides
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One 60-step ResNet-D run on the digits, evaluated and logged every 20 steps."""
+    workdir = os.fspath(tmp_path_factory.mktemp("short"))
+    config = small_config("resnet_d", steps=60, eval_every=20, log_every=20, checkpoint_every=20)
+    config.data.eval_batch_size = 100  # does not divide the 360 test images: padding + mask
+    results = train.train_and_evaluate(config, workdir)
+    return workdir, config, results
+
+
+def test_workdir_outputs(short_run):
+    workdir, config, results = short_run
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["variant"] == "resnet_d"
+    rows = logbook.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert all("step" in r for r in rows)
+    train_rows = [r for r in rows if "train_loss" in r]
+    eval_rows = [r for r in rows if "test_loss" in r]
+    assert [r["step"] for r in train_rows] == [20, 40, 60]
+    assert [r["step"] for r in eval_rows] == [20, 40, 60]
+    for r in train_rows:
+        assert {"train_accuracy", "learning_rate", "images_per_second"} <= set(r)
+        assert r["outer_filter_min"] >= 0.0  # ResNet-D's constraint metric
+    assert all({"test_accuracy"} <= set(r) for r in eval_rows)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{workdir}/tensorboard"))
+    for key in ("final_test_accuracy", "test_loss", "train_loss", "steps", "params",
+                "params_norm", "wall_seconds"):  # fmt: skip
+        assert key in results, key
+    assert results == read_results(workdir)
+    # A run shorter than final_average_steps averages every evaluation.
+    mean = np.mean([r["test_accuracy"] for r in eval_rows])
+    assert results["final_test_accuracy"] == pytest.approx(mean)
+
+
+def test_evaluation_counts_every_test_image_once(short_run):
+    workdir, _, results = short_run
+    run = runs.load_run(workdir)
+    assert run.step == 60
+    logits = np.asarray(run.logits(run.dataset.x_test))
+    accuracy = float(np.mean(np.argmax(logits, -1) == run.dataset.y_test))
+    assert results["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    labels = run.dataset.y_test
+    loss = -np.mean(jax.nn.log_softmax(logits)[np.arange(len(labels)), labels])
+    assert results["test_loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_learning_rate_is_piecewise_constant():
+    config = small_config("resnet_d", steps=100)
+    config.optim.decay_every, config.optim.learning_rate = 30, 0.1
+    from stabnet import constraints
+
+    schedule = constraints.learning_rate_schedule(config)
+    got = [float(schedule(s)) for s in (0, 29, 30, 59, 60, 95)]
+    np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 0.001, 1e-4], rtol=1e-6)
+
+
+def test_final_accuracy_is_the_mean_of_the_last_window():
+    rows = [{"step": s, "test_accuracy": a} for s, a in [(500, 0.1), (5000, 0.5), (5500, 0.7),
+                                                          (10000, 0.9)]]  # fmt: skip
+    assert logbook.final_accuracy(rows, 10000, 5000) == pytest.approx((0.7 + 0.9) / 2)
+    assert logbook.final_accuracy(rows, 4000, 5000) == pytest.approx((0.1 + 0.5 + 0.7 + 0.9) / 4)
+    assert logbook.final_accuracy([], 100, 50) is None
+
+
+def test_resume_is_exact(tmp_path):
+    """40 steps in one run == 20 + 20 steps in two runs (bitwise on CPU)."""
+    overrides = dict(checkpoint_every=20, eval_every=20, log_every=20)
+    whole = train.train_and_evaluate(
+        small_config("resnet_s", steps=40, **overrides), os.fspath(tmp_path / "whole")
+    )
+    split_dir = os.fspath(tmp_path / "split")
+    first = small_config("resnet_s", steps=40, **overrides)
+    first.num_train_steps = 20
+    train.train_and_evaluate(first, split_dir)
+    resumed = train.train_and_evaluate(small_config("resnet_s", steps=40, **overrides), split_dir)
+    assert resumed["params_norm"] == whole["params_norm"]
+    assert resumed["test_loss"] == whole["test_loss"]
+    assert resumed["train_loss"] == whole["train_loss"]
+
+
+def test_straightforward_path_matches_fast_path(tmp_path):
+    """Host-fed batches, one step per call == device-resident data (issue 5, item 3)."""
+    fast = train.train_and_evaluate(small_config("resnet_d", steps=20), os.fspath(tmp_path / "a"))
+    slow_config = small_config("resnet_d", steps=20)
+    slow_config.data.on_device = False
+    slow = train.train_and_evaluate(slow_config, os.fspath(tmp_path / "b"))
+    assert slow["params_norm"] == pytest.approx(fast["params_norm"], rel=1e-6)
+    assert slow["train_loss"] == pytest.approx(fast["train_loss"], rel=1e-6)
+
+
+def _train_loss(workdir: str) -> float:
+    rows = logbook.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return [r for r in rows if "train_loss" in r][-1]["train_loss"]
+
+
+def test_one_device_and_eight_give_the_same_step(tmp_path):
+    losses = {}
+    for devices in (1, 8):
+        workdir = os.fspath(tmp_path / f"d{devices}")
+        proc = run_main(workdir, *short_overrides(20), f"--cpu_devices={devices}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert read_results(workdir)["devices"] == devices
+        losses[devices] = _train_loss(workdir)
+    assert losses[8] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_batch_that_does_not_divide_is_refused(tmp_path):
+    workdir = os.fspath(tmp_path / "w")
+    proc = run_main(workdir, *short_overrides(5), "--config.batch_size=60", "--cpu_devices=8")
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert "batch_size=60" in line and "8 devices" in line
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """Multi-host start-up: 2 processes × 2 CPU devices (gloo) == 1 process, 1 device."""
+    single = os.fspath(tmp_path / "single")
+    assert run_main(single, *short_overrides(20)).returncode == 0
+    multi = os.fspath(tmp_path / "multi")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "experiments.main", f"--config={REPO}/experiments/configs/"
+           "quickstart.py", f"--workdir={multi}", *short_overrides(20), "--cpu_devices=2",
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cmd + [f"--process_id={i}"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = read_results(multi)
+    assert results["processes"] == 2 and results["devices"] == 4
+    assert _train_loss(multi) == pytest.approx(_train_loss(single), rel=1e-4)
