@@ -98,7 +98,7 @@ def create_train_state(
     state = TrainState(
         step=jnp.zeros([], jnp.int32),
         params=variables["params"],
-        batch_stats=variables["batch_stats"],
+        batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(variables["params"]),
         key=root,
     )
@@ -161,7 +161,7 @@ def make_step_fns(
                 train=True,
                 mutable=["batch_stats"],
             )
-            return jnp.mean(cross_entropy(logits, labels)), (logits, updated["batch_stats"])
+            return jnp.mean(cross_entropy(logits, labels)), (logits, updated.get("batch_stats", {}))
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, batch_stats=stats)
