@@ -51,7 +51,10 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.fingerprint = dict(fingerprint)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,  # a save cut short by SIGKILL leaves a tmp folder
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -241,6 +241,23 @@ def make_step_fns(
     return StepFns(chunk, step, evaluate, jax.jit(new_acc, out_shardings=rep))
 
 
+def run_on_device(
+    fns: StepFns, state: TrainState, x_train, y_train, mean, num_steps: int
+) -> tuple[TrainState, Any]:
+    """``num_steps`` steps on device-resident data; returns the state and the summed metrics.
+
+    XLA:CPU runs convolutions inside a while loop (``lax.scan``) an order of magnitude slower
+    than outside one (measured: 263 vs 19 ms per digits step), so on CPU each dispatch is one
+    fused step; on accelerators the whole chunk is one ``lax.scan``. Dispatch is asynchronous
+    either way: the host waits only when it reads the metrics.
+    """
+    per_call = 1 if jax.default_backend() == "cpu" else num_steps
+    acc = fns.new_acc()
+    for _ in range(num_steps // per_call):
+        state, acc = fns.chunk(state, acc, x_train, y_train, mean, per_call)
+    return state, acc
+
+
 def padded_batches(
     x: np.ndarray, y: np.ndarray, batch: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -408,15 +425,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return m
 
     def run_steps(state, num_steps: int):
-        acc = fns.new_acc()
         if config.data.on_device:
-            # XLA:CPU runs convolutions inside a while loop (lax.scan) an order of magnitude
-            # slower than outside one, so on CPU each dispatch is one fused step; dispatch is
-            # asynchronous either way and the host reads metrics once per chunk.
-            per_call = 1 if jax.default_backend() == "cpu" else num_steps
-            for _ in range(num_steps // per_call):
-                state, acc = fns.chunk(state, acc, *train_arrays, on_device["mean"], per_call)
-            return state, acc
+            return run_on_device(fns, state, *train_arrays, on_device["mean"], num_steps)
+        acc = fns.new_acc()
         rows_ = parallel.process_rows(config.batch_size)
         for _ in range(num_steps):
             step, key = parallel.to_host((state.step, state.key))

@@ -1,0 +1,166 @@
+"""Training speed of a config, after compilation: ``python -m experiments.benchmark --config=PATH``.
+
+    python -m experiments.benchmark --config=experiments/configs/d_depth18.py --steps=50 --json
+
+Measures the training path that ``experiments.main`` runs (device-resident data, on-device
+augmentation, ``steps_per_dispatch`` steps per dispatch): images per second, milliseconds per
+step, compile time, peak memory, and the share of the step spent in the constraints (the
+proximal projections and the FFT norms, timed alone on the same parameters). Uses the config's
+data set if it can be found, random images of the same shape otherwise (speed does not depend
+on pixel values); ``--synthetic`` forces the latter.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path of a config file (PATH or PATH:ARG).")
+flags.DEFINE_integer("steps", 50, "Timed steps (after one warm-up chunk).")
+flags.DEFINE_bool("json", False, "Print one JSON object.")
+flags.DEFINE_bool("synthetic", False, "Random images of the data set's shape, not the data.")
+flags.DEFINE_integer("cpu_devices", None, "Split the CPU into this many JAX devices.")
+flags.mark_flags_as_required(["config"])
+
+
+def machine() -> str:
+    """The device, in words (GPU/TPU kind, or CPU model and core count)."""
+    import os
+
+    import jax
+
+    d = jax.devices()[0]
+    if d.platform != "cpu":
+        return f"{jax.device_count()}× {d.device_kind}"
+    model = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores ({jax.device_count()} JAX CPU device(s))"
+
+
+def benchmark(config, steps: int, synthetic: bool = False) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from stabnet import config as config_lib
+    from stabnet import constraints, data, networks, parallel, train
+
+    config_lib.validate(config)
+    h, w, c, classes = data.SHAPES[config.data.name]
+    source = "synthetic"
+    if not synthetic:
+        try:
+            ds = data.load_dataset(config.data.name, local_dir=config.data.local_dir or None,
+                                   source=config.data.source)  # fmt: skip
+            x, y, source = ds.x_train, ds.y_train, ds.source
+        except data.DataError:
+            synthetic = True
+    if synthetic:
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (50_000 if h > 8 else 1437, h, w, c), dtype=np.uint8)
+        y = rng.integers(0, classes, len(x)).astype(np.int32)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    model = train.model_from_config(config, classes)
+    state, tx, _ = train.create_train_state(config, model, (h, w, c))
+    state = parallel.put_replicated(state, mesh)
+    fns = train.make_step_fns(config, model, tx, mesh, len(x))
+    arrays = parallel.put_replicated((x, y, data.pixel_mean(x)), mesh)
+    chunk = min(config.steps_per_dispatch, steps)
+
+    t0 = time.perf_counter()
+    state, acc = train.run_on_device(fns, state, *arrays, chunk)
+    jax.block_until_ready(acc)
+    first = time.perf_counter() - t0
+    done = 0
+    t0 = time.perf_counter()
+    while done < steps:
+        state, acc = train.run_on_device(fns, state, *arrays, chunk)
+        done += chunk
+    jax.block_until_ready((state, acc))
+    elapsed = time.perf_counter() - t0
+    step_ms = 1e3 * elapsed / done
+
+    # The constraints alone: the proximal transformations of the optimiser on this state.
+    grids = networks.layer_grids(model.n, (h, w))
+    full, _ = constraints.build_optimizer(config, state.params, grids)
+    plain = optax.chain(optax.trace(decay=config.optim.momentum),
+                        optax.scale_by_learning_rate(0.1))  # fmt: skip
+    updates = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), state.params)
+
+    def timed(tx):
+        opt_state = tx.init(state.params)
+        fn = jax.jit(lambda u, s, p, b: tx.update(u, s, p, batch_stats=b)[0])
+        jax.block_until_ready(fn(updates, opt_state, state.params, state.batch_stats))
+        t = time.perf_counter()
+        for _ in range(20):
+            out = fn(updates, opt_state, state.params, state.batch_stats)
+        jax.block_until_ready(out)
+        return 1e3 * (time.perf_counter() - t) / 20
+
+    constraint_ms = max(timed(full) - timed(plain), 0.0)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {
+        "config": config.model.variant + f"-n{config.model.n}-{config.data.name}",
+        "depth": networks.paper_depth(config.model.variant, config.model.n),
+        "machine": machine(),
+        "backend": jax.default_backend(),
+        "dtype": config.model.dtype,
+        "batch_size": config.batch_size,
+        "steps_per_dispatch": config.steps_per_dispatch,
+        "data": source,
+        "steps": done,
+        "images_per_second": config.batch_size * done / elapsed,
+        "step_ms": step_ms,
+        "compile_seconds": first,  # first chunk: compilation + one chunk of steps
+        "constraint_ms": constraint_ms,
+        "constraint_share": constraint_ms / step_ms,
+        "peak_memory_bytes": peak,
+        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "paper_schedule_minutes": config.num_train_steps * step_ms / 6e4,
+    }
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import jax
+
+    if FLAGS.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    from stabnet import cli
+    from stabnet.config import ConfigError
+
+    try:
+        r = benchmark(FLAGS.config, FLAGS.steps, FLAGS.synthetic)
+    except (ConfigError, ValueError) as e:
+        cli.fail(str(e))
+    if FLAGS.json:
+        print(json.dumps(r))
+        return
+    print(f"{r['config']} (depth {r['depth']}, {r['dtype']}) on {r['machine']}")
+    print(
+        f"  {r['images_per_second']:,.0f} images/s   {r['step_ms']:.2f} ms/step   "
+        f"compile {r['compile_seconds']:.1f} s   constraints {100 * r['constraint_share']:.1f}%"
+    )
+    peak = r["peak_memory_bytes"] or r["host_peak_rss_bytes"]
+    print(
+        f"  peak memory {peak / 2**20:,.0f} MiB   paper schedule "
+        f"({r['steps']} timed steps extrapolated): {r['paper_schedule_minutes']:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
