@@ -17,6 +17,25 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with one-line errors (an unknown ``--config.key``, a value of the wrong
+    type, a config file that does not load) instead of tracebacks; for ``app.run(flags_parser=)``.
+    """
+    from absl import flags
+
+    try:
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+            flags.FLAGS.config.to_dict()  # a config file that failed to load raises here
+        return rest
+    except SystemExit:
+        raise
+    except Exception as e:  # flags.Error, and what config files and overrides raise
+        text = str(e).replace("\\n", " ")
+        fail(f"bad command line: {type(e).__name__}: {text}")
+        raise  # unreachable: fail() exits
+
+
 @contextlib.contextmanager
 def exit_codes() -> Iterator[None]:
     """Map the library's exceptions to one stderr line and the documented exit codes."""

@@ -222,38 +222,38 @@ def test_tfds_mock_data(tmp_path):
     assert ds.y_test.shape == (6,) and ds.y_test.dtype == np.int32
 
 
-def test_tfds_prepared_array_record_read_without_tensorflow(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, shape", [("cifar10", (32, 32, 3)), ("mnist", (28, 28, 1))])
+def test_tfds_prepared_array_record_read_without_tensorflow(tmp_path, monkeypatch, name, shape):
     """A real array_record copy (written by TFDS from PNG bytes, no TensorFlow) read back."""
     tfds = pytest.importorskip("tensorflow_datasets")
     import importlib.resources
 
     from PIL import Image
-    from tensorflow_datasets.image_classification import cifar
 
     # TFDS 4.9.10 imports importlib_resources when preparing but does not declare it.
     monkeypatch.setitem(sys.modules, "importlib_resources", importlib.resources)
     rng = np.random.default_rng(1)
     images = {
-        s: rng.integers(0, 256, (n, 32, 32, 3), np.uint8) for s, n in [("train", 7), ("test", 3)]
+        s: rng.integers(0, 256, (n, *shape), np.uint8) for s, n in [("train", 7), ("test", 3)]
     }
     labels = {"train": np.arange(7) % 10, "test": np.array([9, 0, 4])}
 
     def examples(split):
         for i, image in enumerate(images[split]):
             buf = io.BytesIO()
-            Image.fromarray(image).save(buf, format="png")
-            yield i, {"id": f"{split}_{i}", "image": buf.getvalue(), "label": int(labels[split][i])}
+            Image.fromarray(image.squeeze(-1) if shape[-1] == 1 else image).save(buf, format="png")
+            example = {"image": buf.getvalue(), "label": int(labels[split][i])}
+            yield i, {**example, "id": f"{split}_{i}"} if name == "cifar10" else example
 
-    def split_generators(self, dl_manager):  # as Cifar10's, less the download and tf.io.gfile
+    def split_generators(self, dl_manager):  # the builder's, less download and tf.io.gfile
         self.info.features["label"].names = [f"name{i}" for i in range(10)]
         return {split: examples(split) for split in images}
 
-    monkeypatch.setattr(cifar.Cifar10, "_split_generators", split_generators)
-    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
-    builder.download_and_prepare(file_format="array_record")
-    monkeypatch.undo()
-    ds = data.load_tfds("cifar10", str(tmp_path))
-    assert ds.source == "tfds:cifar10" and ds.num_classes == 10 and ds.label_names[9] == "name9"
+    monkeypatch.setattr(tfds.builder_cls(name), "_split_generators", split_generators)
+    tfds.builder(name, data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+    ds = data.load_tfds(name, str(tmp_path))
+    assert ds.source == f"tfds:{name}" and ds.num_classes == 10 and ds.label_names[9] == "name9"
+    assert ds.image_shape == shape
     for split in ("train", "test"):
         x, y = getattr(ds, "x_" + split), getattr(ds, "y_" + split)
         # TFDS stores examples in its own (hashed) order: compare as sets of (image, label).
@@ -324,9 +324,8 @@ def test_augment_identity_and_shape():
     x = _images()
     key = jax.random.key(0)
     np.testing.assert_array_equal(data.augment(key, x, pad=0, flip=False), x)
-    for pad, flip in [(4, True), (1, False), (0, True)]:
-        out = jax.jit(lambda k, im, p=pad, f=flip: data.augment(k, im, pad=p, flip=f))(key, x)
-        assert out.shape == x.shape and out.dtype == x.dtype
+    out = jax.jit(data.augment, static_argnames=("pad", "flip"))(key, x, pad=1, flip=True)
+    assert out.shape == x.shape and out.dtype == x.dtype
     bf = data.augment(key, x.astype(jnp.bfloat16))
     assert bf.shape == x.shape and bf.dtype == jnp.bfloat16
 

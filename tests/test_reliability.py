@@ -227,7 +227,7 @@ def test_unwritable_workdir(tmp_path):
     [
         (lambda a: a.pop("y_test"), "y_test is missing"),
         (lambda a: a.update(x_train=a["x_train"].astype(np.int16)), "dtype int16"),
-        (lambda a: a.update(x_train=a["x_train"][:, :, :6]), "shape of x_train"),
+        (lambda a: a.update(x_train=a["x_train"][:, :, :6]), "(H, W, C) of x_train"),
         (lambda a: a.update(y_train=a["y_train"] + 9), "label"),
     ],
 )
@@ -241,7 +241,7 @@ def test_bad_local_data_file(tmp_path, change, words):
     np.savez(tmp_path / "digits.npz", **arrays)
     before = snapshot(tmp_path)
     proc = run_main(os.fspath(tmp_path / "run"), *short_overrides(5),
-                    f"--config.data.local_dir={tmp_path}")  # fmt: skip
+                    "--config.data.source=auto", f"--config.data.local_dir={tmp_path}")  # fmt: skip
     assert proc.returncode == 2
     line = error_line(proc)
     assert words in line and "digits.npz" in line
