@@ -160,14 +160,27 @@ def spectral_rescale(
                 scale = gamma * jax.lax.rsqrt(stats["var1"] + bn_eps)
             norm = norms.fft_norm(kernel, grids[name], scale=scale)
             factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
-            if fold:
-                new[name]["gamma1"] = gamma * factor - params[name]["gamma1"]
-            else:
-                new[name][kname] = kernel * factor - params[name][kname]
+            leaf = "gamma1" if fold else kname
+            target = (gamma if fold else kernel) * factor
+            new[name][leaf] = _exact_update(params[name][leaf], target, factor < 1.0)
             worst = jnp.maximum(worst, norm)
         return new, SpectralState(worst, jnp.minimum(worst, max_norm))
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _exact_update(old: jax.Array, target: jax.Array, shrink: jax.Array) -> jax.Array:
+    """``u`` with ``old + u`` at most ``|target|`` in magnitude after float32 rounding.
+
+    ``optax.apply_updates`` computes ``old + (target − old)``, which can land a few ulps of
+    ``|old|`` beyond ``target``; when the rescaling shrinks a leaf a lot, that is a relative error
+    of ``|old|/|target|`` ulps. Where the rescaling is active the target is pulled towards zero by
+    that much, so the bound of the projection holds exactly, not to round-off.
+    """
+    ulp = jnp.finfo(jnp.float32).eps
+    slack = ulp * (jnp.abs(old) + jnp.abs(target))  # ≥ the two roundings of old + (t − old)
+    pulled = jnp.sign(target) * jnp.maximum(jnp.abs(target) - slack, 0.0)
+    return jnp.where(shrink, pulled, target) - old
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

@@ -1,0 +1,352 @@
+"""Tests of stabnet.constraints: Table 4.1 masks, proximal steps, spectral rescaling (SPEC §4).
+
+Parameters are random trees with the shapes of a real network (``jax.eval_shape`` of the
+initialiser, so nothing is compiled); the optimiser is driven eagerly for a few steps with large
+random gradients and every step is checked against a hand computation in numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.configs import default
+from stabnet import constraints, networks, norms
+
+N = 2  # conv0, res1, res2, pool3, res4, pool5, res6, fc8
+HW = (8, 8)
+EPS = 1e-5
+SQRT2 = math.sqrt(2.0)
+STEPS = 4
+
+
+def path_of(path) -> str:
+    return "/".join(str(k.key) for k in path)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {path_of(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def random_variables(variant: str, seed: int = 0):
+    """Random params and batch statistics (var ≠ 1) with the shapes of the n = 2 network."""
+    model = networks.build_model(variant, N, 10)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *HW, 3)), train=False)
+    )
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name.startswith("var"):
+            return jnp.asarray(rng.uniform(0.2, 4.0, leaf.shape), jnp.float32)
+        if name.startswith("gamma"):
+            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), jnp.float32)
+        return jnp.asarray(0.2 * rng.standard_normal(leaf.shape), jnp.float32)
+
+    tree = jax.tree_util.tree_map_with_path(draw, shapes)
+    return tree["params"], tree["batch_stats"]
+
+
+def random_grads(params, seed, scale):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda p: jnp.asarray(scale * rng.standard_normal(p.shape), jnp.float32), params
+    )
+
+
+def make_config(variant: str, **optim):
+    config = default.get_config()
+    config.model.variant = variant
+    config.model.n = N
+    for key, value in optim.items():
+        config.optim[key] = value
+    return config
+
+
+def run_steps(config, params, stats_per_step, grads_per_step):
+    """Drive build_optimizer's transformation; returns the params after every step."""
+    grids = networks.layer_grids(N, HW)
+    tx, schedule = constraints.build_optimizer(config, params, grids)
+    state = tx.init(params)
+    history = [params]
+    for stats, grads in zip(stats_per_step, grads_per_step, strict=True):
+        updates, state = tx.update(grads, state, params, batch_stats=stats)
+        params = optax.apply_updates(params, updates)
+        history.append(params)
+    return history, schedule
+
+
+def _res_layers():
+    return [f"res{k}" for k in range(1, 3 * N + 1) if k not in (N + 1, 2 * N + 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Constraints after several steps with large gradients.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resnet_d_outer_filters_stay_nonnegative():
+    params, stats = random_variables("resnet_d")
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.abs(v) if path_of(p).endswith("K2") else v, params
+    )
+    grads = [random_grads(params, s, 100.0) for s in range(STEPS)]
+    history, _ = run_steps(make_config("resnet_d"), params, [stats] * STEPS, grads)
+    for step, p in enumerate(history[1:], 1):
+        leaves = flat(p)
+        k2 = {k: v for k, v in leaves.items() if re.fullmatch(r"res\d+/K2", k)}
+        assert sorted(k2) == [f"{r}/K2" for r in sorted(_res_layers())]
+        for key, value in k2.items():
+            assert value.min() >= 0.0, (step, key)
+            # the projection was active: the gradients push many entries below zero
+            assert (value == 0.0).mean() > 0.2, (step, key)
+        # K1 is not projected
+        assert min(leaves[f"{r}/K1"].min() for r in _res_layers()) < 0.0
+
+
+@pytest.fixture(scope="module", params=["resnet_s", "resnet_s_certified"])
+def symmetric_run(request):
+    """3 steps of ResNet-S (or certified) with gradients ×100 and fresh var₁ ≠ 1 every step."""
+    variant = request.param
+    params, stats = random_variables(variant, 1)
+    rng = np.random.default_rng(5)
+    stats_per_step = [
+        jax.tree_util.tree_map_with_path(
+            lambda p, v: (
+                jnp.asarray(rng.uniform(0.2, 4.0, v.shape), jnp.float32)
+                if path_of(p).endswith("var1")
+                else v
+            ),
+            stats,
+        )
+        for _ in range(3)
+    ]
+    grads = [random_grads(params, 10 + s, 100.0) for s in range(3)]
+    history, _ = run_steps(make_config(variant), params, stats_per_step, grads)
+    grids = networks.layer_grids(N, HW)
+    certified = variant == "resnet_s_certified"
+    norms_, prev_norms = [], []
+    for step in range(1, 4):
+        p, st = history[step], stats_per_step[step - 1]
+        for layer in _res_layers():
+            scale = prev = None
+            if certified:
+                scale = p[layer]["gamma1"] / jnp.sqrt(st[layer]["var1"] + EPS)
+                if step > 1:
+                    prior = stats_per_step[step - 2][layer]["var1"]
+                    prev = p[layer]["gamma1"] / jnp.sqrt(prior + EPS)
+            norms_.append(float(norms.fft_norm(p[layer]["K"], grids[layer], scale=scale)))
+            if prev is not None:
+                prev_norms.append(float(norms.fft_norm(p[layer]["K"], grids[layer], scale=prev)))
+    return variant, np.asarray(norms_), np.asarray(prev_norms)
+
+
+def test_symmetric_filters_operator_norm_at_most_sqrt2(symmetric_run):
+    """Every ResNet-S filter (certified: ``diag(γ₁/√(v₁+ε))A_K`` with the ``batch_stats`` passed
+    at that step) has ``‖·‖₂ ≤ √2(1 + 1e-6)`` on its grid after every step."""
+    variant, got, _ = symmetric_run
+    assert got.max() <= SQRT2 * (1 + 1e-6), (variant, got)
+
+
+def test_certified_effective_norm_strict_bound():
+    """The certified bound at 1e-6 after a step that shrinks γ₁ by ~400× (float32 cancellation
+    in ``old + (new − old)`` is compensated by the rescaling)."""
+    params, stats = random_variables("resnet_s_certified", 1)
+    grads = [random_grads(params, 10, 100.0)]
+    rng = np.random.default_rng(5)
+    stats = jax.tree_util.tree_map_with_path(
+        lambda p, v: (
+            jnp.asarray(rng.uniform(0.2, 4.0, v.shape), jnp.float32)
+            if path_of(p).endswith("var1")
+            else v
+        ),
+        stats,
+    )
+    history, _ = run_steps(make_config("resnet_s_certified"), params, [stats], grads)
+    grids = networks.layer_grids(N, HW)
+    p = history[1]
+    worst = max(
+        float(
+            norms.fft_norm(
+                p[layer]["K"],
+                grids[layer],
+                scale=p[layer]["gamma1"] / jnp.sqrt(stats[layer]["var1"] + EPS),
+            )
+        )
+        for layer in _res_layers()
+    )
+    assert worst <= SQRT2 * (1 + 1e-6)
+
+
+def test_symmetric_filters_norm_on_the_bound(symmetric_run):
+    """The constraint was active (norms sit at √2 to float32 accuracy), and in the certified form
+    it is the ``batch_stats`` of *this* step that count: with the previous step's running
+    variance the bound fails."""
+    variant, got, prev = symmetric_run
+    np.testing.assert_allclose(got, SQRT2, rtol=1e-4)
+    if variant == "resnet_s_certified":
+        assert prev.max() > SQRT2 * 1.01
+
+
+def test_resnet_s_norm_bound_against_dense_svd():
+    """The bound on the 2×2 grid of res6, checked with numpy SVD of the dense matrix."""
+    params, stats = random_variables("resnet_s", 2)
+    grads = [random_grads(params, 20 + s, 100.0) for s in range(3)]
+    history, _ = run_steps(make_config("resnet_s"), params, [stats] * 3, grads)
+    kernel = np.asarray(history[-1]["res6"]["K"], np.float64)
+    h, w, c = 2, 2, kernel.shape[2]
+    dense = np.zeros((h, w, c, h, w, c))
+    for i in range(h):
+        for j in range(w):
+            for a in range(3):
+                for b in range(3):
+                    dense[i, j, :, (i + a - 1) % h, (j + b - 1) % w, :] += kernel[a, b].T
+    top = np.linalg.svd(dense.reshape(h * w * c, -1), compute_uv=False)[0]
+    assert top <= SQRT2 * (1 + 1e-5)
+    assert top == pytest.approx(SQRT2, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The update rule, leaf by leaf, against hand computations (ResNet-D, Table 4.1).
+# ---------------------------------------------------------------------------------------------
+
+LAM = 0.05
+
+
+@pytest.fixture(scope="module")
+def resnet_d_run():
+    """ResNet-D, λ = 0.05, η = 0.1 ÷ 10 every 2 steps, STEPS steps with unit-scale gradients."""
+    params, stats = random_variables("resnet_d", 3)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.abs(v) if path_of(p).endswith("K2") else v, params
+    )
+    grads = [random_grads(params, 30 + s, 1.0) for s in range(STEPS)]
+    config = make_config("resnet_d", weight_decay=LAM, decay_every=2)
+    history, schedule = run_steps(config, params, [stats] * STEPS, grads)
+    return params, grads, history, schedule
+
+
+def test_schedule_is_staircase(resnet_d_run):
+    schedule = resnet_d_run[3]
+    etas = [float(schedule(t)) for t in range(5)]
+    np.testing.assert_allclose(etas, [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
+
+
+@pytest.mark.parametrize("leaf", ["conv0/K0", "fc8/W"])
+def test_soft_threshold_on_l1_leaves(resnet_d_run, leaf):
+    """ℓ₁ leaves: ``m ← 0.9m + g``, ``v = p − η_t m``, ``p ← sign(v)·max(|v| − η_t λ, 0)``."""
+    params, grads, history, _ = resnet_d_run
+    p = flat(params)[leaf].astype(np.float64)
+    m = np.zeros_like(p)
+    zeroed = 0
+    for t in range(STEPS):
+        eta = 0.1 * 0.1 ** (t // 2)
+        m = 0.9 * m + flat(grads[t])[leaf]
+        v = p - eta * m
+        p = np.sign(v) * np.maximum(np.abs(v) - eta * LAM, 0.0)
+        zeroed += int((p == 0).sum())
+        np.testing.assert_allclose(flat(history[t + 1])[leaf], p, rtol=1e-6, atol=1e-6)
+    assert zeroed > 0  # the threshold was active
+
+
+def test_soft_threshold_transformation_alone():
+    """``soft_threshold`` on its own: the threshold follows the schedule at the step count."""
+    schedule = optax.exponential_decay(0.1, transition_steps=1, decay_rate=0.5, staircase=True)
+    params = {"a": jnp.asarray([0.3, -0.2, 0.01, -0.05]), "b": jnp.asarray([0.3, -0.2])}
+    mask = {"a": True, "b": False}
+    tx = constraints.soft_threshold(0.4, schedule, mask)
+    state = tx.init(params)
+    updates = {"a": jnp.asarray([0.01, 0.0, 0.0, 0.01]), "b": jnp.asarray([0.01, 0.0])}
+    for t in range(3):
+        new, state = tx.update(updates, state, params)
+        v = np.asarray(params["a"] + updates["a"], np.float64)
+        thr = 0.4 * 0.1 * 0.5**t
+        expected = np.sign(v) * np.maximum(np.abs(v) - thr, 0.0)
+        np.testing.assert_allclose(
+            np.asarray(params["a"] + new["a"]), expected, rtol=1e-6, atol=1e-7
+        )
+        np.testing.assert_array_equal(np.asarray(new["b"]), np.asarray(updates["b"]))
+        params = optax.apply_updates(params, new)
+
+
+def test_frobenius_decay_adds_2_lambda_k(resnet_d_run):
+    """res1/K1 (Frobenius only): ``m ← 0.9m + g + 2λK``, ``K ← K − η_t m``."""
+    params, grads, history, _ = resnet_d_run
+    leaf = "res1/K1"
+    p = flat(params)[leaf].astype(np.float64)
+    m = np.zeros_like(p)
+    for t in range(STEPS):
+        eta = 0.1 * 0.1 ** (t // 2)
+        m = 0.9 * m + flat(grads[t])[leaf] + 2 * LAM * p
+        p = p - eta * m
+        np.testing.assert_allclose(flat(history[t + 1])[leaf], p, rtol=1e-6, atol=1e-6)
+
+
+def test_unmasked_leaves_move_like_plain_sgd(resnet_d_run):
+    """BN γ₁/β₁ and the FC bias are outside every mask: exactly optax.sgd with momentum 0.9."""
+    params, grads, history, schedule = resnet_d_run
+    sgd = optax.sgd(schedule, momentum=0.9)
+    state = sgd.init(params)
+    p = params
+    keys = [k for k in flat(params) if re.search(r"/(gamma1|beta1|gamma|beta|b)$", k)]
+    assert "res1/gamma1" in keys and "res1/beta1" in keys and "fc8/b" in keys
+    for t in range(STEPS):
+        updates, state = sgd.update(grads[t], state, p)
+        p = optax.apply_updates(p, updates)
+        got, want = flat(history[t + 1]), flat(p)
+        for key in keys:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    # and the filters do not (they are regularised / projected)
+    assert not np.allclose(flat(history[-1])["res1/K1"], flat(p)["res1/K1"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks of Table 4.1, and configuration errors.
+# ---------------------------------------------------------------------------------------------
+
+
+def _selected(mask) -> set[str]:
+    return {path_of(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m}
+
+
+def _filters(params, pattern):
+    return {k for k in flat(params) if re.fullmatch(pattern, k)}
+
+
+@pytest.mark.parametrize("variant", networks.VARIANTS)
+def test_regularizer_masks_table_4_1(variant):
+    params, _ = random_variables(variant)
+    frob, l1 = constraints.regularizer_masks(params, variant, "paper")
+    conv, fc = {"conv0/K0"}, {"fc8/W"}
+    res = _filters(params, r"res\d+/K[12]?")
+    pool = {"pool3/Kp", "pool5/Kp"}
+    if variant == "resnet_d":
+        assert res == {f"{r}/K{i}" for r in _res_layers() for i in (1, 2)}
+        assert _selected(l1) == conv | fc
+        assert _selected(frob) == res | pool
+    else:  # ResNet-S (and its certified form) all Frobenius; the baseline too
+        if variant.startswith("resnet_s"):
+            assert res == {f"{r}/K" for r in _res_layers()}
+        assert _selected(l1) == set()
+        assert _selected(frob) == conv | res | pool | fc
+    # "frobenius" and "none" tables
+    frob, l1 = constraints.regularizer_masks(params, variant, "frobenius")
+    assert _selected(frob) == conv | res | pool | fc and _selected(l1) == set()
+    frob, l1 = constraints.regularizer_masks(params, variant, "none")
+    assert _selected(frob) == set() and _selected(l1) == set()
+
+
+def test_unknown_regularizers_is_a_value_error():
+    params, _ = random_variables("resnet_d")
+    config = make_config("resnet_d", regularizers="l2")
+    with pytest.raises(ValueError, match=r"optim\.regularizers.*'l2'.*paper"):
+        constraints.build_optimizer(config, params, networks.layer_grids(N, HW))
+    with pytest.raises(ValueError, match=r"optim\.regularizers"):
+        constraints.regularizer_masks(params, "resnet_d", "bogus")
