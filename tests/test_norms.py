@@ -1,0 +1,255 @@
+"""Tests of stabnet.norms against dense matrices and numpy SVD (SPEC §4, §6)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stabnet import networks, norms, ops
+from tests.test_ops import dense_conv_matrix, rand
+
+
+def dense_norm(kernel, hw, stride=1, padding="circular", scale=None) -> float:
+    m = dense_conv_matrix(kernel, hw, stride, padding)
+    if scale is not None:
+        ho, wo = -(-hw[0] // stride), -(-hw[1] // stride)
+        m = np.tile(np.asarray(scale, np.float64), ho * wo)[:, None] * m
+    return float(np.linalg.svd(m, compute_uv=False)[0])
+
+
+FFT_CASES = [
+    # (grid, c_in, c_out, stride)
+    ((4, 4), 2, 3, 1),
+    ((5, 7), 2, 4, 1),
+    ((6, 6), 4, 4, 1),
+    ((8, 8), 3, 5, 1),
+    ((4, 6), 3, 2, 2),
+    ((8, 8), 3, 5, 2),
+    ((8, 6), 4, 1, 2),
+    ((2, 2), 3, 2, 1),  # grids smaller than the filter (the 64-channel stage of small inputs)
+    ((3, 3), 2, 3, 1),
+    ((2, 2), 2, 4, 2),
+]
+
+
+@pytest.mark.parametrize("hw,ci,co,stride", FFT_CASES)
+def test_fft_norm_equals_dense_svd(hw, ci, co, stride):
+    rng = np.random.default_rng(abs(hash((hw, ci, co, stride))) % 2**32)
+    k = rand(rng, 3, 3, ci, co)
+    got = float(norms.fft_norm(jnp.asarray(k), hw, stride=stride))
+    np.testing.assert_allclose(got, dense_norm(k, hw, stride, "circular"), rtol=1e-5)
+    # followed by diag(scale), signs included
+    scale = rng.uniform(-2.0, 2.0, co).astype(np.float32)
+    got = float(norms.fft_norm(jnp.asarray(k), hw, stride=stride, scale=jnp.asarray(scale)))
+    np.testing.assert_allclose(got, dense_norm(k, hw, stride, "circular", scale), rtol=1e-5)
+
+
+def test_fft_norm_rejects_indivisible_grid():
+    with pytest.raises(ValueError):
+        norms.fft_norm(jnp.ones((3, 3, 1, 1)), (5, 4), stride=2)
+
+
+def test_fft_norm_is_jittable():
+    rng = np.random.default_rng(1)
+    k = rand(rng, 3, 3, 2, 3)
+    f = jax.jit(functools.partial(norms.fft_norm, hw=(4, 4)))
+    np.testing.assert_allclose(float(f(jnp.asarray(k))), dense_norm(k, (4, 4)), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "hw,ci,co,stride,padding",
+    [
+        ((4, 4), 2, 3, 1, "zeros"),
+        ((5, 6), 3, 2, 1, "zeros"),
+        ((6, 6), 2, 4, 2, "zeros"),
+        ((6, 6), 3, 2, 2, "circular"),
+        ((5, 5), 2, 3, 1, "circular"),
+    ],
+)
+def test_power_iteration_norm_equals_dense_svd(hw, ci, co, stride, padding):
+    rng = np.random.default_rng(2)
+    k = rand(rng, 3, 3, ci, co)
+    scale = rng.uniform(0.2, 2.0, co).astype(np.float32)
+
+    def linear(x):
+        return ops.conv(x, jnp.asarray(k), stride=stride, padding=padding) * scale
+
+    got = float(norms.power_iteration_norm(linear, (1, *hw, ci), jax.random.key(0)))
+    ref = dense_norm(k, hw, stride, padding, scale)
+    np.testing.assert_allclose(got, ref, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "hw,stride,padding",
+    [
+        ((3, 3), 1, "circular"),
+        ((5, 4), 1, "circular"),
+        ((4, 4), 2, "circular"),
+        ((3, 3), 1, "zeros"),
+        ((6, 5), 1, "zeros"),
+        ((6, 6), 2, "zeros"),
+    ],
+)
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_linf_norm_equals_max_abs_row_sum(hw, stride, padding, with_scale):
+    rng = np.random.default_rng(3)
+    ci, co = 3, 4
+    k = rand(rng, 3, 3, ci, co)
+    scale = rng.uniform(-2.0, 2.0, co).astype(np.float32) if with_scale else None
+    m = dense_conv_matrix(k, hw, stride, padding)
+    if scale is not None:
+        ho, wo = -(-hw[0] // stride), -(-hw[1] // stride)
+        m = np.tile(scale.astype(np.float64), ho * wo)[:, None] * m
+    ref = np.abs(m).sum(axis=1).max()
+    got = float(norms.linf_norm(jnp.asarray(k), None if scale is None else jnp.asarray(scale)))
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_as_matrix_equals_numpy_reference():
+    rng = np.random.default_rng(4)
+    k = rand(rng, 3, 3, 2, 3)
+    for stride, padding in ((1, "circular"), (2, "zeros")):
+        got = norms.as_matrix(
+            lambda x, s=stride, p=padding: ops.conv(x, jnp.asarray(k), stride=s, padding=p),
+            (1, 4, 6, 2),
+        )
+        np.testing.assert_allclose(
+            got, dense_conv_matrix(k, (4, 6), stride, padding), rtol=1e-6, atol=1e-6
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Effective (BN-folded) operators of a network.
+# --------------------------------------------------------------------------------------------
+
+N_EFF, HW_EFF, C_EFF, K_EFF = 2, (8, 8), 3, 5
+
+
+def _perturbed_variables(variant: str, seed: int = 0):
+    """Initialised n = 2 network with random γ, β, running mean and var ≠ 1 everywhere."""
+    model = networks.build_model(variant, N_EFF, K_EFF)
+    variables = networks.init_variables(model, jax.random.key(seed), (*HW_EFF, C_EFF))
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, leaf):
+        name = path[-1].key
+        if name.startswith("gamma"):
+            return jnp.asarray(rng.uniform(0.3, 2.0, leaf.shape), jnp.float32)
+        if name.startswith(("beta", "mean")):
+            return jnp.asarray(rng.standard_normal(leaf.shape), jnp.float32)
+        if name.startswith("var"):
+            return jnp.asarray(rng.uniform(0.2, 4.0, leaf.shape), jnp.float32)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(perturb, variables)
+
+
+@pytest.fixture(scope="module", params=networks.VARIANTS)
+def eff_setup(request):
+    variant = request.param
+    variables = _perturbed_variables(variant)
+    return variant, variables, norms.effective_operators(variables, variant, HW_EFF)
+
+
+def _expected_keys(variant: str, n: int) -> set[str]:
+    res = [*range(1, n + 1), *range(n + 2, 2 * n + 1), *range(2 * n + 2, 3 * n + 1)]
+    keys = {"conv0/A0", f"pool{n + 1}/Ap", f"pool{2 * n + 1}/Ap", f"fc{3 * n + 2}/W"}
+    for k in res:
+        keys.add(f"res{k}/A1")
+        if variant != "resnet_s_certified":
+            keys.add(f"res{k}/A2")
+    return keys
+
+
+def test_effective_operators_keys_and_geometry(eff_setup):
+    variant, variables, eff = eff_setup
+    assert set(eff) == _expected_keys(variant, N_EFF)
+    h, w = HW_EFF
+    expected_grid = {
+        "conv0": (h, w),
+        "res1": (h, w),
+        "res2": (h, w),
+        "pool3": (h, w),
+        "res4": (h // 2, w // 2),
+        "pool5": (h // 2, w // 2),
+        "res6": (h // 4, w // 4),
+    }
+    for key, op in eff.items():
+        layer = key.split("/")[0]
+        if layer.startswith("fc"):
+            assert op.shape == (K_EFF, 64)
+            np.testing.assert_array_equal(
+                np.asarray(op), np.asarray(variables["params"][layer]["W"]).T
+            )
+            continue
+        assert tuple(op.grid) == expected_grid[layer], key
+        assert op.stride == (2 if layer.startswith("pool") else 1), key
+
+
+def _bn_apply_check(op, x, kernel, stride, mean, var, gamma, beta, eps=1e-5):
+    """``diag(s) A_K x == BN(A_K x) − b̃`` at inference, b̃ = β − sμ from numpy."""
+    z = ops.conv(x, kernel, stride=stride)
+    bn, _, _ = ops.batch_norm(z, mean=mean, var=var, gamma=gamma, beta=beta, train=False, eps=eps)
+    s = (1.0 if gamma is None else np.asarray(gamma, np.float64)) / np.sqrt(
+        np.asarray(var, np.float64) + eps
+    )
+    shift = (0.0 if beta is None else np.asarray(beta, np.float64)) - s * np.asarray(mean)
+    np.testing.assert_allclose(
+        np.asarray(op.apply(x)), np.asarray(bn) - shift, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_effective_operators_apply_is_bn_at_inference(eff_setup):
+    variant, variables, eff = eff_setup
+    params, stats = variables["params"], variables["batch_stats"]
+    rng = np.random.default_rng(5)
+    h, w = HW_EFF
+    x0 = jnp.asarray(rand(rng, 2, h, w, C_EFF))
+    p, s = params["conv0"], stats["conv0"]
+    _bn_apply_check(eff["conv0/A0"], x0, p["K0"], 1, s["mean"], s["var"], p["gamma"], p["beta"])
+
+    x16 = jnp.asarray(rand(rng, 2, h, w, 16))
+    p, s = params["pool3"], stats["pool3"]
+    _bn_apply_check(eff["pool3/Ap"], x16, p["Kp"], 2, s["mean"], s["var"], p["gamma"], p["beta"])
+
+    p, s = params["res2"], stats["res2"]
+    inner = p["K"] if variant.startswith("resnet_s") else p["K1"]
+    _bn_apply_check(eff["res2/A1"], x16, inner, 1, s["mean1"], s["var1"], p["gamma1"], p["beta1"])
+    if variant == "resnet_s_certified":
+        return
+    if variant == "resnet":
+        _bn_apply_check(
+            eff["res2/A2"], x16, p["K2"], 1, s["mean2"], s["var2"], p["gamma2"], p["beta2"]
+        )
+    elif variant == "resnet_d":  # frozen BN₀: s = 1/√(v₂ + ε)
+        _bn_apply_check(eff["res2/A2"], x16, p["K2"], 1, s["mean2"], s["var2"], None, None)
+    else:  # resnet_s: A2 = diag(1/√(v₂+ε)) A_Kᵀ, the adjoint of the dense matrix
+        m = dense_conv_matrix(np.asarray(p["K"]), (h, w))
+        ref = (np.asarray(x16, np.float64).reshape(2, -1) @ m).reshape(2, h, w, 16)
+        ref = ref / np.sqrt(np.asarray(s["var2"], np.float64) + 1e-5)
+        np.testing.assert_allclose(np.asarray(eff["res2/A2"].apply(x16)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_effective_operator_norms(eff_setup):
+    """``l2`` / ``linf`` of an effective operator are those of its dense matrix."""
+    variant, variables, eff = eff_setup
+    op = eff["res6/A1"]  # 64 channels on a 2×2 grid: a 256×256 matrix
+    m = dense_conv_matrix(np.asarray(op.kernel), op.grid)
+    m = np.tile(np.asarray(op.scale, np.float64), op.grid[0] * op.grid[1])[:, None] * m
+    np.testing.assert_allclose(float(op.l2()), np.linalg.norm(m, 2), rtol=1e-5)
+    # On a grid smaller than the filter the taps alias, so Σ|K| only bounds the row sums.
+    assert float(op.linf()) >= np.abs(m).sum(axis=1).max() * (1 - 1e-6)
+    op = eff["res4/A1"]  # 32 channels on 4×4: every row holds all 9 taps once
+    m = dense_conv_matrix(np.asarray(op.kernel), op.grid)
+    m = np.tile(np.asarray(op.scale, np.float64), op.grid[0] * op.grid[1])[:, None] * m
+    np.testing.assert_allclose(float(op.linf()), np.abs(m).sum(axis=1).max(), rtol=1e-5)
+    op = eff["pool5/Ap"]  # stride 2, 32 → 64 on 4×4
+    np.testing.assert_allclose(
+        float(op.l2()),
+        dense_norm(np.asarray(op.kernel), op.grid, 2, "circular", np.asarray(op.scale)),
+        rtol=1e-5,
+    )
