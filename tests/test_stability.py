@@ -1,0 +1,212 @@
+"""Tests of the stability analysis (Theorems 4.1, 4.2; SPEC §6) on the session's trained runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stabnet import networks, norms, ops, runs, stability
+from tests.conftest import REPO
+
+N_IMAGES = 16
+ASCENT_STEPS = 10
+REQUIRED = (
+    "sensitivity_bound",
+    "sensitivity_measured_max",
+    "growth_bound",
+    "growth_measured_max",
+    "hypotheses_hold",
+    "layers",
+    "theorem",
+    "constants",
+    "C_A",
+    "C",
+    "C_b",
+    "violations",
+    "units",
+)
+PER_LAYER = ("resnet_s_certified",)  # per-layer probes cost compilations: one variant
+
+
+@pytest.fixture(scope="module")
+def reports(trained_runs, tmp_path_factory):
+    """One analysis per variant (per-layer measurements for one of them, to keep this short)."""
+    root = tmp_path_factory.mktemp("stability")
+    out = {}
+    for variant in networks.VARIANTS:
+        run = runs.load_run(trained_runs[variant])
+        report = stability.analyze(
+            run,
+            n_images=N_IMAGES,
+            ascent_steps=ASCENT_STEPS,
+            seed=0,
+            magnitudes=(1e-2, 1e-1),
+            per_layer=variant in PER_LAYER,
+        )
+        outdir = os.fspath(root / variant)
+        stability.write_report(report, outdir)
+        out[variant] = (report, outdir, run)
+    return out
+
+
+@pytest.mark.parametrize("variant", networks.VARIANTS)
+def test_measured_values_within_rigorous_bounds(reports, variant):
+    report, outdir, _ = reports[variant]
+    for key in REQUIRED:
+        assert key in report, key
+    assert report["violations"] == [], report["violations"]
+    assert all(c["ok"] for c in report["checks"])
+    bound = report["sensitivity_bound"] * (1 + stability.RTOL)
+    assert 0 < report["sensitivity_random_max"] <= bound
+    assert 0 < report["sensitivity_ascent_max"] <= bound
+    assert report["sensitivity_measured_max"] <= bound
+    assert 0 < report["growth_measured_max"] <= report["growth_bound"]
+    # The rigorous product uses exact ‖P‖ ≤ 1 and (hw)^{-1/2}: never above the paper's C_A.
+    assert report["sensitivity_bound"] <= report["constants"]["C_A_l2"] * (1 + 1e-9)
+    assert report["theorem"] == stability.THEOREMS[variant]
+    if variant == "resnet":
+        assert report["hypotheses_hold"] is None
+    else:
+        assert isinstance(report["hypotheses_hold"], bool)
+    if variant == "resnet_s":  # the second BN breaks the exact Aᵀσ(Ax+b) form of Lemma A.1
+        assert report["hypotheses"]["branch_is_exactly_AT_sigma_A"]["holds"] is False
+    names = [row["name"] for row in report["layers"]]
+    assert names == ["conv0", "res1", "res2", "pool3", "res4", "pool5", "res6", "gp7", "fc8"]
+    for row in report["layers"]:
+        assert row["growth_measured_worst"] <= row["growth_bound_worst"] * (1 + 1e-6)
+    with open(os.path.join(outdir, "stability.json")) as f:
+        assert json.load(f)["variant"] == variant
+    with open(os.path.join(outdir, "stability.md")) as f:
+        md = f.read()
+    assert "## Per layer" in md and "## Checks" in md and "| res4 |" in md
+    assert not [f for f in os.listdir(outdir) if f.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("variant", PER_LAYER)
+def test_per_layer_measurements_within_layer_bounds(reports, variant):
+    report, _, _ = reports[variant]
+    for row in report["layers"]:
+        sens = row["sensitivity"]
+        assert sens["l2_max"] <= row["lipschitz_l2"] * (1 + stability.RTOL), row["name"]
+        assert sens["linf_max"] <= row["lipschitz_linf"] * (1 + stability.RTOL), row["name"]
+    gp = next(r for r in report["layers"] if r["kind"] == "global_pool")
+    assert gp["lipschitz_l2"] == pytest.approx(0.5)  # (hw)^{-1/2} on the final 2×2 grid
+    assert gp["sensitivity"]["ascent"]["l2_max"] > 0.8 * gp["lipschitz_l2"]  # nearly tight
+
+
+def test_certified_layers_are_nonexpansive_and_bound_is_much_smaller(reports):
+    cert, _, _ = reports["resnet_s_certified"]
+    base, _, _ = reports["resnet"]
+    res = [r for r in cert["layers"] if r["kind"] == "res"]
+    assert res
+    for row in res:
+        assert row["lipschitz_l2"] <= 1 + 1e-5, row
+        assert row["operators"]["A1"]["l2_upper"] <= math.sqrt(2) * (1 + 1e-5)
+        assert row["sensitivity"]["l2_max"] <= 1 + 1e-3
+    assert cert["hypotheses"]["res_A_l2_le_sqrt2"]["holds"]
+    assert cert["sensitivity_bound"] < base["sensitivity_bound"] / 10
+
+
+@pytest.mark.parametrize("variant", networks.VARIANTS)
+def test_ascent_is_a_better_attack_than_random(reports, variant):
+    sens = reports[variant][0]["sensitivity"]
+    asc = sens["ascent"]
+    assert asc["l2_max"] >= asc["random_l2_max_same_radius"]
+    assert asc["l2_max"] >= max(v["l2_max"] for v in sens["random"].values())
+    assert asc["l2_mean"] > sens["random"][f"{asc['relative_radius']:g}"]["l2_mean"]
+
+
+def test_a_too_small_bound_is_flagged(reports):
+    report, _, _ = reports["resnet_d"]
+    measured = report["sensitivity_measured_max"]
+    bad = stability.check_bound("deliberately wrong bound", measured, 0.5 * measured)
+    assert not bad["ok"]
+    lines = stability.violations_of([*report["checks"], bad])
+    assert len(lines) == 1 and "VIOLATION" in lines[0] and "deliberately wrong" in lines[0]
+    # A bound whose hypotheses fail is reported but never flagged.
+    assert stability.check_bound("n/a", measured, 0.5 * measured, applies=False)["ok"]
+    # Within float32 rounding is not a violation; beyond it is.
+    assert stability.check_bound("edge", 1.0 + 1e-4, 1.0)["ok"]
+    assert not stability.check_bound("edge", 1.01, 1.0)["ok"]
+
+
+def test_layer_maps_compose_to_the_network(reports):
+    _, _, run = reports["resnet_s_certified"]
+    model = stability.float32_model(run.model)
+    x = jnp.asarray(run.dataset.x_test[:4], jnp.float32) / 255.0 - run.mean
+    maps = stability.layer_maps(model, run.variables)
+
+    @jax.jit
+    def both(variables, x):
+        logits, feats = model.apply(variables, x, train=False, return_features=True)
+        ys, y = [], x
+        for _, fn, lv in maps:
+            y = fn(lv, y)
+            ys.append(y)
+        return feats, ys
+
+    feats, ys = both(run.variables, x)
+    for a, b in zip(feats, ys, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_map_norms_are_exact():
+    for hw, window in (((8, 8), 3), ((6, 4), 3), ((8, 8), 1)):
+        dense = norms.as_matrix(lambda x, window=window: ops.avg_pool(x, window), (1, *hw, 1))
+        l2, linf = stability.pool_norms(hw, window)
+        assert l2 == pytest.approx(np.linalg.norm(dense, 2), rel=1e-6)
+        assert linf == pytest.approx(np.abs(dense).sum(1).max(), rel=1e-6)
+        assert l2 <= 1 and linf <= 1
+    dense = norms.as_matrix(ops.global_avg_pool, (1, 4, 6, 3))
+    assert stability.global_pool_norm((4, 6)) == pytest.approx(np.linalg.norm(dense, 2), rel=1e-6)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_zero_padding_norm_brackets_the_dense_norm(stride):
+    kernel = jax.random.normal(jax.random.key(stride), (3, 3, 2, 3))
+    scale = jnp.asarray([0.5, 2.0, 1.0])
+    op = norms.EffectiveConv(kernel, scale, stride, (6, 6))
+    for padding in ops.PADDINGS:
+        dense = norms.as_matrix(lambda x, p=padding: op.apply(x, p), (1, 6, 6, 2))
+        exact = np.linalg.norm(dense, 2)
+        got = stability.operator_norms(op, padding, jax.random.key(0))
+        assert got["l2"] <= exact * (1 + 1e-4)
+        assert got["l2_upper"] >= exact * (1 - 1e-5)
+        assert got["linf"] >= np.abs(dense).sum(1).max() * (1 - 1e-6)
+        if padding == "circular":
+            assert got["l2"] == pytest.approx(exact, rel=1e-4)
+
+
+def test_cli_writes_report(trained_runs):
+    workdir = trained_runs["resnet_d"]
+    cmd = [sys.executable, "-m", "experiments.analyze", f"--workdir={workdir}",
+           "--n_images=4", "--ascent_steps=0", "--per_layer=false"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sensitivity: rigorous bound" in proc.stdout
+    for name in ("stability.json", "stability.md"):
+        assert os.path.exists(os.path.join(workdir, "analysis", name))
+
+
+def test_cli_exit_codes(trained_runs, reports, tmp_path, monkeypatch, capsys):
+    from experiments import analyze
+    from stabnet.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        analyze.analyze_workdir(os.fspath(tmp_path))  # no config.json: exit 2 in main()
+    report, _, _ = reports["resnet"]
+    bad = stability.check_bound("injected", 2.0, 1.0)
+    fake = {**report, "checks": [bad], "violations": stability.violations_of([bad])}
+    monkeypatch.setattr(stability, "analyze", lambda run, **kw: fake)
+    code = analyze.analyze_workdir(trained_runs["resnet"], outdir=os.fspath(tmp_path / "out"))
+    assert code == analyze.EXIT_VIOLATION
+    err = capsys.readouterr().err
+    assert "STABILITY BOUND VIOLATED" in err and "injected" in err
