@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache for the test session and the subprocesses it starts: the
+# end-to-end tests compile the same small networks many times.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "stabnet-test-jax-cache")
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
