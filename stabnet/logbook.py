@@ -14,8 +14,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import IO, Any
 
 
 def _jsonable(value: Any) -> Any:
@@ -26,21 +26,38 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` so that ``path`` is always either old or new, whole."""
+def write_atomic(path: str, write: Callable[[IO[Any]], None], *, binary: bool = False) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, sync it, and rename it over
+    ``path``: readers see the old file or the new one, whole, whatever happens meanwhile."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-            f.write("\n")
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`write_atomic`)."""
+
+    def dump(f: IO[str]) -> None:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+        f.write("\n")
+
+    write_atomic(path, dump)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text))
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -950,15 +949,5 @@ def write_report(report: Mapping[str, Any], outdir: str) -> tuple[str, str]:
     jpath = os.path.join(outdir, "stability.json")
     mpath = os.path.join(outdir, "stability.md")
     logbook.write_json_atomic(jpath, report)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=outdir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(render_markdown(report))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, mpath)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    logbook.write_text_atomic(mpath, render_markdown(report))
     return jpath, mpath
