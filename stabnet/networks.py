@@ -187,4 +187,5 @@ def init_variables(
 ) -> dict[str, Any]:
     """``{'params': …, 'batch_stats': …}`` for inputs of shape ``image_shape`` (h, w, c)."""
     check_architecture(model.variant, model.n, image_shape, model.num_classes, model.widths)
-    return dict(model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
+    init = jax.jit(lambda k: model.init(k, jnp.zeros((1, *image_shape), jnp.float32)))
+    return dict(init(key))  # jitted: one compilation instead of dozens of small ones

@@ -37,7 +37,7 @@ from stabnet import config as config_lib
 log = logging.getLogger(__name__)
 
 # Keys derived from the run's root key: parameter init, data order, augmentation.
-_INIT, _ORDER, _AUGMENT = 0, 1, 2
+INIT_KEY, _ORDER, _AUGMENT = 0, 1, 2
 
 
 @flax.struct.dataclass
@@ -92,7 +92,7 @@ def create_train_state(
 ) -> tuple[TrainState, optax.GradientTransformationExtraArgs, optax.Schedule]:
     """Initial state (SPEC §4 initialisers), the optimiser and its schedule."""
     root = jax.random.PRNGKey(config.seed)
-    variables = networks.init_variables(model, jax.random.fold_in(root, _INIT), image_shape)
+    variables = networks.init_variables(model, jax.random.fold_in(root, INIT_KEY), image_shape)
     grids = networks.layer_grids(model.n, image_shape[:2])
     tx, schedule = constraints.build_optimizer(config, variables["params"], grids)
     state = TrainState(

@@ -1,0 +1,129 @@
+"""Shared matplotlib helpers for the experiment figures (Agg backend, no display needed).
+
+Used by ``experiments/figures.py`` (Figures 4.3–4.4, 5.1, 5.3–5.4 of the paper) and
+``experiments/growth.py`` (the feature-growth remark of Section 3.1). Every figure is saved
+atomically: written to a temporary file in the target folder, then renamed over the target with
+:func:`os.replace`, so a reader never sees a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: headless, deterministic
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+# One colour and label per variant, the same in every figure.
+VARIANT_STYLE: dict[str, dict[str, Any]] = {
+    "resnet": {"color": "#1f77b4", "label": "ResNet"},
+    "resnet_d": {"color": "#d62728", "label": "ResNet-D"},
+    "resnet_s": {"color": "#2ca02c", "label": "ResNet-S"},
+    "resnet_s_certified": {"color": "#9467bd", "label": "ResNet-S (certified)"},
+}
+_FALLBACK_COLORS = ("#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+DPI = 120
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+plt.rcParams.update(
+    {
+        "figure.dpi": DPI,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "font.size": 9,
+        "legend.fontsize": 8,
+        "legend.frameon": False,
+    }
+)
+
+
+def variant_label(variant: str) -> str:
+    """The paper's name of a variant (``resnet_d`` → ``ResNet-D``); unknown names unchanged."""
+    return VARIANT_STYLE.get(variant, {}).get("label", variant)
+
+
+def variant_color(variant: str, index: int = 0) -> str:
+    """The colour of ``variant``; unknown variants cycle through a fallback palette."""
+    style = VARIANT_STYLE.get(variant)
+    return style["color"] if style else _FALLBACK_COLORS[index % len(_FALLBACK_COLORS)]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_readable(tmp: str) -> None:
+    """``mkstemp`` creates files 0600; give the final file the usual permissions."""
+    os.chmod(tmp, 0o666 & ~_umask())
+
+
+def save_figure(fig: matplotlib.figure.Figure, path: str, *, dpi: int = DPI) -> str:
+    """Save ``fig`` as PNG at ``path`` atomically (temp file + :func:`os.replace`), close it.
+
+    Returns the path. The parent folder is created when missing.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+            f.flush()
+            os.fsync(f.fileno())
+        _make_readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_text_atomic(path: str, text: str) -> str:
+    """Write ``text`` (Markdown, CSV, …) to ``path`` atomically; returns the path."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".txt", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _make_readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def is_png(path: str, min_bytes: int = 1024) -> bool:
+    """Whether ``path`` starts with the PNG signature and has at least ``min_bytes`` bytes."""
+    if not os.path.isfile(path) or os.path.getsize(path) < min_bytes:
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
+def image_for_display(image: Any) -> tuple[Any, str | None]:
+    """An ``[H, W, C]`` image in [0, 1] as ``imshow`` wants it: grey images squeezed with the
+    ``gray`` colour map, colour images as they are (clipped to [0, 1])."""
+    import numpy as np
+
+    x = np.clip(np.asarray(image, np.float32), 0.0, 1.0)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        return x[..., 0], "gray"
+    return x, None

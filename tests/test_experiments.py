@@ -1,0 +1,250 @@
+"""The experiment tools: figures (Figures 4.3–4.4, 5.1, 5.3–5.4, Table 5.3), sweeps and the
+feature-growth experiment without BN (Section 3.1 remark)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+QUICKSTART = os.fspath(REPO / "experiments" / "configs" / "quickstart.py")
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _assert_png(path: str) -> None:
+    from stabnet import plots
+
+    assert os.path.isfile(path), f"{path} was not written"
+    assert plots.is_png(path, min_bytes=1024), f"{path} is not a PNG of > 1 kB"
+
+
+# --------------------------------------------------------------------------------------------
+# figures.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_figures_for_trained_runs(trained_runs, tmp_path):
+    from experiments import figures
+
+    out = os.fspath(tmp_path / "figs")
+    workdirs = list(trained_runs.values())
+    written = figures.make_all(workdirs, out, image_indices=(0, 1, 2), eps=0.05, delta=0.2)
+    assert not written["skipped"]
+    _assert_png(os.path.join(out, "accuracy_vs_step.png"))
+    for workdir in workdirs:
+        name = figures.run_name(workdir)
+        _assert_png(os.path.join(out, f"probabilities_{name}.png"))
+        _assert_png(os.path.join(out, f"feature_maps_{name}.png"))
+    table = open(os.path.join(out, "table_5_3.md")).read()
+    assert "| variant | depth | n | dataset |" in table and "paper (%)" in table
+    assert "not comparable" in table  # the digits are no CIFAR
+    for workdir in workdirs:
+        acc = 100 * json.load(open(os.path.join(workdir, "results.json")))["final_test_accuracy"]
+        assert f"{acc:.2f}" in table
+    assert "accuracy_vs_step.png" in open(os.path.join(out, "figures.md")).read()
+    # no temporary files left behind by the atomic writes
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_figure_helpers(trained_runs):
+    import numpy as np
+
+    from experiments import figures
+    from stabnet import runs
+
+    run = runs.load_run(trained_runs["resnet"])
+    probs = figures.predict_probabilities(run, run.dataset.x_test[:5] / 255.0)
+    assert probs.shape == (5, 10) and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
+    x = np.full((2, 8, 8, 1), 0.9, np.float32)
+    noisy = figures.unstructured_noise(x, 0.5, seed=0)
+    assert noisy.min() >= 0 and noisy.max() <= 1 and not np.allclose(noisy, x)
+    assert np.allclose(figures.structured_noise(x, 0.2, np.ones((8, 8, 1))), 1.0)  # clipped
+    assert [k for k, _ in figures.block_layers(2)] == [0, 2, 3, 4, 5, 6]
+    assert [k for k, _ in figures.block_layers(1)] == [0, 1, 2, 3]  # stages 2–3 have no res
+    feats = figures.feature_maps(run, 0)
+    assert feats[3].shape == (4, 4, 32) and feats[5].shape == (2, 2, 64)
+    # the strongest channels of a pooling layer skip its zero-padded channels (E in (4.4))
+    live = [c for c in range(32) if np.any(feats[3][..., c] != 0)]
+    chosen = figures.strongest_channels(feats[3], 16)
+    assert len(chosen) == 16
+    assert sum(c in live for c in chosen) == min(16, len(live))
+
+
+def test_table_5_3_paper_column(tmp_path):
+    from experiments import figures
+
+    def fake_run(name, variant, n, data, source, steps, acc, seed=0):
+        w = tmp_path / name
+        w.mkdir()
+        (w / "config.json").write_text(json.dumps(
+            {"seed": seed, "model": {"variant": variant, "n": n, "use_bn": True},
+             "data": {"name": data}, "num_train_steps": steps}))  # fmt: skip
+        depth = 3 * n + 2 if variant == "resnet_s" else 6 * n
+        (w / "results.json").write_text(json.dumps(
+            {"final_test_accuracy": acc, "depth": depth, "variant": variant, "n": n,
+             "data": data, "data_source": source, "steps": steps}))  # fmt: skip
+        return os.fspath(w)
+
+    runs = [
+        fake_run("d18", "resnet_d", 3, "cifar10", "tfds:cifar10", 70_000, 0.88),
+        fake_run("d18b", "resnet_d", 3, "cifar10", "tfds:cifar10", 70_000, 0.86, seed=1),
+        fake_run("s20", "resnet_s", 6, "cifar100", "local:/x/cifar100.npz", 70_000, 0.6),
+        fake_run("d72", "resnet_d", 12, "cifar100", "tfds:cifar100", 1_000, 0.5),
+    ]
+    table = figures.table_5_3(runs)
+    rows = {ln.split("|")[1].strip() + ln.split("|")[2].strip(): ln for ln in table.splitlines()
+            if ln.startswith("| ResNet")}  # fmt: skip
+    assert "87.85" in rows["ResNet-D18"] and "87.00 ± 1.41" in rows["ResNet-D18"]
+    assert "| 2 |" in rows["ResNet-D18"] and "| yes |" in rows["ResNet-D18"]
+    assert "61.15" in rows["ResNet-S20"] and "not real CIFAR" in rows["ResNet-S20"]
+    assert "| — |" in rows["ResNet-D72"] and "1000 steps < paper's 70000" in rows["ResNet-D72"]
+    assert figures.PAPER_TABLE_5_3[("resnet_s", 38, "cifar10")] == 89.09
+    assert ("resnet_s", 38, "cifar100") not in figures.PAPER_TABLE_5_3
+    # a sweep root is expanded to its workdirs, a glob too
+    assert figures.find_workdirs([os.fspath(tmp_path)]) == sorted(runs)
+    assert figures.find_workdirs([os.fspath(tmp_path / "d18*")]) == runs[:2]
+    with pytest.raises(ValueError, match="names no workdir"):
+        figures.find_workdirs([os.fspath(tmp_path / "absent")])
+
+
+# --------------------------------------------------------------------------------------------
+# sweep.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_sweep_print_commands(tmp_path):
+    root = os.fspath(tmp_path / "sweep")
+    proc = _run("-m", "experiments.sweep", f"--root={root}", "--variants=resnet,resnet_s",
+                "--n=1,2", "--datasets=cifar10,cifar100", "--set=optim.learning_rate=0.05",
+                "--set=seed=0,1", "--print_commands", timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 * 2 * 2 * 2  # variants × n × data sets × seeds
+    workdirs = set()
+    for line in lines:
+        args = shlex.split(line)
+        assert args[:3] == ["python", "-m", "experiments.main"]
+        assert "--config.optim.learning_rate=0.05" in args
+        workdirs.add(next(a for a in args if a.startswith("--workdir=")))
+    assert len(workdirs) == len(lines)
+    assert f"--workdir={root}/resnet_s-n2-cifar100-seed1" in workdirs
+    s10 = [ln for ln in lines if "resnet_s-n1-cifar10-seed0" in ln][0]
+    assert "--config.num_train_steps=93500" in s10  # the paper's ResNet-S CIFAR-10 schedule
+    assert not os.path.exists(root)  # nothing ran
+
+
+def test_sweep_grid_by_depth_and_refusals():
+    from experiments import sweep
+
+    specs = sweep.build_grid(variants=["resnet_d", "resnet_s"], depths=[18, 36, 11])
+    names = ["resnet_d-n3-cifar10-seed0", "resnet_d-n6-cifar10-seed0", "resnet_s-n3-cifar10-seed0"]
+    assert [s.name for s in specs] == names
+    specs = sweep.build_grid(
+        variants=["resnet"], ns=[1], datasets=["digits"], base_config=QUICKSTART,
+        sets=["model.widths=(8,16,32),(16,32,64)", "model.use_bn=false"],
+    )  # fmt: skip
+    assert [s.name for s in specs] == ["resnet-n1-digits-seed0-widths=8x16x32",
+                                       "resnet-n1-digits-seed0-widths=16x32x64"]  # fmt: skip
+    assert specs[0].overrides["model.widths"] == (8, 16, 32)
+    assert "--config.model.use_bn=false" in specs[0].command("r", QUICKSTART)
+    for kwargs, words in [
+        ({"depths": [19]}, "no variant"),
+        ({"ns": [1], "sets": ["optim.lr=1"]}, "unknown"),
+        ({"ns": [1], "sets": ["batch_size=x"]}, "not a valid int"),
+        ({"ns": [1], "sets": ["batch_size=0"]}, "batch_size"),
+        ({"ns": [1], "sets": ["model.n=2"]}, "--n"),
+    ]:
+        with pytest.raises(sweep.SweepError, match=words):
+            sweep.build_grid(variants=["resnet_d"], **kwargs)
+
+
+def test_sweep_end_to_end(tmp_path):
+    root = os.fspath(tmp_path / "sweep")
+    # digits trains; mnist from the "embedded" source of the quickstart does not exist, so those
+    # two runs fail at once: the sweep must report them, go on, and exit non-zero.
+    args = [
+        "-m",
+        "experiments.sweep",
+        f"--root={root}",
+        f"--base_config={QUICKSTART}",
+        "--variants=resnet,resnet_d",
+        "--n=1",
+        "--datasets=digits,mnist",
+        "--set=num_train_steps=20",
+        "--set=eval_every=10",
+        "--set=log_every=10",
+        "--set=checkpoint_every=20",
+        "--set=final_average_steps=20",
+        "--per_run_figures=false",
+    ]  # fmt: skip (per-run figures: test_figures_for_trained_runs)
+    proc = _run(*args, timeout=400)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "2 run(s) failed: resnet-n1-mnist-seed0, resnet_d-n1-mnist-seed0" in proc.stderr
+    for variant in ("resnet", "resnet_d"):
+        results = json.load(open(os.path.join(root, f"{variant}-n1-digits-seed0", "results.json")))
+        assert results["steps"] == 20 and results["variant"] == variant and results["n"] == 1
+    log = open(os.path.join(root, "logs", "resnet-n1-mnist-seed0.log")).read()
+    assert "stabnet: error:" in log
+    summary = os.path.join(root, "summary")
+    _assert_png(os.path.join(summary, "accuracy_vs_step.png"))
+    table = open(os.path.join(summary, "table_5_3.md")).read()
+    assert table.count("| digits | 20 |") == 2
+    assert "failed" in open(os.path.join(summary, "sweep.md")).read()
+    # again, digits only: finished runs are skipped, nothing fails
+    args = [a.replace("digits,mnist", "digits") for a in args]
+    proc = _run(*args, timeout=200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("skipped (results.json exists)") == 2
+
+
+# --------------------------------------------------------------------------------------------
+# growth.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_growth_factors_from_norms():
+    from experiments import growth
+
+    # n = 2: layers conv0, res1, res2, pool3, res4, pool5, res6, global7
+    g = growth.growth_factors([1, 2, 4, 1, 2, 1, 2, 1], n=2)
+    assert g["per_layer"] == pytest.approx(2.0) and g["per_4_layers"] == pytest.approx(16.0)
+    assert g["stage1"] == pytest.approx(4.0) and g["zero_from_layer"] is None
+    dead = growth.growth_factors([1, 0, 0, 0, 0, 0, 0, 0], n=2)
+    assert dead["per_layer"] == 0.0 and dead["zero_from_layer"] == 1
+
+
+def test_growth_without_bn(tmp_path):
+    from experiments import growth
+
+    out = os.fspath(tmp_path / "growth")
+    result = growth.run_growth(out, variants=("resnet",), n=2, steps=2, batch=64)
+    resnet = result["variants"]["resnet"]
+    # measured, not assumed: the standard ResNet without BN grows its features at init …
+    assert resnet["init"]["per_layer"] > 1.0
+    assert resnet["init"]["norms"][2] > resnet["init"]["norms"][0]
+    # … faster than ResNet-S, whose residual layer x − Kᵀσ(Kx) is built not to grow them
+    init_only = growth.run_growth(
+        os.fspath(tmp_path / "init"), variants=("resnet_s",), n=2, steps=0, batch=64
+    )
+    assert init_only["variants"]["resnet_s"]["trained"] is None
+    assert init_only["variants"]["resnet_s"]["init"]["per_layer"] < resnet["init"]["per_layer"]
+    assert resnet["trained"] is not None and len(resnet["trained"]["norms"]) == 3 * 2 + 2
+    assert "skipped_steps" in resnet["trained"]
+    saved = json.load(open(os.path.join(out, "growth.json")))
+    assert saved["settings"]["use_bn"] is False
+    assert saved["variants"]["resnet"]["init"]["per_layer"] == pytest.approx(
+        resnet["init"]["per_layer"]
+    )
+    assert "per 4 layers" in open(os.path.join(out, "growth.md")).read()
+    _assert_png(os.path.join(out, "growth.png"))
