@@ -109,8 +109,8 @@ def power_iteration_norm(
 def linf_norm(kernel: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """``‖diag(s) A_K‖_∞``: the largest absolute row sum, ``max_o |s_o| Σ_{a,b,i} |K[a,b,i,o]|``.
 
-    Exact for circular padding at any stride (every row holds all taps once) and for zero
-    padding on grids of at least 3×3 (interior rows do).
+    Exact on grids of at least 3×3 (4×4 for zero padding at stride 2), where some row holds every
+    tap once; on smaller grids circular taps alias and add up, so this is an upper bound there.
     """
     rows = jnp.sum(jnp.abs(kernel), axis=(0, 1, 2))
     if scale is not None:
