@@ -127,7 +127,7 @@ def test_sweep_print_commands(tmp_path):
     root = os.fspath(tmp_path / "sweep")
     proc = _run("-m", "experiments.sweep", f"--root={root}", "--variants=resnet,resnet_s",
                 "--n=1,2", "--datasets=cifar10,cifar100", "--set=optim.learning_rate=0.05",
-                "--set=seed=0,1", "--print_commands", timeout=120)  # fmt: skip
+                "--set=seed=0,1", "--print_commands", timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 * 2 * 2 * 2  # variants × n × data sets × seeds

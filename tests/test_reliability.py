@@ -80,7 +80,7 @@ def test_preemption_checkpoints_and_resumes_exactly(tmp_path, reference, signum)
     proc = _start(workdir, 60)
     _wait_for_training(workdir, proc)
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 128 + signum, err[-3000:]
     assert "checkpoint written at step" in err
     assert not os.path.exists(os.path.join(workdir, "results.json"))
