@@ -1,0 +1,1022 @@
+"""Robustness of trained networks: corrupted inputs (the paper's Table 5.4), certified ℓ₂ radii
+from a global Lipschitz bound (beyond the paper), and an ℓ₂ PGD attack that checks them.
+
+Units. Every perturbation lives in **[0, 1] pixel units, before normalisation**: a uint8 test
+image becomes ``x = img/255``, the corrupted ``x̃`` is clipped to ``[0, 1]`` and the network sees
+``x̃ − mean`` (SPEC §4, §7). The per-pixel mean subtraction is a translation (Lipschitz 1), so a
+Lipschitz bound of the network in its own input is one of the map ``[0,1]``-image → logits.
+
+1. **Corruptions (Table 5.4, Section 5).** Unstructured noise ``x̃ = x + ε·η`` with ``η`` i.i.d.
+   ``N(0, 1)`` per pixel (one draw per test image, from ``fold_in(key(seed), image index)``, so the
+   numbers do not depend on the batch size); structured noise ``x̃ = x + δ·x_s`` with ``x_s`` one
+   fixed test image (:func:`noise_accuracies`). CIFAR-10-C through
+   :func:`stabnet.data.load_cifar10_corrupted` where it can be read (:func:`cifar10c_accuracies`).
+2. **Certified radii.** :func:`lipschitz_bound` multiplies layer bounds of Figure 4.1's network:
+   conv layer (4.3) ``‖Ã₀‖₂``; residual layers (3.1)/(4.1)/(4.2) ``1 + ‖Ã₂‖₂‖Ã₁‖₂``; the
+   certified ResNet-S layer ``max(1, ‖A‖₂² − 1)`` (``= 1`` when ``‖A‖₂ ≤ √2``: Lemma A.1, condition
+   (4.11)); pooling layer (4.4) ``‖P‖₂ + ‖Ã_p‖₂``; global pooling (4.5) ``(hw)^{-1/2}``; fully
+   connected (4.6) ``‖W‖₂``. For an image classified correctly with logit margin ``m`` (top minus
+   runner-up), no ``δ`` with ``‖δ‖₂ < m/(√2 L)`` changes the prediction (:func:`certify`).
+3. **PGD** in ℓ₂ (:func:`pgd_accuracy`): projected gradient ascent on the cross-entropy (4.6)
+   with ``δ`` in the ℓ₂ ball of radius ``r`` and ``x + δ`` clipped to ``[0, 1]``, random start.
+   Since every PGD iterate is a perturbation the certificate covers, *certified accuracy ≤ PGD
+   accuracy* at every radius, per image; a violation is a bug and is reported loudly
+   (:class:`CertificateViolation`).
+4. :func:`robustness_report` gathers it all for a :class:`stabnet.runs.Run`; :func:`write_report`
+   writes ``robustness.json``, ``robustness.md``, ``robustness.png`` and ``certified.png``.
+
+All network evaluations use the running BN statistics (inference) in float32, whatever the
+run's compute dtype, so the certificates are certificates of the float32 inference network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stabnet import data, layers, logbook, networks, norms, ops, plots
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EPS: tuple[float, ...] = (0.02, 0.05)
+DEFAULT_DELTAS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+# ℓ₂ radii in [0,1]-pixel units. An 8×8 digit has ‖x‖₂ ≈ 3, a 28×28 one ≈ 9, a 32×32×3 CIFAR image
+# ≈ 30; CIFAR's radii are the customary 36/255, 72/255, 108/255 of the Lipschitz-margin literature.
+DEFAULT_RADII: dict[str, tuple[float, ...]] = {
+    "digits": (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0),
+    "mnist": (0.0, 0.25, 0.5, 1.0, 1.58),
+    "fashion_mnist": (0.0, 0.25, 0.5, 1.0, 1.58),
+    "cifar10": (0.0, 36 / 255, 72 / 255, 108 / 255, 0.5),
+    "cifar100": (0.0, 36 / 255, 72 / 255, 108 / 255, 0.5),
+}
+FALLBACK_RADII: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5)
+DEFAULT_CIFAR10C_SEVERITIES: tuple[int, ...] = (1, 3, 5)
+PGD_STEPS = 20
+PGD_REL_STEP = 2.5  # total step length over the attack, in units of r: α = 2.5·r/steps (Madry)
+_DENSE_POOL_LIMIT = 4096  # grids up to this many pixels get the exact ‖P‖₂ from a dense matrix
+_VIOLATION_TOL = 0.0
+DEFAULT_BATCH = 1024
+_LEMMA_RTOL = 1e-5  # float32 slack of the ‖A‖₂ ≤ √2 flag (not of the bound)
+
+
+class CertificateViolation(UserWarning):
+    """Certified accuracy exceeded PGD accuracy (or PGD broke a certified image): a bug."""
+
+
+def default_radii(dataset_name: str) -> tuple[float, ...]:
+    """Sensible ℓ₂ radii (in [0,1]-pixel units) for a data set; see :data:`DEFAULT_RADII`."""
+    return DEFAULT_RADII.get(dataset_name, FALLBACK_RADII)
+
+
+# --------------------------------------------------------------------------------------------
+# The network as a function of the [0, 1] image.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """A trained network as the map ``u ∈ [0,1]^{h×w×c} ↦ logits`` (inference, float32).
+
+    Attributes:
+      model: the network (its compute dtype is forced to float32).
+      variables: ``{"params", "batch_stats"}``.
+      mean: per-pixel training mean ``[H, W, C]`` in [0, 1] units (subtracted inside).
+    """
+
+    model: networks.StableResNet
+    variables: Mapping[str, Any]
+    mean: Any
+
+    @classmethod
+    def from_run(cls, run: Any) -> Classifier:
+        """From a :class:`stabnet.runs.Run` (anything with ``model``, ``variables``, ``mean``)."""
+        model = run.model
+        if model.cfg.dtype != jnp.float32:
+            model = model.clone(cfg=dataclasses.replace(model.cfg, dtype=jnp.float32))
+        return cls(model, run.variables, jnp.asarray(run.mean, jnp.float32))
+
+    def logits(self, u: jax.Array) -> jax.Array:
+        """Logits ``[N, K]`` of images ``u`` ``[N, H, W, C]`` in [0, 1] units (not jitted)."""
+        return _logits(self.model, self.variables, self.mean, u)
+
+
+def _logits(model: networks.StableResNet, variables: Any, mean: jax.Array, u: jax.Array):
+    return model.apply(variables, u.astype(jnp.float32) - mean, train=False)
+
+
+def to_unit(images: Any) -> jax.Array:
+    """uint8 images (0..255) as float32 in [0, 1]: ``x = img/255``."""
+    return jnp.asarray(images).astype(jnp.float32) / 255.0
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Index batches of exactly ``batch_size`` covering ``range(n)``, the last padded with index 0
+    and mask 0: every jitted call of a network sees one shape, so one compilation serves every
+    evaluation of a report (forward passes) and every PGD step."""
+    if n < 1:
+        raise ValueError("no images to evaluate")
+    batch = max(1, batch_size)
+    out = []
+    for start in range(0, n, batch):
+        idx = np.arange(start, min(n, start + batch))
+        mask = np.zeros(batch, bool)
+        mask[: len(idx)] = True
+        out.append((np.concatenate([idx, np.zeros(batch - len(idx), idx.dtype)]), mask))
+    return out
+
+
+def _col(v: jax.Array) -> jax.Array:
+    """A per-example scalar ``[B]`` shaped ``[B, 1, 1, 1]`` to broadcast over images."""
+    return v.reshape(-1, 1, 1, 1)
+
+
+def _norms(d: jax.Array) -> jax.Array:
+    """Per-example ℓ₂ norms of ``[N, …]`` broadcastable back to ``d``."""
+    return jnp.sqrt(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim)), keepdims=True))
+
+
+def _project(u: jax.Array, d: jax.Array, radius: jax.Array) -> jax.Array:
+    """Onto the ℓ₂ ball of ``radius`` (``[B, 1, 1, 1]``), then ``u + d`` clipped to [0, 1].
+    Clipping only moves each coordinate of ``d`` towards 0 (``u ∈ [0,1]``): it stays in the ball."""
+    d = d * jnp.minimum(1.0, radius / jnp.maximum(_norms(d), 1e-12))
+    return jnp.clip(u + d, 0.0, 1.0) - u
+
+
+def _unit_directions(key: jax.Array, jobs: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """One uniformly random unit direction per job, from ``fold_in(key, job)``."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jobs)
+    d = jax.vmap(lambda k: jax.random.normal(k, tuple(shape), jnp.float32))(keys)
+    return d / jnp.maximum(_norms(d), 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Corruptions (Table 5.4).
+# --------------------------------------------------------------------------------------------
+
+
+# Jitted evaluations, module-level with the (hashable) network static: every caller in a process
+# shares one compilation per network configuration and batch shape.
+_static_model = functools.partial(jax.jit, static_argnums=0)
+
+
+@_static_model
+def _jit_forward(model, variables, mean, u, idx, key, eps, delta, x_s, radius):
+    """Logits of ``clip(u + ε·η + δ·x_s + r·η/‖η‖₂, 0, 1)`` per job, ``η`` i.i.d. ``N(0, 1)`` from
+    ``fold_in(key, idx)``: clean (all zero), Table 5.4's noises, or random noise of norm ``r``."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
+    eta = jax.vmap(lambda k: jax.random.normal(k, u.shape[1:], jnp.float32))(keys)
+    noise = _col(eps) * eta + _col(radius) * eta / jnp.maximum(_norms(eta), 1e-12)
+    return _logits(model, variables, mean, jnp.clip(u + noise + _col(delta) * x_s, 0.0, 1.0))
+
+
+@jax.jit
+def _jit_pgd_start(u, jobs, key, radius):
+    """Uniform in the ball of ``radius`` (then clipped): a random direction × r·U^{1/dim}."""
+    dim = int(np.prod(u.shape[1:]))
+    d = _unit_directions(key, jobs, u.shape[1:])
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, 1), jobs)
+    s = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys) ** (1.0 / dim)
+    return _project(u, d * _col(s * radius), _col(radius))
+
+
+@_static_model
+def _jit_pgd_step(model, variables, mean, u, labels, d, fooled, radius, alpha):
+    """One ℓ₂ PGD step from ``d``; records whether ``u + d`` is already misclassified."""
+
+    def loss(d):
+        z = _logits(model, variables, mean, jnp.clip(u + d, 0.0, 1.0))
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, labels)), z
+
+    (_, z), g = jax.value_and_grad(loss, has_aux=True)(d)
+    fooled = fooled | (jnp.argmax(z, -1) != labels)
+    d = d + _col(alpha) * g / jnp.maximum(_norms(g), 1e-12)
+    return _project(u, d, _col(radius)), fooled
+
+
+class _Jitted:
+    """The jitted evaluations of one :class:`Classifier` (compiled once per network
+    configuration and batch shape, shared process-wide). Every function works on a batch of
+    *jobs*: an image with its own noise level or radius, so all levels of a table or all radii of
+    an attack share the same calls."""
+
+    def __init__(self, clf: Classifier):
+        self.clf = clf
+        model = clf.model
+        self.forward = functools.partial(_jit_forward, model)
+        self.pgd_start = _jit_pgd_start
+        self.pgd_step = functools.partial(_jit_pgd_step, model)
+
+
+def as_unit(images: Any) -> np.ndarray:
+    """Images in [0, 1] as float32: uint8 ones divided by 255, float ones taken as they are."""
+    x = np.asarray(images)
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def forward_logits(
+    clf: Classifier | _Jitted,
+    images: Any,
+    *,
+    image_of_job: np.ndarray | None = None,
+    eps: np.ndarray | float = 0.0,
+    delta: np.ndarray | float = 0.0,
+    radius: np.ndarray | float = 0.0,
+    x_s: Any | None = None,
+    key_index: np.ndarray | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+) -> np.ndarray:
+    """Logits ``[jobs, K]`` (float64) of ``clip(x + ε·η + δ·x_s + r·η/‖η‖₂, 0, 1)`` per job.
+
+    A job is an image (``image_of_job``, default every image once) with its own ``ε, δ, r``
+    (arrays per job or scalars); ``η`` is drawn from ``fold_in(PRNGKey(seed), key_index)``
+    (default: the image index, so the noise of an image does not depend on the batching).
+    ``images`` are uint8 (``x = img/255``) or floats in [0, 1]. All jobs run in fixed-size
+    batches through one compiled forward pass.
+    """
+    j = _jitted(clf)
+    u01 = as_unit(images)
+    img_all = np.arange(len(u01)) if image_of_job is None else np.asarray(image_of_job)
+    count = len(img_all)
+    per_job = [np.broadcast_to(np.asarray(v, np.float32), (count,)) for v in (eps, delta, radius)]
+    keys = img_all if key_index is None else np.asarray(key_index)
+    xs = jnp.zeros(u01.shape[1:], jnp.float32) if x_s is None else jnp.asarray(x_s, jnp.float32)
+    key = jax.random.PRNGKey(seed)
+    out: np.ndarray | None = None
+    for jobs, mask in _batches(count, batch_size):
+        img = img_all[jobs]
+        z = j.forward(
+            j.clf.variables, j.clf.mean, jnp.asarray(u01[img]), jnp.asarray(keys[jobs], jnp.uint32),
+            key, *(jnp.asarray(v[jobs]) for v in per_job[:2]), xs, jnp.asarray(per_job[2][jobs]),
+        )  # fmt: skip
+        z = np.asarray(z, np.float64)
+        if out is None:
+            out = np.zeros((count, z.shape[1]))
+        out[jobs[mask]] = z[mask]
+    assert out is not None
+    return out
+
+
+def _jitted(clf: Classifier | _Jitted) -> _Jitted:
+    return clf if isinstance(clf, _Jitted) else _Jitted(clf)
+
+
+def corrupted_correct(
+    clf: Classifier | _Jitted,
+    images: np.ndarray,
+    labels: np.ndarray,
+    levels: Sequence[tuple[float, float]],
+    *,
+    x_s: Any | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+) -> np.ndarray:
+    """Per level ``(ε, δ)`` and image, whether ``clip(x + ε·η + δ·x_s, 0, 1)`` is classified
+    correctly (Table 5.4); ``x = images/255``. Returns bool ``[len(levels), n]``.
+
+    ``η`` is i.i.d. ``N(0, 1)``, drawn per image from ``fold_in(PRNGKey(seed), i)`` (``i`` the
+    image's position in ``images``): deterministic, independent of ``batch_size``, the same for
+    every level. ``ε = δ = 0`` is exactly the clean prediction. All levels run in shared batches.
+    """
+    n, count = len(images), len(levels)
+    lv = np.repeat(np.asarray(levels, np.float32).reshape(count, 2), n, axis=0)
+    img = np.tile(np.arange(n), count)
+    z = forward_logits(
+        clf, images, image_of_job=img, eps=lv[:, 0], delta=lv[:, 1], x_s=x_s, seed=seed,
+        batch_size=batch_size,
+    )  # fmt: skip
+    return (np.argmax(z, -1) == np.asarray(labels)[img]).reshape(count, n)
+
+
+def corrupted_accuracy(
+    clf: Classifier | _Jitted,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    eps: float = 0.0,
+    delta: float = 0.0,
+    x_s: Any | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+) -> float:
+    """Accuracy on ``clip(x + ε·η + δ·x_s, 0, 1)`` (one level of :func:`corrupted_correct`)."""
+    right = corrupted_correct(
+        clf, images, labels, [(eps, delta)], x_s=x_s, seed=seed, batch_size=batch_size
+    )
+    return float(right.mean())
+
+
+def noise_accuracies(
+    clf: Classifier | _Jitted,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    eps: Sequence[float] = DEFAULT_EPS,
+    deltas: Sequence[float] = DEFAULT_DELTAS,
+    structured_image: Any,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+) -> dict[str, Any]:
+    """The row of Table 5.4 for one network: clean, unstructured ``ε…``, structured ``δ…``.
+
+    ``structured_image`` is ``x_s`` in [0, 1] units ``[H, W, C]``. Returns
+    ``{"clean", "unstructured": {"eps", "accuracy"}, "structured": {"deltas", "accuracy"}}``.
+    """
+    levels = [(0.0, 0.0), *((float(e), 0.0) for e in eps), *((0.0, float(d)) for d in deltas)]
+    acc = corrupted_correct(
+        clf, images, labels, levels, x_s=structured_image, seed=seed, batch_size=batch_size
+    ).mean(axis=1)
+    acc = [float(a) for a in acc]
+    return {
+        "clean": acc[0],
+        "unstructured": {"eps": [float(e) for e in eps], "accuracy": acc[1 : 1 + len(eps)]},
+        "structured": {"deltas": [float(d) for d in deltas], "accuracy": acc[1 + len(eps) :]},
+    }
+
+
+def cifar10c_accuracies(
+    clf: Classifier | _Jitted,
+    *,
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] = DEFAULT_CIFAR10C_SEVERITIES,
+    n_images: int | None = None,
+    tfds_data_dir: str | None = None,
+    batch_size: int = DEFAULT_BATCH,
+) -> dict[str, Any]:
+    """Accuracy on CIFAR-10-C (Hendrycks & Dietterich) through
+    :func:`stabnet.data.load_cifar10_corrupted`, per corruption and severity.
+
+    Returns ``{"status": "ok", "accuracy": {corruption: {severity: acc}}, "mean": …}``, or
+    ``{"status": "unavailable", "reason": …}`` when the data cannot be read (offline, no TFDS
+    copy): the rest of the report goes on without it.
+    """
+    j = _jitted(clf)
+    try:
+        names = tuple(corruptions) if corruptions else data.cifar10_corruptions()
+    except Exception as e:  # TFDS missing or broken
+        return {"status": "unavailable", "reason": " ".join(str(e).split())[:300]}
+    acc: dict[str, dict[str, float]] = {}
+    for name in names:
+        for sev in severities:
+            try:
+                x, y = data.load_cifar10_corrupted(name, int(sev), tfds_data_dir=tfds_data_dir)
+            except data.DataError as e:
+                return {"status": "unavailable", "reason": str(e), "accuracy": acc}
+            if n_images is not None:
+                x, y = x[:n_images], y[:n_images]
+            acc.setdefault(name, {})[str(sev)] = corrupted_accuracy(j, x, y, batch_size=batch_size)
+    values = [a for per in acc.values() for a in per.values()]
+    return {"status": "ok", "accuracy": acc, "mean": float(np.mean(values)) if values else None}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. A global ℓ₂ Lipschitz bound and certified radii.
+# --------------------------------------------------------------------------------------------
+
+
+# stabnet.norms.fft_norm, what EffectiveConv.l2() computes, compiled once per kernel shape, grid
+# and stride (eager, its many small complex ops recompile far more often).
+_fft_norm = jax.jit(norms.fft_norm, static_argnames=("hw", "stride"))
+
+
+def conv_l2_bound(op: norms.EffectiveConv, padding: ops.Padding = "circular") -> float:
+    """An upper bound of ``‖diag(s) A_K‖₂`` (exact for circular padding).
+
+    Circular: the exact FFT norm (:func:`stabnet.norms.fft_norm`). Zero padding: the
+    zero-padded convolution is ``R A° Z`` with ``Z`` the embedding of the ``h×w`` image into an
+    ``h'×w'`` circular grid (``h' = h + 2·(k//2)`` rounded up to the stride) bordered by zeros,
+    ``A°`` the circular convolution there and ``R`` the restriction to the outputs that never wrap;
+    ``‖Z‖ = ‖R‖ = 1``, so ``‖A‖₂ ≤ ‖A°‖₂``, again exact by FFT. (Power iteration would give a
+    lower estimate, which cannot certify.)
+    """
+    if padding == "circular":  # = op.l2("circular"), jitted
+        return float(_fft_norm(op.kernel, tuple(op.grid), scale=op.scale, stride=op.stride))
+    kh, kw = op.kernel.shape[:2]
+    s = op.stride
+    grid = tuple(-(-(g + 2 * (k // 2)) // s) * s for g, k in zip(op.grid, (kh, kw), strict=True))
+    return float(_fft_norm(op.kernel, grid, scale=op.scale, stride=s))
+
+
+@functools.lru_cache(maxsize=64)
+def avg_pool_l2(hw: tuple[int, int], window: int, stride: int = 2) -> tuple[float, str]:
+    """``‖P‖₂`` of the average pooling ``P`` of the pooling layer (4.4) on an ``h×w`` grid.
+
+    ``P`` acts on each channel alike (block-diagonal), so its norm is that of the one-channel map.
+    Up to :data:`_DENSE_POOL_LIMIT` pixels it is computed exactly as the largest singular value
+    of the dense matrix of :func:`stabnet.ops.avg_pool` (float64 SVD) — ``"exact"``. Larger grids
+    get the Schur bound — ``"schur"``: ``‖P‖₂ ≤ √(‖P‖₁‖P‖_∞)``; every row of ``P`` holds at most
+    ``window²`` entries ``1/window²`` (``‖P‖_∞ ≤ 1``), and every pixel lies in at most
+    ``⌈window/stride⌉`` windows per axis (``‖P‖₁ ≤ ⌈window/stride⌉²/window²``), so
+    ``‖P‖₂ ≤ ⌈window/stride⌉/window ≤ 1`` (``2/3`` for 3×3, stride 2; ``1`` for subsampling).
+    Both are ``≤ 1``: ``P`` never expands.
+    """
+    h, w = hw
+    if h * w <= _DENSE_POOL_LIMIT:
+        m = norms.as_matrix(lambda x: ops.avg_pool(x, window, stride), (1, h, w, 1))
+        return float(np.linalg.norm(m, 2)), "exact"
+    return math.ceil(window / stride) / window, "schur"
+
+
+@dataclasses.dataclass(frozen=True)
+class LipschitzBound:
+    """A global ℓ₂ Lipschitz bound ``L`` of ``[0,1]``-image → logits and its factors.
+
+    Attributes:
+      total: ``L``, the product of the layer bounds.
+      layers: one dict per layer of Figure 4.1: ``name``, ``kind``, ``bound`` and the norms it
+        is made of; certified residual layers add ``lemma_a1`` (``‖A‖₂ ≤ √2`` held).
+    """
+
+    total: float
+    layers: list[dict[str, Any]]
+
+    @property
+    def lemma_a1_failures(self) -> list[str]:
+        """Certified residual layers where ``‖A‖₂ > √2`` (their bound fell back above 1)."""
+        return [r["name"] for r in self.layers if r.get("lemma_a1") is False]
+
+
+def lipschitz_bound(
+    model: networks.StableResNet, variables: Mapping[str, Any], image_hw: Sequence[int]
+) -> LipschitzBound:
+    """A global ℓ₂ Lipschitz bound of the network of Figure 4.1 from its layer bounds.
+
+    With ``f = FC ∘ global pool ∘ … ∘ conv layer ∘ (· − mean)`` and every σ = ReLU 1-Lipschitz
+    (and, on differences, ``σ(a) − σ(b) = D(a − b)`` with ``D`` diagonal in ``[0, 1]``):
+
+    * normalisation ``u − mean``: a translation, 1;
+    * convolution layer (4.3): ``‖Ã₀‖₂`` (BN folded, Remark 4.3);
+    * residual layer (3.1), ResNet-D (4.1), ResNet-S (4.2): ``1 + ‖Ã₂‖₂‖Ã₁‖₂`` (the constant of
+      Theorem 4.1, SPEC §6);
+    * certified ResNet-S layer ``σ(x − Aᵀσ(Ax + b))``: the difference map is ``(I − AᵀDA)(x − y)``
+      and ``0 ⪯ AᵀDA ⪯ ‖A‖₂² I``, so its norm is ``≤ max(1, ‖A‖₂² − 1)`` — exactly 1 when
+      ``‖A‖₂ ≤ √2`` (Lemma A.1, condition (4.11)); otherwise the bound (still rigorous) is
+      ``‖A‖₂² − 1``, tighter than the naive ``1 + ‖A‖₂²``;
+    * pooling layer (4.4) ``σ(E P x − σ(Ã_p x + b))``: ``‖P‖₂ + ‖Ã_p‖₂`` (``E`` is an isometry;
+      ``‖P‖₂`` from :func:`avg_pool_l2`);
+    * global pooling (4.5): ``(hw)^{-1/2}`` on the final ``h×w`` grid (Cauchy–Schwarz per channel);
+    * fully connected (4.6): ``‖W‖₂`` (float64 SVD).
+
+    Conv norms are exact FFT norms (:func:`conv_l2_bound`; an FFT upper bound for zero padding).
+    """
+    cfg = model.cfg
+    form = layers.RESIDUAL_FORMS[model.variant]
+    eff = norms.effective_operators(dict(variables), model.variant, image_hw, eps=cfg.bn_eps)
+    grids = networks.layer_grids(model.n, image_hw)
+    h, w = image_hw
+    rows: list[dict[str, Any]] = [{"name": "normalize", "kind": "translation", "bound": 1.0}]
+    for spec in networks.layer_specs(model.n, model.widths):
+        name = spec.name
+        row: dict[str, Any] = {"name": name, "kind": spec.kind}
+        if spec.kind == "conv":
+            row["A0"] = conv_l2_bound(eff[f"{name}/A0"], cfg.padding)
+            row["bound"] = row["A0"]
+        elif spec.kind == "res":
+            a1 = conv_l2_bound(eff[f"{name}/A1"], cfg.padding)
+            row["A1"] = a1
+            if form.outer_bn == "folded":
+                # The flag allows float32 rounding of a norm projected onto exactly √2; the
+                # bound itself, max(1, ‖A‖² − 1), is rigorous either way.
+                row["lemma_a1"] = bool(a1 <= math.sqrt(2.0) * (1.0 + _LEMMA_RTOL))
+                row["bound"] = max(1.0, a1 * a1 - 1.0)
+            else:
+                a2 = conv_l2_bound(eff[f"{name}/A2"], cfg.padding)
+                row["A2"] = a2
+                row["bound"] = 1.0 + a1 * a2
+        elif spec.kind == "pool":
+            p, how = avg_pool_l2(tuple(grids[name]), cfg.pool_window)
+            ap = conv_l2_bound(eff[f"{name}/Ap"], cfg.padding)
+            row.update({"P": p, "P_method": how, "Ap": ap, "bound": p + ap})
+        elif spec.kind == "global_pool":
+            hw = (h // 4) * (w // 4)
+            row["bound"] = 1.0 / math.sqrt(hw)
+        else:
+            wt = np.asarray(eff[f"{name}/W"], np.float64)
+            row["W"] = float(np.linalg.norm(wt, 2))
+            row["bound"] = row["W"]
+        rows.append(row)
+    total = float(np.prod([r["bound"] for r in rows]))
+    return LipschitzBound(total, rows)
+
+
+def certify(
+    clf: Classifier | _Jitted,
+    images: np.ndarray,
+    labels: np.ndarray,
+    lipschitz: float,
+    *,
+    batch_size: int = DEFAULT_BATCH,
+) -> dict[str, np.ndarray]:
+    """Certified ℓ₂ radii ``margin/(√2 L)`` of correctly classified images (0 for the others).
+
+    For the predicted class ``y`` and any ``j ≠ y``, ``(f_y − f_j)(x + δ) ≥ (f_y − f_j)(x) −
+    ‖e_y − e_j‖₂ L ‖δ‖₂ = (f_y − f_j)(x) − √2 L‖δ‖₂``, so no ``‖δ‖₂ < margin/(√2 L)`` changes the
+    prediction (``margin`` = top logit − runner-up). Returns ``{"radius", "correct", "margin",
+    "logits"}`` as numpy arrays.
+    """
+    logits = forward_logits(clf, images, batch_size=batch_size)
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    correct = np.argmax(logits, -1) == np.asarray(labels)
+    radius = np.where(correct, margin / (math.sqrt(2.0) * lipschitz), 0.0)
+    return {"radius": radius, "correct": correct, "margin": margin, "logits": logits}
+
+
+def certified_accuracy(certificate: Mapping[str, np.ndarray], radii: Sequence[float]) -> list:
+    """Fraction of images classified correctly with certified radius ``≥ r``, per ``r``
+    (``r = 0`` gives the clean accuracy)."""
+    c, rad = certificate["correct"], certificate["radius"]
+    return [float(np.mean(c & (rad >= r))) for r in radii]
+
+
+# --------------------------------------------------------------------------------------------
+# 3. PGD in ℓ₂ and random noise of the same norm.
+# --------------------------------------------------------------------------------------------
+
+
+def _clean_wrong(j: _Jitted, images: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Per image, whether the clean image is misclassified."""
+    z = forward_logits(j, images, batch_size=batch_size)
+    return np.argmax(z, -1) != np.asarray(labels)
+
+
+def _float32_down(values: np.ndarray) -> np.ndarray:
+    """Radii as float32, rounded towards 0: the attack never uses a ball larger than asked."""
+    out = values.astype(np.float32)
+    return np.where(out > values, np.nextafter(out, np.float32(0)), out).astype(np.float32)
+
+
+def pgd_fooled(
+    clf: Classifier | _Jitted,
+    images: np.ndarray,
+    labels: np.ndarray,
+    radii: float | Sequence[float],
+    *,
+    steps: int = PGD_STEPS,
+    rel_step: float = PGD_REL_STEP,
+    restarts: int = 1,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+    clean_wrong: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per radius and image, whether the image is misclassified clean or ℓ₂ PGD found a
+    misclassified ``clip(x + δ, 0, 1)``, ``‖δ‖₂ ≤ r`` ("robust accuracy" is ``1 −`` its mean).
+
+    Projected gradient *ascent* on the cross-entropy (4.6): ``δ ← Π(δ + α g/‖g‖₂)``, ``Π`` the
+    projection onto ``‖δ‖₂ ≤ r`` followed by clipping ``x + δ`` to ``[0, 1]`` (which keeps the
+    ball), ``α = rel_step·r/steps``; the start is uniform in the ball (random start), one per
+    restart, drawn per (restart, radius, image) — independent of ``batch_size``. An image counts
+    as fooled if *any* point tried (clean, start, every iterate) is misclassified: each is an
+    admissible perturbation. A batch stops early once every image in it is fooled (the result
+    cannot change). ``r = 0`` is the clean prediction. All radii share the batches.
+    ``clean_wrong`` (per image, misclassified clean) saves a pass when already known.
+
+    Returns:
+      bool ``[len(radii), n]``, or ``[n]`` for a single float ``radii``.
+    """
+    single = isinstance(radii, int | float)
+    rs = _float32_down(np.asarray([radii] if single else radii, np.float64))
+    j = _jitted(clf)
+    u01 = as_unit(images)
+    n, count = len(images), len(rs)
+    if clean_wrong is None:
+        clean_wrong = _clean_wrong(j, images, labels, batch_size)
+    wrong = np.asarray(clean_wrong, bool)
+    out = np.tile(wrong, count)
+    attacked = np.flatnonzero(np.repeat(rs > 0, n))  # jobs: radius index · n + image index
+    for restart in range(max(restarts, 1) if len(attacked) else 0):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), restart)
+        for pos, mask in _batches(len(attacked), batch_size):
+            jobs = attacked[pos]
+            img = jobs % n
+            keep = mask & ~out[jobs]
+            if not keep.any():
+                continue
+            u, y = jnp.asarray(u01[img]), jnp.asarray(labels[img])
+            r = jnp.asarray(rs[jobs // n])
+            alpha = r * (rel_step / max(steps, 1))
+            d = j.pgd_start(u, jnp.asarray(jobs, jnp.uint32), key, r)
+            fooled = jnp.asarray(~keep)  # padding and images already fooled count as done
+            # steps + 1 calls: the last one only records whether the final iterate fools.
+            for step in range(steps + 1):
+                d, fooled = j.pgd_step(j.clf.variables, j.clf.mean, u, y, d, fooled, r, alpha)
+                if step % 5 == 4 and bool(np.all(np.asarray(fooled))):
+                    break
+            out[jobs[keep]] |= np.asarray(fooled)[keep]
+    out = out.reshape(count, n)
+    return out[0] if single else out
+
+
+def random_noise_fooled(
+    clf: Classifier | _Jitted,
+    images: np.ndarray,
+    labels: np.ndarray,
+    radii: float | Sequence[float],
+    *,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+) -> np.ndarray:
+    """Per radius and image, whether ``clip(x + r·d, 0, 1)``, ``d`` a uniformly random unit
+    direction, is misclassified: the baseline PGD has to beat. Shapes as :func:`pgd_fooled`.
+    The directions are ``η/‖η‖₂`` with ``η`` drawn per (radius, image) from keys apart from
+    those of :func:`corrupted_correct`."""
+    single = isinstance(radii, int | float)
+    rs = np.asarray([radii] if single else radii, np.float32)
+    n, count = len(images), len(rs)
+    img = np.tile(np.arange(n), count)
+    z = forward_logits(
+        clf, images, image_of_job=img, radius=np.repeat(rs, n),
+        key_index=np.arange(count * n) + (1 << 30), seed=seed, batch_size=batch_size,
+    )  # fmt: skip
+    out = (np.argmax(z, -1) != np.asarray(labels)[img]).reshape(count, n)
+    return out[0] if single else out
+
+
+def check_certificates(
+    radii: Sequence[float],
+    certificate: Mapping[str, np.ndarray],
+    pgd_fooled_by_radius: Sequence[np.ndarray],
+) -> list[dict[str, Any]]:
+    """Violations of "certified ⇒ not fooled by PGD" at each radius (should be empty).
+
+    Per radius: images certified at ``r`` (correct, radius ``≥ r``) that PGD of radius ``r``
+    misclassified, and whether certified accuracy exceeds PGD accuracy.
+    """
+    violations = []
+    for r, fooled in zip(radii, pgd_fooled_by_radius, strict=True):
+        cert = certificate["correct"] & (certificate["radius"] >= r)
+        broken = np.flatnonzero(cert & fooled)
+        cert_acc, pgd_acc = float(np.mean(cert)), float(np.mean(~fooled))
+        if len(broken) or cert_acc > pgd_acc + _VIOLATION_TOL:
+            violations.append(
+                {"radius": float(r), "certified_accuracy": cert_acc, "pgd_accuracy": pgd_acc,
+                 "images": broken[:20].tolist(),
+                 "certified_radii": certificate["radius"][broken[:20]].tolist()}
+            )  # fmt: skip
+    return violations
+
+
+def _shout(message: str) -> None:
+    """A violation: a warning, an error log line and a banner on stderr."""
+    banner = "!" * 78
+    print(f"{banner}\nstabnet: CERTIFICATE VIOLATION: {message}\n{banner}", file=sys.stderr)
+    log.error("certificate violation: %s", message)
+    warnings.warn(message, CertificateViolation, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The report.
+# --------------------------------------------------------------------------------------------
+
+
+def robustness_report(
+    run: Any,
+    *,
+    eps: Sequence[float] = DEFAULT_EPS,
+    deltas: Sequence[float] = DEFAULT_DELTAS,
+    structured_index: int = 0,
+    radii: Sequence[float] | None = None,
+    pgd_steps: int = PGD_STEPS,
+    pgd_rel_step: float = PGD_REL_STEP,
+    pgd_restarts: int = 1,
+    n_images: int | None = None,
+    n_attack: int | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+    cifar10c: bool = True,
+    cifar10c_corruptions: Sequence[str] | None = None,
+    cifar10c_severities: Sequence[int] = DEFAULT_CIFAR10C_SEVERITIES,
+    tfds_data_dir: str | None = None,
+) -> dict[str, Any]:
+    """Table 5.4 (corrupted test images), certified ℓ₂ accuracy and PGD accuracy of one run.
+
+    Args:
+      run: a :class:`stabnet.runs.Run` (``model``, ``variables``, ``mean``, ``dataset``, …).
+      eps: unstructured noise levels ``ε`` (``x + ε η``).
+      deltas: structured noise levels ``δ`` (``x + δ x_s``).
+      structured_index: index of ``x_s`` in the full test set.
+      radii: ℓ₂ radii in [0,1]-pixel units; ``None`` → :func:`default_radii` of the data set.
+      pgd_steps, pgd_rel_step, pgd_restarts: the attack (:func:`pgd_fooled`).
+      n_images: the first ``n_images`` test images for the noise table (``None``: all).
+      n_attack: the first ``n_attack`` test images for certificates and PGD (``None``:
+        ``n_images``).
+      seed: of the noise and the PGD starts.
+      cifar10c: try CIFAR-10-C (only for ``cifar10`` runs; reported "unavailable" offline).
+
+    Returns:
+      A JSON-able dict (see :func:`write_report`); ``report["violation"]`` is True (and a
+      :class:`CertificateViolation` warning is raised) if certified accuracy ever exceeded PGD
+      accuracy, or PGD broke a certified image.
+    """
+    ds = run.dataset
+    n_test = len(ds.x_test)
+    for name, value in (("n_images", n_images), ("n_attack", n_attack)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} is invalid; allowed: a positive integer or None")
+    if not isinstance(structured_index, int) or not 0 <= structured_index < n_test:
+        raise ValueError(
+            f"structured_index={structured_index!r} is invalid; allowed: 0..{n_test - 1}"
+        )
+    for name, values in (("eps", eps), ("deltas", deltas), ("radii", radii or ())):
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError(f"{name}={list(values)!r} is invalid; allowed: finite values ≥ 0")
+    if pgd_steps < 1 or pgd_restarts < 1 or not pgd_rel_step > 0:
+        raise ValueError("pgd_steps and pgd_restarts must be ≥ 1 and pgd_rel_step > 0")
+    radii = tuple(float(r) for r in (default_radii(ds.name) if radii is None else radii))
+    n_img = min(n_images or n_test, n_test)
+    n_att = min(n_attack or n_img, n_test)
+    x, y = ds.x_test, ds.y_test
+    clf = Classifier.from_run(run)
+    j = _Jitted(clf)
+    x_s = np.asarray(to_unit(x[structured_index]))
+
+    noise = noise_accuracies(
+        j, x[:n_img], y[:n_img], eps=eps, deltas=deltas, structured_image=x_s, seed=seed,
+        batch_size=batch_size,
+    )  # fmt: skip
+    noise["structured"].update(index=structured_index, label=int(y[structured_index]))
+
+    if not cifar10c:
+        c10c: dict[str, Any] = {"status": "skipped"}
+    elif ds.name != "cifar10":
+        c10c = {"status": "not applicable", "reason": f"the run was trained on {ds.name}"}
+    else:
+        c10c = cifar10c_accuracies(
+            j, corruptions=cifar10c_corruptions, severities=cifar10c_severities,
+            n_images=n_images, tfds_data_dir=tfds_data_dir, batch_size=batch_size,
+        )  # fmt: skip
+
+    lip = lipschitz_bound(clf.model, clf.variables, ds.image_shape[:2])
+    xa, ya = x[:n_att], y[:n_att]
+    cert = certify(j, xa, ya, lip.total, batch_size=batch_size)
+    pgd = pgd_fooled(
+        j, xa, ya, radii, steps=pgd_steps, rel_step=pgd_rel_step, restarts=pgd_restarts,
+        seed=seed, batch_size=batch_size, clean_wrong=~cert["correct"],
+    )  # fmt: skip
+    rnd = random_noise_fooled(j, xa, ya, radii, seed=seed, batch_size=batch_size)
+    violations = check_certificates(radii, cert, pgd)
+    correct_radii = cert["radius"][cert["correct"]]
+    report = {
+        "workdir": os.fspath(getattr(run, "workdir", "")),
+        "variant": clf.model.variant,
+        "n": clf.model.n,
+        "depth": networks.paper_depth(clf.model.variant, clf.model.n),
+        "data": ds.name,
+        "step": int(getattr(run, "step", -1)),
+        "seed": seed,
+        "n_images": n_img,
+        "n_attack": n_att,
+        "clean_accuracy": noise["clean"],
+        "unstructured": noise["unstructured"],
+        "structured": noise["structured"],
+        "table": table_row(noise),
+        "cifar10_c": c10c,
+        "lipschitz": {
+            "bound": lip.total,
+            "log10_bound": math.log10(lip.total) if lip.total > 0 else None,
+            "layers": lip.layers,
+            "lemma_a1_failures": lip.lemma_a1_failures,
+            "padding": clf.model.cfg.padding,
+        },
+        "certified": {
+            "radii": list(radii),
+            "certified_accuracy": certified_accuracy(cert, radii),
+            "pgd_accuracy": [float(np.mean(~f)) for f in pgd],
+            "random_noise_accuracy": [float(np.mean(~f)) for f in rnd],
+            "clean_accuracy": float(np.mean(cert["correct"])),
+            "median_radius": float(np.median(correct_radii)) if len(correct_radii) else 0.0,
+            "max_radius": float(np.max(correct_radii)) if len(correct_radii) else 0.0,
+            "pgd": {
+                "steps": pgd_steps,
+                "rel_step": pgd_rel_step,
+                "restarts": pgd_restarts,
+                "loss": "cross-entropy",
+                "norm": "l2",
+                "random_start": True,
+            },
+        },
+        "violations": violations,
+        "violation": bool(violations),
+    }
+    if violations:
+        _shout(
+            f"{report['variant']} ({report['workdir']}): certified accuracy exceeds PGD accuracy "
+            f"or PGD broke a certified image at radii {[v['radius'] for v in violations]} — the "
+            "Lipschitz bound or the attack is wrong"
+        )
+    return report
+
+
+def table_row(noise: Mapping[str, Any]) -> dict[str, float]:
+    """Table 5.4's columns as an ordered dict: ``clean``, ``unstructured ε=…``,
+    ``structured δ=…`` (fractions in [0, 1])."""
+    row = {"clean": float(noise["clean"])}
+    for e, a in zip(noise["unstructured"]["eps"], noise["unstructured"]["accuracy"], strict=True):
+        row[f"unstructured ε={e:g}"] = float(a)
+    for d, a in zip(noise["structured"]["deltas"], noise["structured"]["accuracy"], strict=True):
+        row[f"structured δ={d:g}"] = float(a)
+    return row
+
+
+def _label(report: Mapping[str, Any]) -> str:
+    return f"{plots.variant_label(report['variant'])} depth {report['depth']}"
+
+
+def table_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
+    """Table 5.4 for several runs: one row per run, accuracies in %."""
+    cols = list(reports[0]["table"])
+    lines = [
+        "| network | data | " + " | ".join(cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for r in reports:
+        cells = [f"{100 * r['table'].get(c, float('nan')):.2f}" for c in cols]
+        lines.append(f"| {_label(r)} | {r['data']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def certified_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
+    """Certified / PGD / random-noise accuracy (%) per radius, one row per run and kind."""
+    radii = reports[0]["certified"]["radii"]
+    lines = [
+        "| network | L (ℓ₂) | accuracy | " + " | ".join(f"r={r:.3g}" for r in radii) + " |",
+        "|---|---|---|" + "---|" * len(radii),
+    ]
+    for r in reports:
+        c = r["certified"]
+        for key, name in (("certified_accuracy", "certified"), ("pgd_accuracy", "PGD"),
+                          ("random_noise_accuracy", "random noise")):  # fmt: skip
+            cells = " | ".join(f"{100 * a:.2f}" for a in c[key])
+            lines.append(f"| {_label(r)} | {r['lipschitz']['bound']:.3g} | {name} | {cells} |")
+    return "\n".join(lines)
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """``robustness.md``: Table 5.4's row, CIFAR-10-C, the Lipschitz bound by layer, certified vs
+    PGD accuracy, and a loud banner on a violation."""
+    out = [f"# Robustness of {_label(report)} ({report['data']}, step {report['step']})", ""]
+    if report["violation"]:
+        out += [
+            "> **CERTIFICATE VIOLATION** — certified accuracy exceeds PGD accuracy, or PGD broke "
+            "a certified image. This is a bug in the Lipschitz bound or the attack:",
+            "",
+            *[f"> - r={v['radius']:g}: certified {100 * v['certified_accuracy']:.2f}% vs PGD "
+              f"{100 * v['pgd_accuracy']:.2f}%, images {v['images']}"
+              for v in report["violations"]],
+            "",
+        ]  # fmt: skip
+    s = report["structured"]
+    out += [
+        "## Accuracy under input noise (Table 5.4)",
+        "",
+        f"{report['n_images']} test images; unstructured `x + ε·η`, η ~ N(0, 1) (seed "
+        f"{report['seed']}); structured `x + δ·x_s`, x_s = test image {s['index']} (label "
+        f"{s['label']}); pixels in [0, 1], clipped, then the mean is subtracted. Accuracy in %.",
+        "",
+        table_markdown([report]),
+        "",
+    ]
+    c10c = report["cifar10_c"]
+    out += ["## CIFAR-10-C", ""]
+    if c10c.get("status") == "ok":
+        out += [f"mean accuracy {100 * c10c['mean']:.2f}%", "", "| corruption | severity | acc |",
+                "|---|---|---|"]  # fmt: skip
+        for name, per in c10c["accuracy"].items():
+            out += [f"| {name} | {sev} | {100 * a:.2f} |" for sev, a in per.items()]
+    else:
+        out.append(f"{c10c.get('status')}: {c10c.get('reason', '')}".rstrip(": "))
+    lip = report["lipschitz"]
+    out += [
+        "",
+        "## Global ℓ₂ Lipschitz bound ([0,1] image → logits)",
+        "",
+        f"L = {lip['bound']:.4g} (product of the layer bounds; padding {lip['padding']}).",
+        "",
+        "| layer | kind | bound | norms |",
+        "|---|---|---|---|",
+    ]
+    for row in lip["layers"]:
+        extra = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in row.items()
+            if k not in ("name", "kind", "bound")
+        )
+        out.append(f"| {row['name']} | {row['kind']} | {row['bound']:.4g} | {extra} |")
+    if lip["lemma_a1_failures"]:
+        out += ["", f"Lemma A.1's condition ‖A‖₂ ≤ √2 fails in {lip['lemma_a1_failures']}; "
+                "those layers use the bound max(1, ‖A‖₂² − 1) instead of 1."]  # fmt: skip
+    c = report["certified"]
+    p = c["pgd"]
+    out += [
+        "",
+        "## Certified vs attacked accuracy (ℓ₂, [0,1]-pixel units)",
+        "",
+        f"{report['n_attack']} test images; certified radius = margin/(√2·L); PGD: {p['steps']} "
+        f"steps, step {p['rel_step']:g}·r/steps, {p['restarts']} random start(s), cross-entropy. "
+        f"Median certified radius of correct images: {c['median_radius']:.3g} "
+        f"(max {c['max_radius']:.3g}).",
+        "",
+        certified_markdown([report]),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def plot_noise(reports: Sequence[Mapping[str, Any]], path: str) -> str:
+    """``robustness.png``: accuracy vs unstructured ``ε`` and vs structured ``δ`` (level 0 is the
+    clean accuracy), one line per run (the curves behind Table 5.4)."""
+    fig, axes = plots.plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+    for i, r in enumerate(reports):
+        style = {"color": plots.variant_color(r["variant"], i), "label": _label(r), "marker": "o"}
+        for ax, key, levels in (
+            (axes[0], "unstructured", "eps"),
+            (axes[1], "structured", "deltas"),
+        ):
+            xs = [0.0, *r[key][levels]]
+            ys = [100 * r["clean_accuracy"], *(100 * a for a in r[key]["accuracy"])]
+            ax.plot(xs, ys, **style)
+    axes[0].set(xlabel="ε (x + ε·η, η ~ N(0,1))", ylabel="test accuracy (%)",
+                title="unstructured noise")  # fmt: skip
+    axes[1].set(xlabel="δ (x + δ·x_s)", title="structured noise")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return plots.save_figure(fig, path)
+
+
+def plot_certified(reports: Sequence[Mapping[str, Any]], path: str) -> str:
+    """``certified.png``: certified (solid), PGD (dashed) and random-noise (dotted) accuracy vs
+    the ℓ₂ radius, one colour per run."""
+    fig, ax = plots.plt.subplots(figsize=(5.5, 3.6))
+    for i, r in enumerate(reports):
+        c = r["certified"]
+        color = plots.variant_color(r["variant"], i)
+        ax.plot(c["radii"], [100 * a for a in c["certified_accuracy"]], "-o", color=color,
+                label=f"{_label(r)}: certified")  # fmt: skip
+        ax.plot(c["radii"], [100 * a for a in c["pgd_accuracy"]], "--s", color=color,
+                label=f"{_label(r)}: PGD")  # fmt: skip
+        ax.plot(c["radii"], [100 * a for a in c["random_noise_accuracy"]], ":", color=color,
+                alpha=0.6, label=f"{_label(r)}: random noise")  # fmt: skip
+    ax.set(xlabel="ℓ₂ radius ([0,1] pixels)", ylabel="accuracy (%)", ylim=(-2, 102),
+           title="certified vs attacked accuracy")  # fmt: skip
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=6)
+    return plots.save_figure(fig, path)
+
+
+def write_report(report: Mapping[str, Any], outdir: str) -> dict[str, str]:
+    """Write ``robustness.json`` (atomic, :func:`stabnet.logbook.write_json_atomic`),
+    ``robustness.md``, ``robustness.png`` and ``certified.png`` (temp file + ``os.replace``)
+    into ``outdir`` (created). Returns ``{kind: path}``."""
+    os.makedirs(outdir, exist_ok=True)
+    paths = {
+        "json": os.path.join(outdir, "robustness.json"),
+        "md": os.path.join(outdir, "robustness.md"),
+        "noise_png": os.path.join(outdir, "robustness.png"),
+        "certified_png": os.path.join(outdir, "certified.png"),
+    }
+    logbook.write_json_atomic(paths["json"], report)
+    plots.write_text_atomic(paths["md"], report_markdown(report) + "\n")
+    plot_noise([report], paths["noise_png"])
+    plot_certified([report], paths["certified_png"])
+    return paths
+
+
+__all__ = [
+    "CertificateViolation",
+    "Classifier",
+    "LipschitzBound",
+    "avg_pool_l2",
+    "certified_accuracy",
+    "certified_markdown",
+    "certify",
+    "check_certificates",
+    "cifar10c_accuracies",
+    "conv_l2_bound",
+    "as_unit",
+    "corrupted_accuracy",
+    "corrupted_correct",
+    "default_radii",
+    "forward_logits",
+    "lipschitz_bound",
+    "noise_accuracies",
+    "pgd_fooled",
+    "plot_certified",
+    "plot_noise",
+    "random_noise_fooled",
+    "report_markdown",
+    "robustness_report",
+    "table_markdown",
+    "table_row",
+    "to_unit",
+    "write_report",
+]
