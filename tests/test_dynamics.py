@@ -4,6 +4,7 @@ the ResNet-S step condition, negative controls, and the experiment script."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -260,11 +261,18 @@ def test_resnet_d_needs_nonnegative_outer_operator():
 
 
 def test_experiment_run_and_flags():
-    from experiments import continuous
-
-    out = continuous.run(
-        "resnet_s", 1.0, n0=16, levels=3, bound_steps=16, pairs=1, operators=("dense",)
+    # In a subprocess: experiments.continuous defines absl flags (--json) that other entry
+    # points imported by this test session define too.
+    code = (
+        "import json; from experiments import continuous; print(json.dumps(continuous.run("
+        "'resnet_s', 1.0, n0=16, levels=3, bound_steps=16, pairs=1, operators=('dense',)),"
+        " default=float))"
     )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
     (r,) = out["results"]
     assert r["kind"] == "resnet_s" and r["convergence"]["Ns"] == [16, 32]
     assert 0.8 <= r["convergence"]["orders"][0] <= 1.3
