@@ -9,7 +9,6 @@ atomically: written to a temporary file in the target folder, then renamed over 
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import matplotlib
@@ -17,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: headless, deterministic
 
 import matplotlib.pyplot as plt  # noqa: E402
+
+from stabnet import logbook  # noqa: E402
 
 # One colour and label per variant, the same in every figure.
 VARIANT_STYLE: dict[str, dict[str, Any]] = {
@@ -54,37 +55,18 @@ def variant_color(variant: str, index: int = 0) -> str:
     return style["color"] if style else _FALLBACK_COLORS[index % len(_FALLBACK_COLORS)]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _make_readable(tmp: str) -> None:
-    """``mkstemp`` creates files 0600; give the final file the usual permissions."""
-    os.chmod(tmp, 0o666 & ~_umask())
-
-
 def save_figure(fig: matplotlib.figure.Figure, path: str, *, dpi: int = DPI) -> str:
     """Save ``fig`` as PNG at ``path`` atomically (temp file + :func:`os.replace`), close it.
 
     Returns the path. The parent folder is created when missing.
     """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-            f.flush()
-            os.fsync(f.fileno())
-        _make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        logbook.write_atomic(
+            path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"),
+            binary=True,
+        )  # fmt: skip
     finally:
         plt.close(fig)
     return path
@@ -93,20 +75,8 @@ def save_figure(fig: matplotlib.figure.Figure, path: str, *, dpi: int = DPI) -> 
 def write_text_atomic(path: str, text: str) -> str:
     """Write ``text`` (Markdown, CSV, …) to ``path`` atomically; returns the path."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".txt", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    logbook.write_text_atomic(path, text)
     return path
 
 
