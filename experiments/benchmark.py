@@ -101,11 +101,11 @@ def benchmark(config, steps: int, synthetic: bool = False) -> dict:
 
     def timed(tx):
         opt_state = tx.init(state.params)
-        fn = jax.jit(lambda u, s, p, b: tx.update(u, s, p, batch_stats=b)[0])
-        jax.block_until_ready(fn(updates, opt_state, state.params, state.batch_stats))
+        fn = jax.jit(lambda u, s, p: tx.update(u, s, p)[0])
+        jax.block_until_ready(fn(updates, opt_state, state.params))
         t = time.perf_counter()
         for _ in range(20):
-            out = fn(updates, opt_state, state.params, state.batch_stats)
+            out = fn(updates, opt_state, state.params)
         jax.block_until_ready(out)
         return 1e3 * (time.perf_counter() - t) / 20
 

@@ -13,10 +13,8 @@ paths such as ``res5/K2`` (module names follow Figure 4.1, see :mod:`stabnet.net
 
 * :func:`soft_threshold` – ``prox`` of ``η_t λ‖·‖₁``, entrywise ``sign(v)·max(|v| − η_t λ, 0)``;
 * :func:`nonnegative` – projection of ResNet-D's outer filters onto ``K₂ ≥ 0``;
-* :func:`spectral_rescale` – ``K ← K·min(1, c/‖A_K‖₂)`` for ResNet-S filters, with the exact FFT
-  norm; in the certified variant the *effective* operator ``diag(γ/√(v+ε)) A_K`` is rescaled
-  through ``γ`` (BN ignores the scale of ``K``), with the running variance ``v`` passed as the
-  extra argument ``batch_stats``.
+* :func:`spectral_rescale` – ``K ← K·min(1, c/‖A_K‖₂)`` for ResNet-S filters (and the certified
+  ResNet-S, which has no BN in its residual layers), with the exact FFT norm.
 """
 
 from __future__ import annotations
@@ -115,58 +113,52 @@ class SpectralState(NamedTuple):
     max_norm_after: jax.Array  # … and after it: min(before, max_norm)
 
 
-def _layer_of(path: str) -> str:
-    return path.split("/")[0]
+def _rescale_matching(
+    updates: Params,
+    params: Params,
+    pattern: str,
+    grids: Mapping[str, tuple[int, int]],
+    max_norm: float,
+) -> tuple[Params, jax.Array]:
+    """``K ← K·min(1, max_norm/‖A_K‖₂)`` (``K = p + u``, exact FFT norm on the layer's grid,
+    computed once) for every filter whose path matches ``pattern``; returns the updates and the
+    largest norm before the rescaling."""
+    rx = re.compile(pattern)
+    new = jax.tree.map(lambda u: u, updates)  # shallow copy of the nested dicts
+    worst = jnp.zeros([], jnp.float32)
+    for name in sorted(params):
+        for kname in sorted(k for k in params[name] if rx.search(f"{name}/{k}")):
+            leaf = params[name][kname] + updates[name][kname]
+            norm = norms.fft_norm(leaf, grids[name])
+            factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+            new[name][kname] = _exact_update(params[name][kname], leaf * factor, factor < 1.0)
+            worst = jnp.maximum(worst, norm)
+    return new, worst
 
 
 def spectral_rescale(
     pattern: str,
     grids: Mapping[str, tuple[int, int]],
     max_norm: float = SQRT2,
-    *,
-    effective: bool = False,
-    bn_eps: float = 1e-5,
-) -> optax.GradientTransformationExtraArgs:
-    """Rescale so that ``‖A‖₂ ≤ max_norm`` for every filter whose path matches ``pattern``.
+) -> optax.GradientTransformation:
+    """Rescale so that ``‖A_K‖₂ ≤ max_norm`` for every filter ``K`` whose path matches ``pattern``.
 
-    ``A`` is ``A_K`` on the layer's grid (``grids[layer]``), with the exact FFT norm. With
-    ``effective``, ``A = diag(γ₁/√(v₁ + ε)) A_K`` (the certified ResNet-S) and the rescaling is
-    applied to ``γ₁`` — the running variance ``v₁`` comes from the extra argument
-    ``batch_stats`` (after this step's update), so the bound holds exactly at inference. Without
-    BN statistics in a layer the filter itself is rescaled. Each norm is computed once per step.
+    ``K ← K · min(1, max_norm/‖A_K‖₂)``, the norm of ``A_K`` on the layer's grid
+    (``grids[layer]``) computed once per step, exactly, by FFT (:func:`stabnet.norms.fft_norm`).
+    For ResNet-S (4.2) BN₁ makes the loss blind to the scale of ``K`` in ``A_K`` but not in
+    ``A_K^T``; for the certified ResNet-S, which has no BN, this is the condition of Lemma A.1.
     """
 
     def init(params):
         del params
         return SpectralState(jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
 
-    def update(updates, state, params=None, *, batch_stats=None, **extra):
-        del extra
-        if effective and batch_stats is None:
-            raise ValueError("spectral_rescale(effective=True) needs the batch_stats extra arg")
-        rx = re.compile(pattern)
-        new = jax.tree.map(lambda u: u, updates)  # shallow copy of the nested dicts
-        worst = jnp.zeros([], jnp.float32)
-        for name in sorted(params):
-            kname = next((k for k in params[name] if rx.search(f"{name}/{k}")), None)
-            if kname is None:
-                continue
-            kernel = params[name][kname] + updates[name][kname]
-            stats = (batch_stats or {}).get(name, {})
-            fold = effective and "var1" in stats
-            scale = None
-            if fold:
-                gamma = params[name]["gamma1"] + updates[name]["gamma1"]
-                scale = gamma * jax.lax.rsqrt(stats["var1"] + bn_eps)
-            norm = norms.fft_norm(kernel, grids[name], scale=scale)
-            factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
-            leaf = "gamma1" if fold else kname
-            target = (gamma if fold else kernel) * factor
-            new[name][leaf] = _exact_update(params[name][leaf], target, factor < 1.0)
-            worst = jnp.maximum(worst, norm)
+    def update(updates, state, params=None):
+        del state
+        new, worst = _rescale_matching(updates, params, pattern, grids, max_norm)
         return new, SpectralState(worst, jnp.minimum(worst, max_norm))
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return optax.GradientTransformation(init, update)
 
 
 def _exact_update(old: jax.Array, target: jax.Array, shrink: jax.Array) -> jax.Array:
@@ -217,12 +209,9 @@ def build_optimizer(
     config: ml_collections.ConfigDict,
     params: Params,
     grids: Mapping[str, tuple[int, int]],
-) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
-    """The whole optimiser of SPEC §4 from ``config`` (``model.*``, ``optim.*``).
-
-    Returns the chained transformation (call its ``update`` with ``batch_stats=`` the new running
-    statistics) and the learning-rate schedule.
-    """
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The whole optimiser of SPEC §4 from ``config`` (``model.*``, ``optim.*``): the chained
+    transformation and the learning-rate schedule."""
     opt, variant = config.optim, config.model.variant
     schedule = learning_rate_schedule(config)
     frob, l1 = regularizer_masks(params, variant, opt.regularizers)
@@ -239,21 +228,13 @@ def build_optimizer(
         if form.outer == "K2" and form.sign < 0:
             chain.append(nonnegative(path_mask(params, OUTER_FILTER)))
         if form.outer == "adjoint":
-            chain.append(
-                spectral_rescale(
-                    SYMMETRIC_FILTER,
-                    grids,
-                    opt.max_operator_norm,
-                    effective=form.outer_bn == "folded",
-                    bn_eps=config.model.bn_eps,
-                )
-            )
+            chain.append(spectral_rescale(SYMMETRIC_FILTER, grids, opt.max_operator_norm))
     return optax.chain(*chain), schedule
 
 
 def constraint_metrics(params: Params, opt_state: Any) -> dict[str, jax.Array]:
-    """What the constraints achieved after a step: ``outer_filter_min`` (ResNet-D, ``≥ 0``) and
-    ``operator_norm_max`` / ``operator_norm_max_before`` (ResNet-S, ``≤ √2`` after)."""
+    """What the constraints achieved after a step: ``outer_filter_min`` (ResNet-D, ``≥ 0``)
+    and ``operator_norm_max`` / ``operator_norm_max_before`` (ResNet-S, ``≤ √2`` after)."""
     out: dict[str, jax.Array] = {}
     mask = path_mask(params, OUTER_FILTER)
     outer = [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True) if m]

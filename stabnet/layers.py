@@ -11,7 +11,7 @@ The ``flax.linen`` modules at the bottom only declare the variables (with SPEC �
 call the pure function and keep the running averages; all the mathematics is in the functions.
 
 The three residual layers share one skeleton, ``x⁺ = σ(x ± BN₂(outer(σ(BN₁(A_{K₁} x)))))``; a
-:class:`ResidualForm` says which sign, which outer operator and which outer BN. The table
+:class:`ResidualForm` says which sign, which outer operator and which BNs. The table
 :data:`RESIDUAL_FORMS` is the whole difference between ResNet, ResNet-D and ResNet-S.
 """
 
@@ -55,7 +55,7 @@ class LayerConfig:
     dtype: Any = jnp.float32
 
 
-BNMode = Literal["trained", "frozen", "folded"]
+BNMode = Literal["trained", "frozen", "bias", "none"]
 
 
 def normalize(
@@ -70,16 +70,17 @@ def normalize(
     used: Used,
 ) -> tuple[jax.Array, jax.Array]:
     """``BN_which(z)``: a trained BN (``γ, β`` in ``params``), a frozen BN₀ (``γ = 1, β = 0``),
-    or none at all (``folded``: the certified ResNet-S folds the scale into ``A``).
+    a bias only (``bias``: ``z + β``) or nothing (``none``); the last two are the certified
+    ResNet-S, whose layer must be the same map in training and at inference.
 
     Records the statistics it used in ``used[which]`` and returns ``(BN(z), s)`` with ``s`` the
     per-channel scale applied (``γ/√(v + ε)``; ones without BN).
     """
     ones = jnp.ones(z.shape[-1], jnp.float32)
-    if mode == "folded":
+    if mode == "none":
         return z, ones
-    if not cfg.use_bn:
-        return (z + params["beta" + which].astype(z.dtype) if mode == "trained" else z), ones
+    if mode == "bias" or not cfg.use_bn:
+        return (z + params["beta" + which].astype(z.dtype) if mode != "frozen" else z), ones
     trained = mode == "trained"
     y, s, batch = ops.batch_norm(
         z,
@@ -119,11 +120,13 @@ class ResidualForm(NamedTuple):
       sign: ``+1`` adds the branch (3.1); ``−1`` subtracts it (4.1), (4.2).
       outer: ``"K2"`` – a second filter, ``A_{K₂}``; ``"adjoint"`` – the adjoint of the inner
         filter, ``A_K^T`` (one filter ``K`` used twice, ResNet-S).
-      outer_bn: mode of ``BN₂`` (see :func:`normalize`).
+      inner_bn: mode of ``BN₁`` (see :func:`normalize`).
+      outer_bn: mode of ``BN₂``.
     """
 
     sign: int
     outer: Literal["K2", "adjoint"]
+    inner_bn: BNMode
     outer_bn: BNMode
 
     @property
@@ -131,12 +134,17 @@ class ResidualForm(NamedTuple):
         """Name of the inner filter: ``K`` for ResNet-S (one filter), ``K1`` otherwise."""
         return "K" if self.outer == "adjoint" else "K1"
 
+    @property
+    def certified(self) -> bool:
+        """The exact gradient-flow form ``σ(x − A_K^T σ(A_K x + b))`` of Lemma A.1."""
+        return self.outer == "adjoint" and self.outer_bn == "none"
+
 
 RESIDUAL_FORMS: dict[str, ResidualForm] = {
-    "resnet": ResidualForm(+1, "K2", "trained"),  # (3.1)  σ(x + BN(A_{K₂} σ(BN(A_{K₁} x))))
-    "resnet_d": ResidualForm(-1, "K2", "frozen"),  # (4.1)  σ(x − BN₀(A_{K₂} σ(BN(A_{K₁} x))))
-    "resnet_s": ResidualForm(-1, "adjoint", "frozen"),  # (4.2)  σ(x − BN₀(A_K^T σ(BN(A_K x))))
-    "resnet_s_certified": ResidualForm(-1, "adjoint", "folded"),  # σ(x − A^T σ(A x + b))
+    "resnet": ResidualForm(+1, "K2", "trained", "trained"),  # (3.1) σ(x + BN(A₂σ(BN(A₁x))))
+    "resnet_d": ResidualForm(-1, "K2", "trained", "frozen"),  # (4.1) σ(x − BN₀(A₂σ(BN(A₁x))))
+    "resnet_s": ResidualForm(-1, "adjoint", "trained", "frozen"),  # (4.2) σ(x − BN₀(AᵀσBN(Ax)))
+    "resnet_s_certified": ResidualForm(-1, "adjoint", "bias", "none"),  # σ(x − Aᵀσ(Ax + b))
 }
 
 
@@ -151,19 +159,18 @@ def residual_layer(
 ) -> tuple[jax.Array, Used]:
     """A residual layer, eqs. (3.1), (4.1), (4.2), chosen by ``form`` (:data:`RESIDUAL_FORMS`).
 
-    With ``form.outer_bn == "folded"`` this is the certified ResNet-S layer
-    ``x⁺ = σ(x − A^T σ(A x + b))`` with ``A = diag(s) A_K`` and ``A x + b = BN₁(A_K x)``, so
-    ``A^T y = A_K^T(s ⊙ y)``: at inference Lemma A.1 applies exactly and the layer is
-    1-Lipschitz in ℓ₂ whenever ``‖diag(s) A_K‖₂ ≤ √2``.
+    The certified form is ``x⁺ = σ(x − A_K^T σ(A_K x + b))`` with no BatchNorm, so it is the same
+    map in training and at inference, Lemma A.1 applies exactly, and the layer is 1-Lipschitz in
+    ℓ₂ whenever ``‖A_K‖₂ ≤ √2`` (kept by :func:`stabnet.constraints.spectral_rescale`).
     """
     used: Used = {}
     inner = params[form.inner]
-    z, s = normalize(
+    z, _ = normalize(
         params,
         stats,
         ops.conv(x, inner, padding=cfg.padding),
         "1",
-        "trained",
+        form.inner_bn,
         train=train,
         cfg=cfg,
         used=used,
@@ -172,8 +179,7 @@ def residual_layer(
     if form.outer == "K2":
         v = ops.conv(z, params["K2"], padding=cfg.padding)
     else:
-        scaled = z * s.astype(z.dtype) if form.outer_bn == "folded" else z
-        v = ops.conv_transpose(scaled, inner, padding=cfg.padding)
+        v = ops.conv_transpose(z, inner, padding=cfg.padding)
     v, _ = normalize(params, stats, v, "2", form.outer_bn, train=train, cfg=cfg, used=used)
     return jax.nn.relu(x + form.sign * v), used
 
@@ -241,15 +247,21 @@ class _Layer(nn.Module):
 
     cfg: LayerConfig
 
-    def bn_variables(self, which: str, channels: int, trained: bool) -> tuple[dict, dict]:
+    def bn_variables(
+        self, which: str, channels: int, mode: BNMode = "trained"
+    ) -> tuple[dict, dict]:
+        """The variables :func:`normalize` reads in ``mode``: ``gamma``/``beta`` (trained; ``beta``
+        alone for ``bias`` or without BN) and the running ``mean``/``var`` (any BN)."""
         params, stats = {}, {}
-        if trained:
-            if self.cfg.use_bn:
+        if mode == "none":
+            return params, stats
+        if mode in ("trained", "bias"):
+            if self.cfg.use_bn and mode == "trained":
                 params["gamma" + which] = self.param(
                     "gamma" + which, nn.initializers.ones, (channels,)
                 )
             params["beta" + which] = self.param("beta" + which, nn.initializers.zeros, (channels,))
-        if self.cfg.use_bn:
+        if self.cfg.use_bn and mode != "bias":
             for name, init in (("mean", jnp.zeros), ("var", jnp.ones)):
                 stats[name + which] = self.variable(
                     "batch_stats", name + which, init, (channels,), jnp.float32
@@ -277,7 +289,7 @@ class ConvLayer(_Layer):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        params, stats = self.bn_variables("", self.features, trained=True)
+        params, stats = self.bn_variables("", self.features)
         params["K0"] = self.param("K0", uniform_scaling, (3, 3, x.shape[-1], self.features))
         return self.run(conv_layer, params, stats, x, train)
 
@@ -291,11 +303,10 @@ class ResidualLayer(_Layer):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         c = x.shape[-1]
         form = self.form
-        params, stats = self.bn_variables("1", c, trained=True)
-        if form.outer_bn != "folded":
-            outer_params, outer_stats = self.bn_variables("2", c, form.outer_bn == "trained")
-            params |= outer_params
-            stats |= outer_stats
+        params, stats = self.bn_variables("1", c, form.inner_bn)
+        outer_params, outer_stats = self.bn_variables("2", c, form.outer_bn)
+        params |= outer_params
+        stats |= outer_stats
         params[form.inner] = self.param(form.inner, he_truncated_normal, (3, 3, c, c))
         if form.outer == "K2":
             init = nonnegative_he if form.sign < 0 else he_truncated_normal
@@ -310,7 +321,7 @@ class PoolingLayer(_Layer):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        params, stats = self.bn_variables("", self.features, trained=True)
+        params, stats = self.bn_variables("", self.features)
         params["Kp"] = self.param("Kp", he_truncated_normal, (3, 3, x.shape[-1], self.features))
         return self.run(pooling_layer, params, stats, x, train)
 

@@ -203,8 +203,8 @@ def effective_operators(
             ops_[f"{name}/W"] = p["W"].T
         else:
             inner = p[form.inner]
-            ops_[f"{name}/A1"] = eff(name, inner, "1", "trained")
-            if form.outer_bn == "folded":
+            ops_[f"{name}/A1"] = eff(name, inner, "1", form.inner_bn)
+            if form.certified:
                 continue
             outer = p["K2"] if form.outer == "K2" else ops.adjoint_kernel(inner)
             ops_[f"{name}/A2"] = eff(name, outer, "2", form.outer_bn)

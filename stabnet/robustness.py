@@ -486,7 +486,7 @@ def lipschitz_bound(
         elif spec.kind == "res":
             a1 = conv_l2_bound(eff[f"{name}/A1"], cfg.padding)
             row["A1"] = a1
-            if form.outer_bn == "folded":
+            if form.certified:
                 # The flag allows float32 rounding of a norm projected onto exactly √2; the
                 # bound itself, max(1, ‖A‖² − 1), is rigorous either way.
                 row["lemma_a1"] = bool(a1 <= math.sqrt(2.0) * (1.0 + _LEMMA_RTOL))

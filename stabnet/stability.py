@@ -475,7 +475,7 @@ def layer_lipschitz(
         out |= {"l2": u("A0"), "linf": li("A0"), "proof": "‖Ã₀‖"}
     elif spec.kind == "res":
         a1 = u("A1")
-        if layers.RESIDUAL_FORMS[variant].outer_bn == "folded":
+        if layers.RESIDUAL_FORMS[variant].certified:
             out["l2"] = max(1.0, a1 * a1 - 1.0)
             out["linf"] = 1.0 + li("A1") * norm_table[f"{name}/A1"]["l1"]
             out["proof"] = "max(1, ‖A‖²−1) (Lemma A.1, generalised)"
@@ -566,7 +566,7 @@ def analyze(
     eps = float(cfg.model.bn_eps)
     theorem = THEOREMS[variant]
     form = layers.RESIDUAL_FORMS[variant]
-    certified = form.outer_bn == "folded"
+    certified = form.certified
     key = jax.random.key(seed)
 
     # ---- 1. operator norms -----------------------------------------------------------------
@@ -666,16 +666,11 @@ def analyze(
         for s in res:
             p, st = params[s.name], stats.get(s.name, {})
             gh, gw = grids[s.name]
-            b1 = jnp.asarray(_bias(p, st, "1", "trained", lcfg, s.channels), jnp.float32)
+            b1 = jnp.asarray(_bias(p, st, "1", form.inner_bn, lcfg, s.channels), jnp.float32)
             field = jnp.broadcast_to(jax.nn.relu(b1), (1, gh, gw, s.channels))
-            if certified:
-                scale = norms.bn_scale(p, st, "1", "trained", eps)
-                scaled = field if scale is None else field * scale  # Aᵀy = A_Kᵀ(s ⊙ y)
-                v = ops.conv_transpose(scaled, p["K"], padding=padding)
-            else:
-                v = ops.conv_transpose(field, p["K"], padding=padding)
-                scale2 = norms.bn_scale(p, st, "2", form.outer_bn, eps)
-                v = v if scale2 is None else v * scale2
+            v = ops.conv_transpose(field, p["K"], padding=padding)
+            scale2 = norms.bn_scale(p, st, "2", form.outer_bn, eps)
+            v = v if scale2 is None else v * scale2
             cb += float(jnp.linalg.norm(v))
         constants["C_b"] = cb
         constants["C_b_norm"] = "l2"

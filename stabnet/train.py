@@ -89,7 +89,7 @@ def create_train_state(
     config: ml_collections.ConfigDict,
     model: networks.StableResNet,
     image_shape: tuple[int, int, int],
-) -> tuple[TrainState, optax.GradientTransformationExtraArgs, optax.Schedule]:
+) -> tuple[TrainState, optax.GradientTransformation, optax.Schedule]:
     """Initial state (SPEC §4 initialisers), the optimiser and its schedule."""
     root = jax.random.PRNGKey(config.seed)
     variables = networks.init_variables(model, jax.random.fold_in(root, INIT_KEY), image_shape)
@@ -139,7 +139,7 @@ class StepFns:
 def make_step_fns(
     config: ml_collections.ConfigDict,
     model: networks.StableResNet,
-    tx: optax.GradientTransformationExtraArgs,
+    tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     num_train: int,
 ) -> StepFns:
@@ -164,7 +164,7 @@ def make_step_fns(
             return jnp.mean(cross_entropy(logits, labels)), (logits, updated.get("batch_stats", {}))
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, batch_stats=stats)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = TrainState(state.step + 1, params, stats, opt_state, state.key)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)

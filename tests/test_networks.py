@@ -74,8 +74,10 @@ def test_paper_depth_and_parameter_counts(variant, n):
             total += 2 * 9 * c * c + 2 * c  # K1, K2, γ₁, β₁ (BN₀ frozen)
         elif variant == "resnet":
             total += 2 * 9 * c * c + 4 * c  # K1, K2, γ₁, β₁, γ₂, β₂
-        else:
+        elif variant == "resnet_s":
             total += 9 * c * c + 2 * c  # one K, γ₁, β₁
+        else:
+            total += 9 * c * c + c  # certified: one K and the bias b (no BN)
     assert count == total
 
 

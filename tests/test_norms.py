@@ -227,11 +227,15 @@ def test_effective_operators_apply_is_bn_at_inference(eff_setup):
     p, s = params["pool3"], stats["pool3"]
     _bn_apply_check(eff["pool3/Ap"], x_res, p["Kp"], 2, s["mean"], s["var"], p["gamma"], p["beta"])
 
-    p, s = params["res2"], stats["res2"]
+    p = params["res2"]
+    if variant == "resnet_s_certified":  # no BN: A1 is A_K itself, and there is no A2
+        assert "res2" not in stats and "res2/A2" not in eff
+        ref = ops.conv(x_res, p["K"])
+        np.testing.assert_allclose(eff["res2/A1"].apply(x_res), ref, rtol=1e-6, atol=1e-6)
+        return
+    s = stats["res2"]
     inner = p["K"] if variant.startswith("resnet_s") else p["K1"]
     _bn_apply_check(eff["res2/A1"], x_res, inner, 1, s["mean1"], s["var1"], p["gamma1"], p["beta1"])
-    if variant == "resnet_s_certified":
-        return
     if variant == "resnet":
         _bn_apply_check(
             eff["res2/A2"], x_res, p["K2"], 1, s["mean2"], s["var2"], p["gamma2"], p["beta2"]

@@ -164,3 +164,12 @@ def test_two_processes_match_one(tmp_path):
     results = read_results(multi)
     assert results["processes"] == 2 and results["devices"] == 4
     assert _train_loss(multi) == pytest.approx(_train_loss(single), rel=1e-4)
+
+
+def test_every_variant_learns_and_generalises(trained_runs):
+    """300 digits steps: every variant, the certified ResNet-S included, classifies held-out
+    images well (a train/inference mismatch, e.g. BN statistics fighting a constraint, shows
+    here as a collapse of the test accuracy)."""
+    for variant, workdir in trained_runs.items():
+        results = read_results(workdir)
+        assert results["final_test_accuracy"] >= 0.85, (variant, results["final_test_accuracy"])
