@@ -25,19 +25,30 @@ def short_overrides(steps: int = 20, variant: str = "resnet", n: int = 1) -> lis
     ]
 
 
+def main_command(workdir: str, *args: str, config: str = QUICKSTART) -> list[str]:
+    """``python -m experiments.main --config=… --workdir=… ARGS``."""
+    return [sys.executable, "-m", "experiments.main", f"--config={config}",
+            f"--workdir={workdir}", *args]  # fmt: skip
+
+
 def run_main(
     workdir: str, *args: str, config: str = QUICKSTART, env: dict | None = None, timeout=600
 ) -> subprocess.CompletedProcess:
-    """``python -m experiments.main --config=… --workdir=… ARGS`` in a subprocess."""
-    cmd = [sys.executable, "-m", "experiments.main", f"--config={config}", f"--workdir={workdir}"]
+    """:func:`main_command` in a subprocess, to its end."""
     return subprocess.run(
-        cmd + list(args),
+        main_command(workdir, *args, config=config),
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def start_main(workdir: str, *args: str, config: str = QUICKSTART, **popen) -> subprocess.Popen:
+    """:func:`main_command` started in a subprocess (``popen``: ``stdout=``, ``stderr=``, …)."""
+    return subprocess.Popen(main_command(workdir, *args, config=config), cwd=REPO, text=True,
+                            **popen)  # fmt: skip
 
 
 def read_results(workdir: str) -> dict:

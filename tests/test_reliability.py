@@ -3,28 +3,29 @@ divergence, and bad input refused before any work."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pathlib
 import random
+import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 from stabnet import logbook
-from tests.conftest import REPO
-from tests.helpers import QUICKSTART, error_line, read_results, run_main, short_overrides
+from tests.helpers import error_line, read_results, run_main, short_overrides, start_main
 
 
-def long_overrides(steps: int) -> list[str]:
-    """A run logged and checkpointed every 10 steps, dispatching 5 steps at a time."""
-    return [*short_overrides(steps, variant="resnet_d", n=1), "--config.log_every=10",
-            "--config.checkpoint_every=10", "--config.eval_every=20",
+def long_overrides(steps: int, every: int = 10) -> list[str]:
+    """A run logged and checkpointed every ``every`` steps (evaluated every ``2 · every``),
+    dispatching 5 steps at a time."""
+    return [*short_overrides(steps, variant="resnet_d", n=1), f"--config.log_every={every}",
+            f"--config.checkpoint_every={every}", f"--config.eval_every={2 * every}",
             "--config.steps_per_dispatch=5"]  # fmt: skip
 
 
@@ -40,7 +41,7 @@ def snapshot(folder: pathlib.Path) -> dict[str, str]:
 def check_log(workdir: str) -> list[dict]:
     """metrics.jsonl: every line whole JSON, one history (no step logged twice)."""
     text = pathlib.Path(workdir, "metrics.jsonl").read_text()
-    assert text.endswith("\n")
+    assert not text or text.endswith("\n"), text[-300:]
     rows = [json.loads(line) for line in text.splitlines()]
     for kind in ("train_loss", "test_loss"):
         steps = [r["step"] for r in rows if kind in r]
@@ -49,19 +50,31 @@ def check_log(workdir: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def uninterrupted(tmp_path_factory):
+    """``uninterrupted(args)``: results.json of an uninterrupted run with ``args`` (each run once
+    per module)."""
+    cache: dict[tuple[str, ...], dict] = {}
+
+    def run(args: list[str]) -> dict:
+        if tuple(args) not in cache:
+            workdir = os.fspath(tmp_path_factory.mktemp("reference"))
+            proc = run_main(workdir, *args)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            cache[tuple(args)] = read_results(workdir)
+        return cache[tuple(args)]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
     """An uninterrupted 60-step run."""
-    workdir = os.fspath(tmp_path_factory.mktemp("reference"))
-    proc = run_main(workdir, *long_overrides(60))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return read_results(workdir)
+    return uninterrupted(long_overrides(60))
 
 
 def _start(workdir: str, steps: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "experiments.main", f"--config={QUICKSTART}",
-           f"--workdir={workdir}", *long_overrides(steps)]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    return start_main(workdir, *long_overrides(steps), stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE)  # fmt: skip
 
 
 def _wait_for_training(workdir: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -93,34 +106,171 @@ def test_preemption_checkpoints_and_resumes_exactly(tmp_path, reference, signum)
     check_log(workdir)
 
 
-@pytest.mark.slow
-def test_sigkill_at_random_moments(tmp_path, reference):
-    """Kill the run with SIGKILL at random moments (≥ 5 times), then let it finish."""
-    workdir = os.fspath(tmp_path / "w")
-    rng = random.Random(0)
-    kills = 0
-    while kills < 5:
-        proc = _start(workdir, 60)
-        time.sleep(rng.uniform(1.0, 12.0))
-        if proc.poll() is not None:  # finished before the kill: start afresh elsewhere
+# ------------------------------------------------------------------------------------------
+# SIGKILL at random moments during training.
+# ------------------------------------------------------------------------------------------
+
+# A run logged and checkpointed every 5 steps: on a laptop CPU five steps take ~0.05 s and a
+# checkpoint save ~0.1 s, so there are many moments to kill at, saves included.
+KILL_STEPS, KILL_EVERY = 200, 5
+KILL_TARGET = 7  # kills during training to land before letting the run finish (≥ 5 asserted)
+# Where an attempt is killed, and the largest random delay (s) after that event:
+#   log: after its k-th new metrics.jsonl line;
+#   save: after its k-th checkpoint save began (orbax's tmp folder appeared; mid-save usually);
+#   saved: after its k-th checkpoint finished (orbax then deletes the oldest step);
+#   resume: after it said "resuming from step" (restored, compiling; not a kill during training).
+KILL_DELAY = {"log": 0.2, "save": 0.08, "saved": 0.01, "resume": 1.5}
+KILL_WEIGHTS = {"log": 3, "save": 3, "saved": 2, "resume": 1}
+
+
+def checkpoint_folders(workdir: str) -> tuple[set[int], set[str]]:
+    """Finished checkpoint steps, and orbax's unfinished (tmp) step folders."""
+    folder = os.path.join(workdir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return {int(n) for n in names if n.isdigit()}, {n for n in names if not n.isdigit()}
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One start of a run, watched through its workdir and stdout (times from its start, s)."""
+
+    mode: str | None
+    returncode: int
+    killed: bool  # SIGKILL landed while the process was alive
+    trained: bool  # it had logged or checkpointed new steps when killed (or finished)
+    mid_save: bool  # an unfinished checkpoint folder was left
+    resumed_step: int | None  # "resuming from step N"
+    resume_s: float | None  # until "resuming from step"
+    first_step_s: float | None  # until its first new metrics line or checkpoint
+    stdout: str
+    stderr: str
+
+    @property
+    def during_training(self) -> bool:
+        return self.killed and self.trained
+
+
+def run_attempt(workdir: str, args: list[str], logs: pathlib.Path, mode: str | None = None,
+                k: int = 1, delay: float = 0.0, timeout: float = 300) -> Attempt:  # fmt: skip
+    """Start the run; SIGKILL it ``delay`` s after its ``k``-th ``mode`` event (see KILL_DELAY),
+    or, with ``mode=None``, let it finish."""
+    out_path, err_path = logs.with_suffix(".out"), logs.with_suffix(".err")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+
+    def log_size() -> int:
+        return os.path.getsize(metrics) if os.path.exists(metrics) else 0
+
+    steps, saving = checkpoint_folders(workdir)
+    size = log_size()
+    events = {"log": 0, "save": 0, "saved": 0}
+    resume_s = first_step_s = kill_at = trained = None
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        t0 = time.monotonic()
+        proc = start_main(workdir, *args, stdout=out, stderr=err)
+    while proc.poll() is None:
+        now = time.monotonic() - t0
+        if now > timeout:
+            proc.kill()
+            raise AssertionError(f"the run took over {timeout} s: {err_path.read_text()[-3000:]}")
+        new_steps, new_saving = checkpoint_folders(workdir)
+        new_size = log_size()
+        events["saved"] += len(new_steps - steps)
+        events["save"] += len(new_saving - saving)
+        events["log"] += new_size > size
+        steps, saving, size = new_steps, new_saving, new_size
+        if resume_s is None and "resuming from step" in out_path.read_text():
+            resume_s = now
+        if first_step_s is None and any(events.values()):
+            first_step_s = now
+        if mode is not None and kill_at is None:
+            if (resume_s is not None) if mode == "resume" else events[mode] >= k:
+                kill_at = now + delay
+        if kill_at is not None and now >= kill_at:
+            trained = any(events.values())
+            proc.kill()  # does nothing if it has exited (it is reaped first)
             break
-        proc.kill()
-        proc.communicate()
-        kills += 1
-        # Whatever was on disk at the kill must be whole.
-        check_log(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else None
+        time.sleep(0.002)
+    proc.wait()
+    stdout = out_path.read_text()
+    resumed = re.findall(r"resuming from step (\d+)", stdout)
+    return Attempt(
+        mode=mode,
+        returncode=proc.returncode,
+        killed=proc.returncode == -signal.SIGKILL,
+        trained=any(events.values()) if trained is None else trained,
+        mid_save=bool(checkpoint_folders(workdir)[1]),
+        resumed_step=int(resumed[0]) if resumed else None,
+        resume_s=resume_s,
+        first_step_s=first_step_s,
+        stdout=stdout,
+        stderr=err_path.read_text(),
+    )
+
+
+def test_sigkill_at_random_moments(tmp_path, uninterrupted):
+    """SIGKILL the run at random moments (≥ 5 times during training, some mid-save), check what
+    it left after each kill, then let it finish: the same results as an uninterrupted run."""
+    args = long_overrides(KILL_STEPS, every=KILL_EVERY)
+    reference = uninterrupted(args)
+    workdir = os.fspath(tmp_path / "w")
+    seed = int(os.environ.get("STABNET_KILL_SEED", "0"))
+    rng = random.Random(seed)
+    attempts: list[Attempt] = []
+    newest = None  # the newest finished checkpoint when the last attempt died
+
+    def check(a: Attempt) -> None:
+        """The attempt restored the newest checkpoint, undamaged, and left whole files."""
+        context = f"attempt {len(attempts)} ({a.mode}):\n{a.stdout[-2000:]}\n{a.stderr[-3000:]}"
+        assert a.resumed_step == newest, context
+        assert "damaged" not in a.stdout, context
+        assert "Traceback" not in a.stderr, context
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            check_log(workdir)
         for name in ("config.json", "results.json"):
             path = os.path.join(workdir, name)
             if os.path.exists(path):
                 json.loads(pathlib.Path(path).read_text())
-    assert kills >= 5
-    final = run_main(workdir, *long_overrides(60))
+
+    while (
+        sum(a.during_training for a in attempts) < KILL_TARGET and len(attempts) < 3 * KILL_TARGET
+    ):
+        modes = [m for m in KILL_WEIGHTS if attempts or m != "resume"]
+        mode = rng.choices(modes, [KILL_WEIGHTS[m] for m in modes])[0]
+        k, delay = rng.randint(1, 3), rng.uniform(0.0, KILL_DELAY[mode])
+        a = run_attempt(workdir, args, tmp_path / f"attempt{len(attempts)}", mode, k, delay)
+        check(a)
+        attempts.append(a)
+        if not a.killed:  # it finished first
+            break
+        assert not os.path.exists(os.path.join(workdir, "results.json"))
+        newest = max(checkpoint_folders(workdir)[0], default=None)
+        print(
+            f"kill {len(attempts)}: {mode} k={k} +{delay:.3f} s: newest checkpoint {newest}"
+            f"{', mid-save' if a.mid_save else ''}{'' if a.trained else ', before training'}"
+        )
+    final = run_attempt(workdir, args, tmp_path / "final")
+    check(final)
     assert final.returncode == 0, final.stderr[-3000:]
+
+    kills = sum(a.during_training for a in attempts)
+    resumes = [a.resume_s for a in [*attempts, final] if a.resumed_step is not None]
+    firsts = [a.first_step_s for a in [*attempts, final] if a.resumed_step and a.first_step_s]
+    print(
+        f"seed {seed}: {kills} kills during training ({sum(a.mid_save for a in attempts)} "
+        f"mid-save), {sum(a.killed for a in attempts) - kills} while resuming; resume "
+        f"(start → 'resuming from step') mean {np.mean(resumes):.2f} s, max "
+        f"{np.max(resumes):.2f} s; start → first new step mean {np.mean(firsts):.2f} s, max "
+        f"{np.max(firsts):.2f} s (fresh start: {attempts[0].first_step_s:.2f} s)"
+    )
+    assert kills >= 5
     results = read_results(workdir)
     assert results["params_norm"] == reference["params_norm"]
     assert results["test_loss"] == reference["test_loss"]
     rows = check_log(workdir)
-    assert [r["step"] for r in rows if "train_loss" in r] == [10, 20, 30, 40, 50, 60]
+    every = range(KILL_EVERY, KILL_STEPS + 1, KILL_EVERY)
+    assert [r["step"] for r in rows if "train_loss" in r] == list(every)
+    assert [r["step"] for r in rows if "test_loss" in r] == list(every)[1::2]
+    assert checkpoint_folders(workdir)[0] == {KILL_STEPS - KILL_EVERY * i for i in range(3)}
 
 
 def test_damaged_latest_checkpoint_falls_back(tmp_path, reference):
