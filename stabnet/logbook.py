@@ -89,14 +89,9 @@ class MetricsLog:
     def open(self, resume_step: int) -> list[dict[str, Any]]:
         """Keep the lines of steps ``≤ resume_step`` and start appending; returns them."""
         rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-        directory = os.path.dirname(self.path)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r, default=_jsonable) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(
+            self.path, lambda f: f.writelines(json.dumps(r, default=_jsonable) + "\n" for r in rows)
+        )
         self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         if self.tensorboard:
             from tensorboardX import SummaryWriter
