@@ -21,9 +21,6 @@ import pytest
 from stabnet import data, networks, norms, ops, plots, robustness, runs
 from tests.conftest import REPO
 
-# Not yet run in CI (written at the end of a session): marked slow until it has been.
-pytestmark = pytest.mark.slow
-
 N_IMAGES = 64  # images per evaluation
 RADII = (0.0, 0.01, 0.1, 0.5, 1.0)
 PGD_STEPS = 10
