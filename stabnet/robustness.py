@@ -55,7 +55,7 @@ DEFAULT_DELTAS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
 # ℓ₂ radii in [0,1]-pixel units. An 8×8 digit has ‖x‖₂ ≈ 3, a 28×28 one ≈ 9, a 32×32×3 CIFAR image
 # ≈ 30; CIFAR's radii are the customary 36/255, 72/255, 108/255 of the Lipschitz-margin literature.
 DEFAULT_RADII: dict[str, tuple[float, ...]] = {
-    "digits": (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0),
+    "digits": (0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0),
     "mnist": (0.0, 0.25, 0.5, 1.0, 1.58),
     "fashion_mnist": (0.0, 0.25, 0.5, 1.0, 1.58),
     "cifar10": (0.0, 36 / 255, 72 / 255, 108 / 255, 0.5),
