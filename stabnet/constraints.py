@@ -121,18 +121,20 @@ def _rescale_matching(
     max_norm: float,
 ) -> tuple[Params, jax.Array]:
     """``K ← K·min(1, max_norm/‖A_K‖₂)`` (``K = p + u``, exact FFT norm on the layer's grid,
-    computed once) for every filter whose path matches ``pattern``; returns the updates and the
-    largest norm before the rescaling."""
+    computed once, all layers batched: :func:`stabnet.norms.fft_norms`) for every filter whose
+    path matches ``pattern``; returns the updates and the largest norm before the rescaling."""
     rx = re.compile(pattern)
     new = jax.tree.map(lambda u: u, updates)  # shallow copy of the nested dicts
-    worst = jnp.zeros([], jnp.float32)
-    for name in sorted(params):
-        for kname in sorted(k for k in params[name] if rx.search(f"{name}/{k}")):
-            leaf = params[name][kname] + updates[name][kname]
-            norm = norms.fft_norm(leaf, grids[name])
-            factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
-            new[name][kname] = _exact_update(params[name][kname], leaf * factor, factor < 1.0)
-            worst = jnp.maximum(worst, norm)
+    paths = [(name, k) for name in sorted(params) for k in sorted(params[name])
+             if rx.search(f"{name}/{k}")]  # fmt: skip
+    if not paths:
+        return new, jnp.zeros([], jnp.float32)
+    leaves = [params[name][k] + updates[name][k] for name, k in paths]
+    norms_ = norms.fft_norms(leaves, [grids[name] for name, _ in paths])
+    for (name, k), leaf, norm in zip(paths, leaves, norms_, strict=True):
+        factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+        new[name][k] = _exact_update(params[name][k], leaf * factor, factor < 1.0)
+    worst = jnp.max(jnp.stack(norms_))
     return new, worst
 
 

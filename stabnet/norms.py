@@ -76,11 +76,53 @@ def fft_norm(
     sym = conv_symbol(kernel, hw, stride=stride)
     if scale is not None:
         sym = sym * scale.astype(jnp.float32)[:, None]
+    top = jnp.linalg.eigvalsh(_gram(sym))[..., -1]
+    return jnp.sqrt(jnp.maximum(jnp.max(top), 0.0))
+
+
+def _gram(sym: jax.Array) -> jax.Array:
+    """The smaller Gram matrix of each symbol, ``S Sᴴ`` or ``Sᴴ S``, as ``[F, m, m]``."""
     co, ci = sym.shape[-2:]
     sym_h = jnp.conj(jnp.swapaxes(sym, -1, -2))
     gram = sym @ sym_h if co <= ci else sym_h @ sym
-    top = jnp.linalg.eigvalsh(gram)[..., -1]
-    return jnp.sqrt(jnp.maximum(jnp.max(top), 0.0))
+    return gram.reshape(-1, *gram.shape[-2:])
+
+
+def fft_norms(kernels: Sequence[jax.Array], grids: Sequence[Sequence[int]]) -> list[jax.Array]:
+    """:func:`fft_norm` of several stride-1 circular convolutions, with one batched ``eigvalsh``
+    per Gram-matrix size, and those calls made one after the other.
+
+    Why one after the other: jaxlib 0.10's CPU LAPACK kernels split a batch over XLA's intra-op
+    thread pool and block a pool thread until it is done; when as many batched ``eigvalsh`` run
+    at once as the pool has threads, every thread waits and the program hangs (seen here: a
+    jitted ResNet-S constraint update hung in 5 of 6 runs on 2 cores). A ``fori_loop`` over the
+    sizes, with a ``lax.switch`` choosing the call, runs exactly one at a time on every backend.
+    """
+    grams = [_gram(conv_symbol(k, hw)) for k, hw in zip(kernels, grids, strict=True)]
+    sizes = sorted({g.shape[-1] for g in grams})
+    groups = [[i for i, g in enumerate(grams) if g.shape[-1] == m] for m in sizes]
+    batches = [jnp.concatenate([grams[i] for i in members]) for members in groups]
+
+    def top_of_group(j: int) -> Callable[[list[jax.Array]], jax.Array]:
+        def top(batches: list[jax.Array]) -> jax.Array:
+            eig = jnp.linalg.eigvalsh(batches[j])[:, -1]
+            out, start = jnp.zeros(len(grams), jnp.float32), 0
+            for i in groups[j]:
+                count = grams[i].shape[0]
+                out = out.at[i].set(jnp.max(eig[start : start + count]))
+                start += count
+            return out
+
+        return top
+
+    branches = [top_of_group(j) for j in range(len(groups))]
+    tops = jax.lax.fori_loop(
+        0,
+        len(groups),
+        lambda j, acc: acc + jax.lax.switch(j, branches, batches),
+        jnp.zeros(len(grams), jnp.float32),
+    )
+    return list(jnp.sqrt(jnp.maximum(tops, 0.0)))
 
 
 def power_iteration_norm(

@@ -269,3 +269,14 @@ def test_effective_operator_norms(eff_setup):
         dense_norm(np.asarray(op.kernel), op.grid, 2, "circular", np.asarray(op.scale)),
         rtol=1e-5,
     )
+
+
+def test_fft_norms_match_fft_norm_one_by_one():
+    """Batched by Gram size and computed one size after the other, the same norms."""
+    rng = np.random.default_rng(3)
+    spec = [(16, 16, (8, 8)), (4, 8, (4, 6)), (16, 16, (4, 4)), (8, 4, (6, 6)), (4, 8, (8, 8))]
+    kernels = [jnp.asarray(rng.standard_normal((3, 3, ci, co)), jnp.float32) for ci, co, _ in spec]
+    grids = [g for *_, g in spec]
+    got = jax.jit(lambda ks: jnp.stack(norms.fft_norms(ks, grids)))(kernels)
+    want = [float(norms.fft_norm(k, g)) for k, g in zip(kernels, grids, strict=True)]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
