@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One device call: the GPU benchmark and a short CIFAR-10 training of ResNet-D, ResNet-S and the
+# baseline (issue 5). Prepared so that a session lent a GPU spends its minutes measuring:
+#
+#   here, once:  printf '/device_data/\n/.whl/\n' >> .git/info/exclude
+#                mkdir -p device_data && cp ../shared/data/{cifar10_jpeg.npz,materialize.py} device_data/
+#                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#                    --implementation cp --platform manylinux_2_17_x86_64 -d .whl \
+#                    ml_collections==1.1.0 tensorboardX==2.6.5
+#   device:      run(command="bash benchmarks/device_check.sh", carry=["device_data", ".whl"],
+#                    timeout_s=540)
+#
+# Writes to $OUT (or ./device_out): log.txt, bench.jsonl (one `experiments.benchmark --json`
+# object a line) and train_<name>.json (results.json of each training). BENCH_STEPS and
+# TRAIN_STEPS shrink it for a dry run on a CPU (e.g. BENCH_STEPS=2 TRAIN_STEPS=4).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device_out}
+BENCH_STEPS=${BENCH_STEPS:-300}
+TRAIN_STEPS=${TRAIN_STEPS:-3000}
+DATA=${DATA_DIR:-/tmp/stabnet-data}
+mkdir -p "$OUT" "$DATA"
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+if [ -d .whl ] && ! python3 -c "import ml_collections, tensorboardX" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, jax.devices())"
+
+if [ ! -f "$DATA/cifar10.npz" ]; then
+  start=$(date +%s)
+  python3 - "$DATA" <<'EOF'
+import os, sys
+import numpy as np
+sys.path.insert(0, "device_data")
+import materialize  # the shared folder's decoder (numpy + Pillow)
+arrays = materialize.decode_cifar10("device_data/cifar10_jpeg.npz")
+tmp = os.path.join(sys.argv[1], "cifar10.tmp.npz")
+np.savez(tmp, **arrays)
+os.replace(tmp, os.path.join(sys.argv[1], "cifar10.npz"))
+EOF
+  echo "decoded CIFAR-10 in $(( $(date +%s) - start )) s"
+fi
+
+bench() {  # bench CONFIG [overrides...]
+  python3 -m experiments.benchmark --config="$1" "${@:2}" --steps="$BENCH_STEPS" --json \
+    --config.data.local_dir="$DATA" | tail -1 | tee -a "$OUT/bench.jsonl"
+}
+bench experiments/configs/d_depth18.py
+bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16
+bench experiments/configs/d_depth54.py
+bench experiments/configs/s_depth20.py
+
+train() {  # train NAME CONFIG: TRAIN_STEPS steps, learning rate ÷10 at 2/3, one evaluation
+  local name=$1 config=$2 start
+  start=$(date +%s)
+  python3 -m experiments.main --config="$config" --workdir="/tmp/runs/$name" \
+    --config.data.local_dir="$DATA" --config.num_train_steps="$TRAIN_STEPS" \
+    --config.optim.decay_every=$(( TRAIN_STEPS * 2 / 3 > 0 ? TRAIN_STEPS * 2 / 3 : 1 )) \
+    --config.eval_every="$TRAIN_STEPS" --config.checkpoint_every="$TRAIN_STEPS" \
+    --config.final_average_steps="$TRAIN_STEPS" --config.progress_bar=false
+  cp "/tmp/runs/$name/results.json" "$OUT/train_$name.json"
+  echo "$name: $(( $(date +%s) - start )) s wall"
+}
+train d18 experiments/configs/d_depth18.py
+train s20 experiments/configs/s_depth20.py
+train r18 experiments/configs/r_depth18.py
+echo "device_check: done"
