@@ -113,31 +113,6 @@ class SpectralState(NamedTuple):
     max_norm_after: jax.Array  # … and after it: min(before, max_norm)
 
 
-def _rescale_matching(
-    updates: Params,
-    params: Params,
-    pattern: str,
-    grids: Mapping[str, tuple[int, int]],
-    max_norm: float,
-) -> tuple[Params, jax.Array]:
-    """``K ← K·min(1, max_norm/‖A_K‖₂)`` (``K = p + u``, exact FFT norm on the layer's grid,
-    computed once, all layers batched: :func:`stabnet.norms.fft_norms`) for every filter whose
-    path matches ``pattern``; returns the updates and the largest norm before the rescaling."""
-    rx = re.compile(pattern)
-    new = jax.tree.map(lambda u: u, updates)  # shallow copy of the nested dicts
-    paths = [(name, k) for name in sorted(params) for k in sorted(params[name])
-             if rx.search(f"{name}/{k}")]  # fmt: skip
-    if not paths:
-        return new, jnp.zeros([], jnp.float32)
-    leaves = [params[name][k] + updates[name][k] for name, k in paths]
-    norms_ = norms.fft_norms(leaves, [grids[name] for name, _ in paths])
-    for (name, k), leaf, norm in zip(paths, leaves, norms_, strict=True):
-        factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
-        new[name][k] = _exact_update(params[name][k], leaf * factor, factor < 1.0)
-    worst = jnp.max(jnp.stack(norms_))
-    return new, worst
-
-
 def spectral_rescale(
     pattern: str,
     grids: Mapping[str, tuple[int, int]],
@@ -146,7 +121,8 @@ def spectral_rescale(
     """Rescale so that ``‖A_K‖₂ ≤ max_norm`` for every filter ``K`` whose path matches ``pattern``.
 
     ``K ← K · min(1, max_norm/‖A_K‖₂)``, the norm of ``A_K`` on the layer's grid
-    (``grids[layer]``) computed once per step, exactly, by FFT (:func:`stabnet.norms.fft_norm`).
+    (``grids[layer]``) computed once per step, exactly, by FFT, all layers together
+    (:func:`stabnet.norms.fft_norms`).
     For ResNet-S (4.2) BN₁ makes the loss blind to the scale of ``K`` in ``A_K`` but not in
     ``A_K^T``; for the certified ResNet-S, which has no BN, this is the condition of Lemma A.1.
     """
@@ -155,9 +131,23 @@ def spectral_rescale(
         del params
         return SpectralState(jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
 
+    rx = re.compile(pattern)
+
     def update(updates, state, params=None):
         del state
-        new, worst = _rescale_matching(updates, params, pattern, grids, max_norm)
+        new = jax.tree.map(lambda u: u, updates)  # shallow copy of the nested dicts
+        paths = [(name, k) for name in sorted(params) for k in sorted(params[name])
+                 if rx.search(f"{name}/{k}")]  # fmt: skip
+        if not paths:
+            zero = jnp.zeros([], jnp.float32)
+            return new, SpectralState(zero, zero)
+        kernels = [params[name][k] + updates[name][k] for name, k in paths]
+        # All norms at once: one batched eigvalsh per Gram size (norms.fft_norms).
+        norms_ = norms.fft_norms(kernels, [grids[name] for name, _ in paths])
+        for (name, k), kernel, norm in zip(paths, kernels, norms_, strict=True):
+            factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+            new[name][k] = _exact_update(params[name][k], kernel * factor, factor < 1.0)
+        worst = jnp.max(jnp.stack(norms_))
         return new, SpectralState(worst, jnp.minimum(worst, max_norm))
 
     return optax.GradientTransformation(init, update)

@@ -615,17 +615,18 @@ def analyze(
     b_fc = np.asarray(params[fc]["b"], np.float64)
     hypotheses: dict[str, Any] = {}
     tol = 1.0 + HYP_RTOL
+
+    def norms_le_1(norm: str) -> dict[str, Any]:
+        """The hypotheses ``‖Ã₀‖ ≤ 1`` and ``‖W‖ ≤ 1`` in ``norm`` (``linf`` or ``l2_upper``)."""
+        suffix = "linf" if norm == "linf" else "l2"
+        values = {f"conv0_{suffix}_le_1": table[f"{conv0}/A0"][norm],
+                  f"fc_{suffix}_le_1": table[f"{fc}/W"][norm]}  # fmt: skip
+        return {k: {"value": v, "holds": v <= tol} for k, v in values.items()}
+
     if theorem == "4.1":
         k2min = min(float(jnp.min(params[s.name]["K2"])) for s in res) if res else 0.0
         hypotheses = {
-            "conv0_linf_le_1": {
-                "value": table[f"{conv0}/A0"]["linf"],
-                "holds": table[f"{conv0}/A0"]["linf"] <= tol,
-            },
-            "fc_linf_le_1": {
-                "value": table[f"{fc}/W"]["linf"],
-                "holds": table[f"{fc}/W"]["linf"] <= tol,
-            },
+            **norms_le_1("linf"),
             "K2_nonnegative": {"value": k2min, "holds": k2min >= 0.0},
         }
         outward = 0.0
@@ -637,14 +638,7 @@ def analyze(
     elif theorem == "4.2":
         a_max = max(table[f"{s.name}/A1"]["l2_upper"] for s in res) if res else 0.0
         hypotheses = {
-            "conv0_l2_le_1": {
-                "value": table[f"{conv0}/A0"]["l2_upper"],
-                "holds": table[f"{conv0}/A0"]["l2_upper"] <= tol,
-            },
-            "fc_l2_le_1": {
-                "value": table[f"{fc}/W"]["l2_upper"],
-                "holds": table[f"{fc}/W"]["l2_upper"] <= tol,
-            },
+            **norms_le_1("l2_upper"),
             "res_A_l2_le_sqrt2": {"value": a_max, "holds": a_max <= SQRT2 * tol},
             "branch_is_exactly_AT_sigma_A": {
                 "value": certified,

@@ -76,6 +76,14 @@ def split(d):
     return params, stats
 
 
+def residual(variant, params, x, stats, train=False):
+    """``layers.residual_layer`` of ``variant``'s form: ``(y, used)``."""
+    return layers.residual_layer(
+        params, jnp.asarray(x), stats=stats, train=train, cfg=CFG,
+        form=layers.RESIDUAL_FORMS[variant],
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Equations, at inference.
 # ---------------------------------------------------------------------------------------------
@@ -86,14 +94,7 @@ def test_standard_layer_3_1():
     d |= draw(2, 4, ["mean2", "var2"])
     params, stats = split(d)
     x = np.random.default_rng(3).standard_normal((2, 5, 6, 4)).astype(np.float32)
-    y, _ = layers.residual_layer(
-        params,
-        jnp.asarray(x),
-        stats=stats,
-        train=False,
-        cfg=CFG,
-        form=layers.RESIDUAL_FORMS["resnet"],
-    )
+    y, _ = residual("resnet", params, x, stats)
     inner = relu(bn(np_conv(x, d["K1"]), d["mean1"], d["var1"], d["gamma1"], d["beta1"]))
     expected = relu(x + bn(np_conv(inner, d["K2"]), d["mean2"], d["var2"], d["gamma2"], d["beta2"]))
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
@@ -104,14 +105,7 @@ def test_standard_layer_train_uses_batch_statistics():
     d |= draw(5, 3, ["mean2", "var2"])
     params, stats = split(d)
     x = np.random.default_rng(6).standard_normal((3, 4, 4, 3)).astype(np.float32)
-    y, used = layers.residual_layer(
-        params,
-        jnp.asarray(x),
-        stats=stats,
-        train=True,
-        cfg=CFG,
-        form=layers.RESIDUAL_FORMS["resnet"],
-    )
+    y, used = residual("resnet", params, x, stats, train=True)
 
     def bn_batch(z, g, b):
         mu, v = z.mean(axis=(0, 1, 2)), z.var(axis=(0, 1, 2))
@@ -128,10 +122,7 @@ def test_resnet_d_layer_4_1_frozen_outer_bn():
     d["K2"] = np.abs(draw(8, 4, ["K2"])["K2"])
     params, stats = split(d)
     x = np.random.default_rng(9).standard_normal((2, 6, 5, 4)).astype(np.float32)
-    y, _ = layers.residual_layer(
-        params, jnp.asarray(x), stats=stats, train=False, cfg=CFG,
-        form=layers.RESIDUAL_FORMS["resnet_d"],
-    )  # fmt: skip
+    y, _ = residual("resnet_d", params, x, stats)
     inner = relu(bn(np_conv(x, d["K1"]), d["mean1"], d["var1"], d["gamma1"], d["beta1"]))
     expected = relu(x - bn(np_conv(inner, d["K2"]), d["mean2"], d["var2"]))  # γ=1, β=0
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
@@ -141,10 +132,7 @@ def test_resnet_s_layer_4_2():
     d = draw(10, 4, ["K", "gamma1", "beta1", "mean1", "var1", "mean2", "var2"])
     params, stats = split(d)
     x = np.random.default_rng(11).standard_normal((2, 5, 5, 4)).astype(np.float32)
-    y, _ = layers.residual_layer(
-        params, jnp.asarray(x), stats=stats, train=False, cfg=CFG,
-        form=layers.RESIDUAL_FORMS["resnet_s"],
-    )  # fmt: skip
+    y, _ = residual("resnet_s", params, x, stats)
     inner = relu(bn(np_conv(x, d["K"]), d["mean1"], d["var1"], d["gamma1"], d["beta1"]))
     expected = relu(x - bn(np_conv_t(inner, d["K"]), d["mean2"], d["var2"]))
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
@@ -158,10 +146,7 @@ def test_certified_layer_equation():
     x = np.random.default_rng(13).standard_normal((2, 4, 6, 4)).astype(np.float32)
     expected = relu(x - np_conv_t(relu(np_conv(x, d["K"]) + d["beta1"]), d["K"]))
     for train in (False, True):
-        y, used = layers.residual_layer(
-            params, jnp.asarray(x), stats=stats, train=train, cfg=CFG,
-            form=layers.RESIDUAL_FORMS["resnet_s_certified"],
-        )  # fmt: skip
+        y, used = residual("resnet_s_certified", params, x, stats, train=train)
         assert used == {}
         np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
 
@@ -190,14 +175,7 @@ def test_certified_layer_is_1_lipschitz():
         stats = {}
         assert float(norms.fft_norm(params["K"], hw)) == pytest.approx(math.sqrt(2.0), rel=1e-5)
         f = jax.jit(
-            lambda z: layers.residual_layer(
-                params,
-                z,
-                stats=stats,
-                train=False,
-                cfg=CFG,
-                form=layers.RESIDUAL_FORMS["resnet_s_certified"],
-            )[0]  # fmt: skip
+            lambda z: residual("resnet_s_certified", params, z, stats)[0]  # fmt: skip
         )
         out = np.asarray(f(jnp.asarray(np.concatenate([x, y]))))
     fx, fy = out[:n], out[n:]
@@ -217,10 +195,7 @@ def test_resnet_d_layer_does_not_grow_nonnegative_inputs():
     d["mean1"] = d["mean2"] = np.zeros(c, np.float32)
     params, stats = split(d)
     x = np.abs(np.random.default_rng(32).standard_normal((64, 5, 5, c))).astype(np.float32)
-    y, _ = layers.residual_layer(
-        params, jnp.asarray(x), stats=stats, train=False, cfg=CFG,
-        form=layers.RESIDUAL_FORMS["resnet_d"],
-    )  # fmt: skip
+    y, _ = residual("resnet_d", params, x, stats)
     y = np.asarray(y, np.float64)
     assert (y >= 0).all()
     l2x, l2y = np.linalg.norm(x.reshape(64, -1), axis=1), np.linalg.norm(y.reshape(64, -1), axis=1)

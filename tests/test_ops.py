@@ -268,17 +268,18 @@ def bn_inputs():
     )
 
 
+def bn_of(d, *, train, frozen=False, **kw):
+    """``ops.batch_norm`` of the ``bn_inputs`` dict (``frozen``: γ = 1, β = 0)."""
+    return ops.batch_norm(
+        jnp.asarray(d["z"]), mean=jnp.asarray(d["mean"]), var=jnp.asarray(d["var"]),
+        gamma=None if frozen else jnp.asarray(d["gamma"]),
+        beta=None if frozen else jnp.asarray(d["beta"]), train=train, **kw,
+    )  # fmt: skip
+
+
 def test_batch_norm_train_uses_batch_statistics(bn_inputs):
     d = bn_inputs
-    y, s, stats = ops.batch_norm(
-        jnp.asarray(d["z"]),
-        mean=jnp.asarray(d["mean"]),
-        var=jnp.asarray(d["var"]),
-        gamma=jnp.asarray(d["gamma"]),
-        beta=jnp.asarray(d["beta"]),
-        train=True,
-        eps=1e-3,
-    )
+    y, s, stats = bn_of(d, train=True, eps=1e-3)
     z64 = d["z"].astype(np.float64)
     mu = z64.mean(axis=(0, 1, 2))
     v = ((z64 - mu) ** 2).mean(axis=(0, 1, 2))  # biased variance
@@ -291,14 +292,7 @@ def test_batch_norm_train_uses_batch_statistics(bn_inputs):
 
 def test_batch_norm_inference_uses_running_statistics(bn_inputs):
     d = bn_inputs
-    y, s, stats = ops.batch_norm(
-        jnp.asarray(d["z"]),
-        mean=jnp.asarray(d["mean"]),
-        var=jnp.asarray(d["var"]),
-        gamma=jnp.asarray(d["gamma"]),
-        beta=jnp.asarray(d["beta"]),
-        train=False,
-    )
+    y, s, stats = bn_of(d, train=False)
     ref = np_batch_norm(d["z"], d["mean"], d["var"], d["gamma"], d["beta"])
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
     s_ref = d["gamma"] / np.sqrt(d["var"].astype(np.float64) + 1e-5)
@@ -313,14 +307,7 @@ def test_batch_norm_inference_uses_running_statistics(bn_inputs):
 @pytest.mark.parametrize("train", [False, True])
 def test_batch_norm_frozen(bn_inputs, train):
     d = bn_inputs
-    y, s, stats = ops.batch_norm(
-        jnp.asarray(d["z"]),
-        mean=jnp.asarray(d["mean"]),
-        var=jnp.asarray(d["var"]),
-        gamma=None,
-        beta=None,
-        train=train,
-    )
+    y, s, stats = bn_of(d, train=train, frozen=True)
     if train:
         mu = d["z"].astype(np.float64).mean(axis=(0, 1, 2))
         v = d["z"].astype(np.float64).var(axis=(0, 1, 2))
