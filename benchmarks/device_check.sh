@@ -11,8 +11,11 @@
 #                    timeout_s=540)
 #
 # Writes to $OUT (or ./device_out): log.txt, bench.jsonl (one `experiments.benchmark --json`
-# object a line) and train_<name>.json (results.json of each training). BENCH_STEPS and
-# TRAIN_STEPS shrink it for a dry run on a CPU (e.g. BENCH_STEPS=2 TRAIN_STEPS=4).
+# object a line), norms.jsonl (benchmarks/norms_bench.py) and train_<name>.json (results.json of
+# each training). BENCH_STEPS and TRAIN_STEPS shrink it for a dry run on a CPU (e.g.
+# BENCH_STEPS=2 TRAIN_STEPS=4). Arguments, if any, replace the default jobs, one job each, e.g.
+#   bash benchmarks/device_check.sh norms "bench experiments/configs/s_depth20.py" \
+#       "train s20 experiments/configs/s_depth20.py --config.optim.norm_method=eigh"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
@@ -51,23 +54,47 @@ bench() {  # bench CONFIG [overrides...]
   python3 -m experiments.benchmark --config="$1" "${@:2}" --steps="$BENCH_STEPS" --json \
     --config.data.local_dir="$DATA" | tail -1 | tee -a "$OUT/bench.jsonl"
 }
-bench experiments/configs/d_depth18.py
-bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16
-bench experiments/configs/d_depth54.py
-bench experiments/configs/s_depth20.py
+norms() {  # the exact-norm methods of ResNet-S's constraint, alone
+  python3 benchmarks/norms_bench.py | tee -a "$OUT/norms.jsonl"
+}
 
 train() {  # train NAME CONFIG: TRAIN_STEPS steps, learning rate ÷10 at 2/3, one evaluation
   local name=$1 config=$2 start
   start=$(date +%s)
-  python3 -m experiments.main --config="$config" --workdir="/tmp/runs/$name" \
+  python3 -m experiments.main --config="$config" --workdir="/tmp/runs/$name" "${@:3}" \
     --config.data.local_dir="$DATA" --config.num_train_steps="$TRAIN_STEPS" \
     --config.optim.decay_every=$(( TRAIN_STEPS * 2 / 3 > 0 ? TRAIN_STEPS * 2 / 3 : 1 )) \
     --config.eval_every="$TRAIN_STEPS" --config.checkpoint_every="$TRAIN_STEPS" \
     --config.final_average_steps="$TRAIN_STEPS" --config.progress_bar=false
   cp "/tmp/runs/$name/results.json" "$OUT/train_$name.json"
+  tail -3 "/tmp/runs/$name/metrics.jsonl" > "$OUT/metrics_$name.txt"
   echo "$name: $(( $(date +%s) - start )) s wall"
 }
-train d18 experiments/configs/d_depth18.py
-train s20 experiments/configs/s_depth20.py
-train r18 experiments/configs/r_depth18.py
+if [ $# -gt 0 ]; then
+  for job in "$@"; do eval "$job"; done
+else
+  bench experiments/configs/d_depth18.py
+  bench experiments/configs/d_depth18.py --config.steps_per_dispatch=100
+  bench experiments/configs/d_depth18.py --config.batch_size=1024
+  bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16
+  bench experiments/configs/d_depth54.py
+  bench experiments/configs/s_depth20.py
+  norms
+  train d18 experiments/configs/d_depth18.py
+  train s20 experiments/configs/s_depth20.py
+  train r18 experiments/configs/r_depth18.py
+fi
+python3 - "$OUT" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+bench = out / "bench.jsonl"
+for line in bench.read_text().splitlines() if bench.exists() else []:
+    r = json.loads(line)
+    print(f"{r['config']:<20} {r['dtype']:<8} b{r['batch_size']} spd {r['steps_per_dispatch']:>3}"
+          f" {r['images_per_second']:>8,.0f} img/s {r['step_ms']:6.2f} ms/step compile "
+          f"{r['compile_seconds']:4.1f} s constraints {100 * r['constraint_share']:4.1f}% "
+          f"{r.get('norm_method') or ''}")
+for f in sorted(out.glob("train_*.json")):
+    print(f.name, json.dumps(json.loads(f.read_text()))[:300])
+EOF
 echo "device_check: done"

@@ -106,6 +106,7 @@ def main(argv: list[str]) -> None:
     from stabnet import cli
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's restore chatter
+    cli.exact_arithmetic()
     if FLAGS.n_images < 1:
         cli.fail(f"--n_images={FLAGS.n_images} is invalid; allowed: an integer ≥ 1")
     if FLAGS.ascent_steps < 0:

@@ -5,9 +5,9 @@
 Measures the training path that ``experiments.main`` runs (device-resident data, on-device
 augmentation, ``steps_per_dispatch`` steps per dispatch): images per second, milliseconds per
 step, compile time, peak memory, and the share of the step spent in the constraints (the
-proximal projections and the FFT norms, timed alone on the same parameters). Uses the config's
-data set if it can be found, random images of the same shape otherwise (speed does not depend
-on pixel values); ``--synthetic`` forces the latter.
+proximal projections and the FFT norms: the step time that ``optim.constraints=False`` saves,
+both timed alike). Uses the config's data set if it can be found, random images of the same
+shape otherwise (speed does not depend on pixel values); ``--synthetic`` forces the latter.
 """
 
 from __future__ import annotations
@@ -49,9 +49,7 @@ def machine() -> str:
 
 def benchmark(config, steps: int, synthetic: bool = False) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    import optax
 
     from stabnet import config as config_lib
     from stabnet import constraints, data, networks, parallel, train
@@ -72,44 +70,37 @@ def benchmark(config, steps: int, synthetic: bool = False) -> dict:
         y = rng.integers(0, classes, len(x)).astype(np.int32)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
-    model = train.model_from_config(config, classes)
-    state, tx, _ = train.create_train_state(config, model, (h, w, c))
-    state = parallel.put_replicated(state, mesh)
-    fns = train.make_step_fns(config, model, tx, mesh, len(x))
     arrays = parallel.put_replicated((x, y, data.pixel_mean(x)), mesh)
-    chunk = min(config.steps_per_dispatch, steps)
 
-    t0 = time.perf_counter()
-    state, acc = train.run_on_device(fns, state, *arrays, chunk)
-    jax.block_until_ready(acc)
-    first = time.perf_counter() - t0
-    done = 0
-    t0 = time.perf_counter()
-    while done < steps:
+    def time_training(config) -> tuple[float, float, int]:
+        """(first chunk's seconds, seconds of the timed steps, timed steps) of ``config``."""
+        model = train.model_from_config(config, classes)
+        state, tx, _ = train.create_train_state(config, model, (h, w, c))
+        state = parallel.put_replicated(state, mesh)
+        fns = train.make_step_fns(config, model, tx, mesh, len(x))
+        chunk = min(config.steps_per_dispatch, steps)
+        t0 = time.perf_counter()
         state, acc = train.run_on_device(fns, state, *arrays, chunk)
-        done += chunk
-    jax.block_until_ready((state, acc))
-    elapsed = time.perf_counter() - t0
+        jax.block_until_ready(acc)
+        first = time.perf_counter() - t0
+        done = 0
+        t0 = time.perf_counter()
+        while done < steps:
+            state, acc = train.run_on_device(fns, state, *arrays, chunk)
+            done += chunk
+        jax.block_until_ready((state, acc))
+        return first, time.perf_counter() - t0, done
+
+    first, elapsed, done = time_training(config)
     step_ms = 1e3 * elapsed / done
-
-    # The constraints alone: the proximal transformations of the optimiser on this state.
-    grids = networks.layer_grids(model.n, (h, w))
-    full, _ = constraints.build_optimizer(config, state.params, grids)
-    plain = optax.chain(optax.trace(decay=config.optim.momentum),
-                        optax.scale_by_learning_rate(0.1))  # fmt: skip
-    updates = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), state.params)
-
-    def timed(tx):
-        opt_state = tx.init(state.params)
-        fn = jax.jit(lambda u, s, p: tx.update(u, s, p)[0])
-        jax.block_until_ready(fn(updates, opt_state, state.params))
-        t = time.perf_counter()
-        for _ in range(20):
-            out = fn(updates, opt_state, state.params)
-        jax.block_until_ready(out)
-        return 1e3 * (time.perf_counter() - t) / 20
-
-    constraint_ms = max(timed(full) - timed(plain), 0.0)
+    # The constraints' share: the same step without them (projections and norms), timed alike.
+    unconstrained_ms = step_ms
+    if config.optim.constraints:
+        off = config.copy_and_resolve_references()
+        off.optim.constraints = False
+        _, elapsed_off, done_off = time_training(off)
+        unconstrained_ms = 1e3 * elapsed_off / done_off
+    constraint_ms = max(step_ms - unconstrained_ms, 0.0)
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return {
@@ -125,8 +116,14 @@ def benchmark(config, steps: int, synthetic: bool = False) -> dict:
         "images_per_second": config.batch_size * done / elapsed,
         "step_ms": step_ms,
         "compile_seconds": first,  # first chunk: compilation + one chunk of steps
+        "unconstrained_step_ms": unconstrained_ms,
         "constraint_ms": constraint_ms,
         "constraint_share": constraint_ms / step_ms,
+        "norm_method": (
+            constraints.norm_method(config.optim.norm_method)
+            if config.model.variant.startswith("resnet_s")
+            else None
+        ),  # fmt: skip
         "peak_memory_bytes": peak,
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "paper_schedule_minutes": config.num_train_steps * step_ms / 6e4,

@@ -144,6 +144,7 @@ def main(argv: list[str]) -> None:
 
     from stabnet import cli
 
+    cli.exact_arithmetic()
     for name in ("absl", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if len(argv) > 1:

@@ -104,6 +104,8 @@ def main(argv: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     from stabnet import cli
 
+    cli.exact_arithmetic()
+
     workdir = FLAGS.workdir
     if not os.path.isdir(workdir):
         cli.fail(f"--workdir={workdir} is not a folder; give the workdir of a trained run")

@@ -36,6 +36,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise  # unreachable: fail() exits
 
 
+def exact_arithmetic() -> None:
+    """Float32 products and convolutions at full precision for the analyses (norms, bounds,
+    certified radii): on GPUs and TPUs the default precision rounds their inputs to TF32 or
+    bfloat16, errors of ~1e-4 relative that a bound must not carry. Training keeps the default."""
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
 @contextlib.contextmanager
 def exit_codes() -> Iterator[None]:
     """Map the library's exceptions to one stderr line and the documented exit codes."""

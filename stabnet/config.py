@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from stabnet import constraints, networks, ops
+from stabnet import constraints, networks, norms, ops
 
 
 class ConfigError(ValueError):
@@ -91,6 +91,7 @@ SCHEMA: dict[str, Field] = {
     "optim.regularizers": _choice(*constraints.REGULARIZER_TABLES),
     "optim.constraints": _BOOL,
     "optim.max_operator_norm": _float(0.0, open_lo=True),
+    "optim.norm_method": _choice("auto", *norms.NORM_METHODS),
 }
 
 

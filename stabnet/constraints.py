@@ -117,12 +117,13 @@ def spectral_rescale(
     pattern: str,
     grids: Mapping[str, tuple[int, int]],
     max_norm: float = SQRT2,
+    method: str = "eigh",
 ) -> optax.GradientTransformation:
     """Rescale so that ``‖A_K‖₂ ≤ max_norm`` for every filter ``K`` whose path matches ``pattern``.
 
     ``K ← K · min(1, max_norm/‖A_K‖₂)``, the norm of ``A_K`` on the layer's grid
     (``grids[layer]``) computed once per step, exactly, by FFT, all layers together
-    (:func:`stabnet.norms.fft_norms`).
+    (:func:`stabnet.norms.fft_norms` with ``method``: ``eigh`` or ``squaring``).
     For ResNet-S (4.2) BN₁ makes the loss blind to the scale of ``K`` in ``A_K`` but not in
     ``A_K^T``; for the certified ResNet-S, which has no BN, this is the condition of Lemma A.1.
     """
@@ -142,8 +143,8 @@ def spectral_rescale(
             zero = jnp.zeros([], jnp.float32)
             return new, SpectralState(zero, zero)
         kernels = [params[name][k] + updates[name][k] for name, k in paths]
-        # All norms at once: one batched eigvalsh per Gram size (norms.fft_norms).
-        norms_ = norms.fft_norms(kernels, [grids[name] for name, _ in paths])
+        # All norms at once: one batch of Gram matrices per size (norms.fft_norms).
+        norms_ = norms.fft_norms(kernels, [grids[name] for name, _ in paths], method=method)
         for (name, k), kernel, norm in zip(paths, kernels, norms_, strict=True):
             factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
             new[name][k] = _exact_update(params[name][k], kernel * factor, factor < 1.0)
@@ -165,6 +166,19 @@ def _exact_update(old: jax.Array, target: jax.Array, shrink: jax.Array) -> jax.A
     slack = ulp * (jnp.abs(old) + jnp.abs(target))  # ≥ the two roundings of old + (t − old)
     pulled = jnp.sign(target) * jnp.maximum(jnp.abs(target) - slack, 0.0)
     return jnp.where(shrink, pulled, target) - old
+
+
+def norm_method(name: str = "auto") -> str:
+    """The exact-norm method of :func:`spectral_rescale` for ``optim.norm_method``: ``auto`` is
+    ``eigh`` (LAPACK) on CPUs and ``squaring`` (batched matrix products) on accelerators, where
+    batched small eigensolvers are slow and can fail to converge (benchmarks/RESULTS.md)."""
+    if name == "auto":
+        return "eigh" if jax.default_backend() == "cpu" else "squaring"
+    if name not in norms.NORM_METHODS:
+        raise ValueError(
+            f"optim.norm_method={name!r} is unknown; allowed: auto, {', '.join(norms.NORM_METHODS)}"
+        )
+    return name
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -220,7 +234,8 @@ def build_optimizer(
         if form.outer == "K2" and form.sign < 0:
             chain.append(nonnegative(path_mask(params, OUTER_FILTER)))
         if form.outer == "adjoint":
-            chain.append(spectral_rescale(SYMMETRIC_FILTER, grids, opt.max_operator_norm))
+            method = norm_method(opt.get("norm_method", "auto"))  # absent in older workdirs
+            chain.append(spectral_rescale(SYMMETRIC_FILTER, grids, opt.max_operator_norm, method))
     return optax.chain(*chain), schedule
 
 

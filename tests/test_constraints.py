@@ -114,14 +114,23 @@ def test_resnet_d_outer_filters_stay_nonnegative():
         assert min(leaves[f"{r}/K1"].min() for r in _res_layers()) < 0.0
 
 
-@pytest.fixture(scope="module", params=["resnet_s", "resnet_s_certified"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("resnet_s", "eigh"),
+        ("resnet_s_certified", "eigh"),
+        ("resnet_s", "squaring"),
+        ("resnet_s_certified", "squaring"),
+    ],  # fmt: skip
+    ids=lambda p: "-".join(p),
+)
 def symmetric_run(request):
-    """3 steps of ResNet-S (or certified) with gradients ×100: ‖A_K‖₂ of every filter after
-    every step."""
-    variant = request.param
+    """3 steps of ResNet-S (or certified) with gradients ×100, the norms by ``method``: ‖A_K‖₂
+    of every filter after every step."""
+    variant, method = request.param
     params, stats = random_variables(variant, 1)
     grads = [random_grads(params, 10 + s, 100.0) for s in range(3)]
-    history, _ = run_steps(make_config(variant), params, grads)
+    history, _ = run_steps(make_config(variant, norm_method=method), params, grads)
     grids = networks.layer_grids(N, HW)
     got = [
         float(norms.fft_norm(p[layer]["K"], grids[layer]))
@@ -341,3 +350,11 @@ def test_constraint_update_with_many_norms_does_not_hang():
     proc = subprocess.run([sys.executable, "-c", _MANY_NORMS], cwd=REPO, capture_output=True,
                           text=True, timeout=240)  # fmt: skip
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_norm_method_auto_picks_by_backend_and_names_bad_values():
+    want = "eigh" if jax.default_backend() == "cpu" else "squaring"
+    assert constraints.norm_method("auto") == want
+    assert constraints.norm_method("squaring") == "squaring"
+    with pytest.raises(ValueError, match="optim.norm_method='svd'"):
+        constraints.norm_method("svd")

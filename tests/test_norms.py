@@ -271,12 +271,54 @@ def test_effective_operator_norms(eff_setup):
     )
 
 
-def test_fft_norms_match_fft_norm_one_by_one():
-    """Batched by Gram size and computed one size after the other, the same norms."""
-    rng = np.random.default_rng(3)
+def _some_kernels(seed: int = 3) -> tuple[list[jax.Array], list[tuple[int, int]]]:
+    rng = np.random.default_rng(seed)
     spec = [(16, 16, (8, 8)), (4, 8, (4, 6)), (16, 16, (4, 4)), (8, 4, (6, 6)), (4, 8, (8, 8))]
     kernels = [jnp.asarray(rng.standard_normal((3, 3, ci, co)), jnp.float32) for ci, co, _ in spec]
-    grids = [g for *_, g in spec]
-    got = jax.jit(lambda ks: jnp.stack(norms.fft_norms(ks, grids)))(kernels)
+    return kernels, [g for *_, g in spec]
+
+
+@pytest.mark.parametrize("method", norms.NORM_METHODS)
+def test_fft_norms_match_fft_norm_one_by_one(method):
+    """Batched by Gram size (by eigensolver or by repeated squaring), the same norms."""
+    kernels, grids = _some_kernels()
+    got = jax.jit(lambda ks: jnp.stack(norms.fft_norms(ks, grids, method=method)))(kernels)
     want = [float(norms.fft_norm(k, g)) for k, g in zip(kernels, grids, strict=True)]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+
+
+def test_fft_norms_fall_back_to_an_upper_bound_where_the_eigensolver_fails(monkeypatch):
+    """An eigensolver that does not converge returns NaN (jax on GPUs); the norm then falls back
+    to ``max_ω ‖K̂(ω)‖_F``, never below the exact norm, instead of poisoning the parameters."""
+    kernels, grids = _some_kernels(4)
+    exact = [float(norms.fft_norm(k, g)) for k, g in zip(kernels, grids, strict=True)]
+    monkeypatch.setattr(jnp.linalg, "eigvalsh", lambda g: jnp.full(g.shape[:-1], jnp.nan))
+    got = np.asarray(jnp.stack(norms.fft_norms(kernels, grids)))
+    frobenius = [np.sqrt((np.abs(np.asarray(norms.conv_symbol(k, g))) ** 2).sum((-2, -1)).max())
+                 for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
+    np.testing.assert_allclose(got, frobenius, rtol=1e-5)
+    assert np.all(got >= np.asarray(exact) * (1 - 1e-6))
+
+
+def test_top_eigenvalue_bracket_brackets_the_exact_eigenvalue():
+    """Repeated squaring: ``lower ≤ λ_max ≤ upper`` (to float32 rounding), upper within the
+    proven factor ``m^{2^{-k}}``, and both within 1e-5 of float64 ``eigvalsh`` on random
+    Gram matrices; equal, rank-one and zero spectra included."""
+    rng = np.random.default_rng(0)
+    m, k = 16, 12
+    s = rng.standard_normal((64, m, m)) + 1j * rng.standard_normal((64, m, m))
+    grams = s @ np.conj(np.swapaxes(s, -1, -2))
+    v = rng.standard_normal(m) + 1j * rng.standard_normal(m)
+    special = np.stack([3.0 * np.eye(m), np.outer(v, np.conj(v)), np.zeros((m, m))])
+    grams = np.concatenate([grams, special])
+    exact = np.linalg.eigvalsh(grams)[:, -1]
+    lower, upper = map(
+        np.asarray, norms.top_eigenvalue_bracket(jnp.asarray(grams, jnp.complex64), k)
+    )
+    assert np.all(lower <= exact * (1 + 2e-6) + 1e-30) and np.all(upper >= exact * (1 - 2e-6))
+    assert np.all(upper <= exact * m ** (2.0**-k) * (1 + 2e-6))
+    random = slice(0, 64)
+    np.testing.assert_allclose(upper[random], exact[random], rtol=1e-5)
+    np.testing.assert_allclose(lower[random], exact[random], rtol=1e-5)
+    np.testing.assert_allclose(lower[-2], exact[-2], rtol=1e-5)  # rank one: exact at once
+    assert lower[-1] == upper[-1] == 0.0

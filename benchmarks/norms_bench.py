@@ -1,0 +1,75 @@
+"""Time and compare the exact-norm methods of ResNet-S's constraint (``optim.norm_method``).
+
+    python benchmarks/norms_bench.py [--n=6] [--reps=20]
+
+For the filters of ResNet-S with ``n`` residual layers per stage on CIFAR grids (32², 16², 8²;
+16, 32, 64 channels) prints, per method, the time of :func:`stabnet.norms.fft_norms` (jitted,
+median of ``reps``) and its largest relative difference from float64 NumPy on the same symbols,
+then the time of one batched ``eigvalsh`` per Gram size. Prints one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stabnet import norms
+
+
+def median_ms(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(1e3 * (time.perf_counter() - t))
+    return float(np.median(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=6)
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    shapes = [((32, 32), 16), ((16, 16), 32), ((8, 8), 64)]
+    grids = [hw for hw, _ in shapes for _ in range(args.n)]
+    kernels = [
+        jnp.asarray(rng.normal(0, (2 / (9 * c)) ** 0.5, (3, 3, c, c)), jnp.float32)
+        for _, c in shapes
+        for _ in range(args.n)
+    ]
+    exact = []
+    for k, hw in zip(kernels, grids, strict=True):
+        sym = np.asarray(norms.conv_symbol(k, hw), np.complex128)
+        exact.append(
+            np.sqrt(np.linalg.eigvalsh(np.conj(np.swapaxes(sym, -1, -2)) @ sym)[..., -1].max())
+        )
+    exact = np.asarray(exact)
+    device = jax.devices()[0].device_kind
+    for method in norms.NORM_METHODS:
+        fn = jax.jit(lambda ks, m=method: jnp.stack(norms.fft_norms(ks, grids, method=m)))
+        got = np.asarray(fn(kernels), np.float64)
+        print(json.dumps({"device": device, "what": f"fft_norms[{method}]", "layers": len(kernels),
+                          "ms": median_ms(fn, kernels, reps=args.reps),
+                          "max_rel_diff": float(np.max(np.abs(got / exact - 1)))}))  # fmt: skip
+    for hw, c in shapes:
+        gram = norms._gram(norms.conv_symbol(kernels[grids.index(hw)], hw))
+        batch = jnp.concatenate([gram] * args.n)
+        top = {
+            "eigvalsh": jax.jit(lambda g: jnp.linalg.eigvalsh(g)[:, -1]),
+            "squaring": jax.jit(lambda g: norms.top_eigenvalue_bracket(g)[1]),
+        }
+        for what, fn in top.items():
+            ms = median_ms(fn, batch, reps=args.reps)
+            print(json.dumps({"device": device, "what": what, "size": c,
+                              "batch": int(batch.shape[0]), "ms": ms}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
