@@ -130,13 +130,18 @@ def test_references_agree():
     np.testing.assert_allclose(np_conv(x, centre), x @ k[1, 1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fold_batch", [True, False], ids=["side-by-side", "per-image"])
 @pytest.mark.parametrize("padding", ["circular", "zeros"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("hw,ci,co", CONV_SHAPES)
-def test_conv_equals_dense_matrix(hw, ci, co, stride, padding):
+def test_conv_equals_dense_matrix(hw, ci, co, stride, padding, fold_batch):
+    """Both formulations of :func:`ops.conv` (the images side by side, CPU's default; or one by
+    one) against the dense reference."""
     rng = np.random.default_rng(hash((hw, ci, co, stride)) % 2**32)
     x, k = rand(rng, 3, *hw, ci), rand(rng, 3, 3, ci, co)
-    y = np.asarray(ops.conv(jnp.asarray(x), jnp.asarray(k), stride=stride, padding=padding))
+    y = ops.conv(jnp.asarray(x), jnp.asarray(k), stride=stride, padding=padding,
+                 fold_batch=fold_batch)  # fmt: skip
+    y = np.asarray(y)
     ref = np_conv(x, k, stride, padding)
     assert y.shape == ref.shape
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
@@ -339,16 +344,22 @@ def test_update_running():
     np.testing.assert_allclose(np.asarray(new.var), [0.9 * 3 + 0.05, 0.9 * 4 + 0.2], rtol=1e-6)
 
 
-def test_conv_is_jittable_and_differentiable():
-    """The filter gradient of ⟨A_K x, y⟩ is the correlation of x with y (dense check)."""
+@pytest.mark.parametrize("fold_batch", [True, False], ids=["side-by-side", "per-image"])
+def test_conv_is_jittable_and_differentiable(fold_batch):
+    """The filter gradient of ⟨A_K x, y⟩ is the correlation of x with y, summed over the batch
+    (dense check), and the input gradient is ``A_K^T y``."""
     rng = np.random.default_rng(8)
-    x, y, k = rand(rng, 1, 4, 4, 2), rand(rng, 1, 4, 4, 3), rand(rng, 3, 3, 2, 3)
-    grad = jax.jit(jax.grad(lambda k: jnp.vdot(ops.conv(jnp.asarray(x), k), jnp.asarray(y))))(
-        jnp.asarray(k)
-    )
+    x, y, k = rand(rng, 3, 4, 5, 2), rand(rng, 3, 4, 5, 3), rand(rng, 3, 3, 2, 3)
+
+    def inner(x, k):
+        return jnp.vdot(ops.conv(x, k, fold_batch=fold_batch), jnp.asarray(y))
+
+    gx, gk = jax.jit(jax.grad(inner, (0, 1)))(jnp.asarray(x), jnp.asarray(k))
     ref = np.zeros_like(k, dtype=np.float64)
     for a in range(3):
         for b in range(3):
-            shifted = np.roll(x[0], shift=(-(a - 1), -(b - 1)), axis=(0, 1)).astype(np.float64)
-            ref[a, b] = np.einsum("hwi,hwo->io", shifted, y[0])
-    np.testing.assert_allclose(np.asarray(grad), ref, rtol=1e-5, atol=1e-5)
+            shifted = np.roll(x, shift=(-(a - 1), -(b - 1)), axis=(1, 2)).astype(np.float64)
+            ref[a, b] = np.einsum("nhwi,nhwo->io", shifted, y)
+    np.testing.assert_allclose(np.asarray(gk), ref, rtol=1e-5, atol=1e-5)
+    want = ops.conv_transpose(jnp.asarray(y), jnp.asarray(k), padding="circular")
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(want), rtol=1e-5, atol=1e-5)
