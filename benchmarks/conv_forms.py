@@ -22,8 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     import jax
 
-    if jax.default_backend() == "cpu":
-        jax.config.update("jax_num_cpu_devices", args.devices)
+    jax.config.update("jax_num_cpu_devices", args.devices)  # CPU only; before any JAX work
     import numpy as np
 
     from experiments.configs import d_depth18
