@@ -52,7 +52,7 @@ def benchmark(config, steps: int, synthetic: bool = False) -> dict:
     import numpy as np
 
     from stabnet import config as config_lib
-    from stabnet import constraints, data, networks, parallel, train
+    from stabnet import constraints, data, layers, networks, parallel, train
 
     config_lib.validate(config)
     h, w, c, classes = data.SHAPES[config.data.name]
@@ -101,6 +101,8 @@ def benchmark(config, steps: int, synthetic: bool = False) -> dict:
         _, elapsed_off, done_off = time_training(off)
         unconstrained_ms = 1e3 * elapsed_off / done_off
     constraint_ms = max(step_ms - unconstrained_ms, 0.0)
+    spectral = layers.RESIDUAL_FORMS[config.model.variant].outer == "adjoint"  # ResNet-S forms
+    norm_method = constraints.norm_method(config.optim.norm_method) if spectral else None
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return {
@@ -119,11 +121,7 @@ def benchmark(config, steps: int, synthetic: bool = False) -> dict:
         "unconstrained_step_ms": unconstrained_ms,
         "constraint_ms": constraint_ms,
         "constraint_share": constraint_ms / step_ms,
-        "norm_method": (
-            constraints.norm_method(config.optim.norm_method)
-            if config.model.variant.startswith("resnet_s")
-            else None
-        ),  # fmt: skip
+        "norm_method": norm_method,
         "peak_memory_bytes": peak,
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "paper_schedule_minutes": config.num_train_steps * step_ms / 6e4,

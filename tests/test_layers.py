@@ -174,9 +174,7 @@ def test_certified_layer_is_1_lipschitz():
         params = {k: jnp.asarray(v, jnp.float64) for k, v in d.items()}
         stats = {}
         assert float(norms.fft_norm(params["K"], hw)) == pytest.approx(math.sqrt(2.0), rel=1e-5)
-        f = jax.jit(
-            lambda z: residual("resnet_s_certified", params, z, stats)[0]  # fmt: skip
-        )
+        f = jax.jit(lambda z: residual("resnet_s_certified", params, z, stats)[0])
         out = np.asarray(f(jnp.asarray(np.concatenate([x, y]))))
     fx, fy = out[:n], out[n:]
     num = np.sqrt(((fx - fy) ** 2).sum(axis=(1, 2, 3)))
