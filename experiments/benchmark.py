@@ -13,6 +13,7 @@ shape otherwise (speed does not depend on pixel values); ``--synthetic`` forces 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import time
@@ -31,8 +32,6 @@ flags.mark_flags_as_required(["config"])
 
 def machine() -> str:
     """The device, in words (GPU/TPU kind, or CPU model and core count)."""
-    import os
-
     import jax
 
     d = jax.devices()[0]
@@ -124,6 +123,7 @@ def benchmark(config, steps: int, synthetic: bool = False) -> dict:
         "norm_method": norm_method,
         "peak_memory_bytes": peak,
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages: stabnet.cli
         "paper_schedule_minutes": config.num_train_steps * step_ms / 6e4,
     }
 
@@ -158,6 +158,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from stabnet.cli import parse_flags
+    from stabnet.cli import parse_flags, use_huge_pages
 
+    use_huge_pages()
     app.run(main, flags_parser=parse_flags)

@@ -54,6 +54,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from stabnet.cli import parse_flags
+    from stabnet.cli import parse_flags, use_huge_pages
 
+    use_huge_pages()
     app.run(main, flags_parser=parse_flags)
