@@ -123,7 +123,7 @@ def spectral_rescale(
 
     ``K ← K · min(1, max_norm/‖A_K‖₂)``, the norm of ``A_K`` on the layer's grid
     (``grids[layer]``) computed once per step, exactly, by FFT, all layers together
-    (:func:`stabnet.norms.fft_norms` with ``method``: ``eigh`` or ``squaring``).
+    (:func:`stabnet.norms.fft_norms` with ``method``: ``eigh``, ``screened`` or ``squaring``).
     For ResNet-S (4.2) BN₁ makes the loss blind to the scale of ``K`` in ``A_K`` but not in
     ``A_K^T``; for the certified ResNet-S, which has no BN, this is the condition of Lemma A.1.
     """
@@ -170,10 +170,11 @@ def _exact_update(old: jax.Array, target: jax.Array, shrink: jax.Array) -> jax.A
 
 def norm_method(name: str = "auto") -> str:
     """The exact-norm method of :func:`spectral_rescale` for ``optim.norm_method``: ``auto`` is
-    ``eigh`` (LAPACK) on CPUs and ``squaring`` (batched matrix products) on accelerators, where
-    batched small eigensolvers are slow and can fail to converge (benchmarks/RESULTS.md)."""
+    ``screened`` (LAPACK on a few frequencies per layer, the same numbers as ``eigh``) on CPUs and
+    ``squaring`` (batched matrix products) on accelerators, where batched small eigensolvers are
+    slow and can fail to converge (benchmarks/RESULTS.md)."""
     if name == "auto":
-        return "eigh" if jax.default_backend() == "cpu" else "squaring"
+        return "screened" if jax.default_backend() == "cpu" else "squaring"
     if name not in norms.NORM_METHODS:
         raise ValueError(
             f"optim.norm_method={name!r} is unknown; allowed: auto, {', '.join(norms.NORM_METHODS)}"

@@ -92,7 +92,26 @@ def _gram(sym: jax.Array) -> jax.Array:
     return gram.reshape(-1, *gram.shape[-2:])
 
 
-NORM_METHODS = ("eigh", "squaring")
+NORM_METHODS = ("eigh", "screened", "squaring")
+
+
+_TINY = float(np.finfo(np.float32).tiny)
+_HI = jax.lax.Precision.HIGHEST  # float32 products (no TF32 on GPUs)
+
+
+def _squarings(gram: jax.Array, count: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(tr G, G_count, log of the upper bound after count squarings)``, see
+    :func:`top_eigenvalue_bracket`."""
+    trace = jnp.real(jnp.trace(gram, axis1=-2, axis2=-1))
+    t0 = jnp.maximum(trace, _TINY)
+    g = gram / t0[:, None, None].astype(gram.dtype)
+    log_upper = jnp.log(t0)
+    for j in range(1, count + 1):
+        g = jnp.matmul(g, g, precision=_HI)
+        t = jnp.maximum(jnp.real(jnp.trace(g, axis1=-2, axis2=-1)), _TINY)
+        g = g / t[:, None, None].astype(g.dtype)
+        log_upper = log_upper + jnp.log(t) / 2.0**j
+    return trace, g, log_upper
 
 
 def top_eigenvalue_bracket(gram: jax.Array, squarings: int = 16) -> tuple[jax.Array, jax.Array]:
@@ -107,23 +126,66 @@ def top_eigenvalue_bracket(gram: jax.Array, squarings: int = 16) -> tuple[jax.Ar
     the top eigenvector(s), so its column of largest diagonal is a vector whose Rayleigh quotient,
     ``lower ≤ λ_max(G)``, is accurate to the square of that vector's error.
     """
-    hi = jax.lax.Precision.HIGHEST  # float32 products (no TF32 on GPUs)
-    trace = jnp.real(jnp.trace(gram, axis1=-2, axis2=-1))
-    t0 = jnp.maximum(trace, jnp.finfo(jnp.float32).tiny)
-    g = gram / t0[:, None, None].astype(gram.dtype)
-    log_upper = jnp.log(t0)
-    for j in range(1, squarings + 1):
-        g = jnp.matmul(g, g, precision=hi)
-        t = jnp.maximum(jnp.real(jnp.trace(g, axis1=-2, axis2=-1)), jnp.finfo(jnp.float32).tiny)
-        g = g / t[:, None, None].astype(g.dtype)
-        log_upper = log_upper + jnp.log(t) / 2.0**j
+    trace, g, log_upper = _squarings(gram, squarings)
     diag = jnp.real(jnp.diagonal(g, axis1=-2, axis2=-1))
     v = jnp.take_along_axis(g, jnp.argmax(diag, -1)[:, None, None], axis=-1)[..., 0]  # [B, m]
-    gv = jnp.einsum("bij,bj->bi", gram, v, precision=hi)
+    gv = jnp.einsum("bij,bj->bi", gram, v, precision=_HI)
     num = jnp.real(jnp.sum(jnp.conj(v) * gv, -1))
-    den = jnp.maximum(jnp.real(jnp.sum(jnp.conj(v) * v, -1)), jnp.finfo(jnp.float32).tiny)
+    den = jnp.maximum(jnp.real(jnp.sum(jnp.conj(v) * v, -1)), _TINY)
     upper = jnp.where(trace > 0, jnp.exp(log_upper), 0.0)
     return jnp.minimum(num / den, upper), upper
+
+
+def top_eigenvalue_upper(gram: jax.Array, squarings: int = 16) -> jax.Array:
+    """The upper end of :func:`top_eigenvalue_bracket` with one matrix product fewer: the last
+    trace, ``t_k = tr G_{k−1}²``, is ``‖G_{k−1}‖²_F`` for a Hermitian ``G_{k−1}``."""
+    trace, g, log_upper = _squarings(gram, squarings - 1)
+    t = jnp.maximum(jnp.sum(jnp.real(g * jnp.conj(g)), axis=(-2, -1)), _TINY)
+    log_upper = log_upper + jnp.log(t) / 2.0**squarings
+    return jnp.where(trace > 0, jnp.exp(log_upper), 0.0)
+
+
+def _eigh_top(batch: jax.Array) -> jax.Array:
+    """``λ_max`` of each matrix by ``eigvalsh``; where the solver fails (a non-finite eigenvalue),
+    the upper bound ``tr G = ‖K̂(ω)‖²_F ≥ σ²_max``."""
+    top = jnp.linalg.eigvalsh(batch)[:, -1]
+    frobenius = jnp.real(jnp.trace(batch, axis1=-2, axis2=-1))
+    return jnp.where(jnp.isfinite(top), top, frobenius)
+
+
+def _segment_max(values: jax.Array, counts: Sequence[int]) -> jax.Array:
+    """The maximum of each consecutive segment of ``values`` of the given lengths."""
+    starts = np.cumsum([0, *counts])
+    return jnp.stack([jnp.max(values[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)])
+
+
+def screened_top_eigenvalues(
+    batch: jax.Array, counts: Sequence[int], *, candidates: int = 8, squarings: int = 4
+) -> tuple[jax.Array, jax.Array]:
+    """``max_ω λ_max(G(ω))`` of each layer, exactly (as ``eigvalsh``), solving few eigenproblems.
+
+    ``batch`` holds the Gram matrices of consecutive layers, ``counts[i]`` frequencies each. A few
+    squarings of :func:`top_eigenvalue_bracket` give an upper bound ``u(ω) ≥ λ_max(G(ω))`` at
+    every frequency; ``eigvalsh`` then runs on each layer's ``candidates`` frequencies of largest
+    ``u`` only, whose largest eigenvalue ``L`` is the layer's exact maximum as soon as every
+    other frequency has ``u(ω) ≤ L``. Where that certificate fails for any layer, all
+    frequencies are solved (:func:`jax.lax.cond`), so the result is exact either way.
+
+    Returns ``(tops [layers], certified)``, ``certified`` a boolean scalar: no fallback was needed.
+    """
+    upper = top_eigenvalue_upper(batch, squarings)
+    starts = np.cumsum([0, *counts])
+    picks, rest, sizes = [], [], []
+    for start, count in zip(starts[:-1], counts, strict=True):
+        k = min(candidates, count)
+        vals, idx = jax.lax.top_k(upper[start : start + count], min(k + 1, count))
+        picks.append(start + idx[:k])
+        rest.append(vals[k] if count > k else jnp.zeros((), upper.dtype))
+        sizes.append(k)
+    tops = _segment_max(_eigh_top(batch[jnp.concatenate(picks)]), sizes)
+    certified = jnp.all(jnp.stack(rest) <= tops)
+    tops = jax.lax.cond(certified, lambda: tops, lambda: _segment_max(_eigh_top(batch), counts))
+    return tops, certified
 
 
 def fft_norms(
@@ -140,8 +202,11 @@ def fft_norms(
     choosing the call, runs exactly one at a time on every backend. Where the eigensolver fails
     (a non-finite eigenvalue), the norm falls back to the upper bound ``max_ω ‖K̂(ω)‖_F``.
 
-    ``method="squaring"``: the upper end of :func:`top_eigenvalue_bracket` (matrix products
-    only; never below the exact norm, so a constraint enforced with it holds).
+    ``method="screened"``: the same numbers as ``eigh`` with ``eigvalsh`` on a few frequencies
+    per layer (:func:`screened_top_eigenvalues`), serialised the same way.
+
+    ``method="squaring"``: :func:`top_eigenvalue_upper` (matrix products only; never below the
+    exact norm, so a constraint enforced with it holds).
     """
     if method not in NORM_METHODS:
         raise ValueError(f"norm method {method!r} is unknown; allowed: {', '.join(NORM_METHODS)}")
@@ -150,22 +215,18 @@ def fft_norms(
     groups = [[i for i, g in enumerate(grams) if g.shape[-1] == m] for m in sizes]
     batches = [jnp.concatenate([grams[i] for i in members]) for members in groups]
 
-    def top_eigenvalues(batch: jax.Array) -> jax.Array:
+    def layer_tops(j: int, batch: jax.Array) -> jax.Array:
+        counts = [grams[i].shape[0] for i in groups[j]]
+        if method == "screened":
+            return screened_top_eigenvalues(batch, counts)[0]
         if method == "squaring":
-            return top_eigenvalue_bracket(batch)[1]
-        top = jnp.linalg.eigvalsh(batch)[:, -1]
-        frobenius = jnp.real(jnp.trace(batch, axis1=-2, axis2=-1))  # ‖K̂(ω)‖²_F ≥ σ²_max
-        return jnp.where(jnp.isfinite(top), top, frobenius)
+            return _segment_max(top_eigenvalue_upper(batch), counts)
+        return _segment_max(_eigh_top(batch), counts)
 
     def top_of_group(j: int) -> Callable[[list[jax.Array]], jax.Array]:
         def top(batches: list[jax.Array]) -> jax.Array:
-            eig = top_eigenvalues(batches[j])
-            out, start = jnp.zeros(len(grams), jnp.float32), 0
-            for i in groups[j]:
-                count = grams[i].shape[0]
-                out = out.at[i].set(jnp.max(eig[start : start + count]))
-                start += count
-            return out
+            out = jnp.zeros(len(grams), jnp.float32)
+            return out.at[jnp.asarray(groups[j])].set(layer_tops(j, batches[j]))
 
         return top
 

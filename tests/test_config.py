@@ -90,7 +90,7 @@ def test_unknown_dataset_argument():
         ("data.augment_flip", 1, "true or false"),
         ("model.use_bn", "yes", "true or false"),
         ("on_nonfinite", "ignore", "stop, skip"),
-        ("optim.norm_method", "svd", "auto, eigh, squaring"),
+        ("optim.norm_method", "svd", "auto, eigh, screened, squaring"),
     ],
 )
 def test_validation_names_the_field(key, value, words):

@@ -121,6 +121,7 @@ def test_resnet_d_outer_filters_stay_nonnegative():
         ("resnet_s_certified", "eigh"),
         ("resnet_s", "squaring"),
         ("resnet_s_certified", "squaring"),
+        ("resnet_s", "screened"),
     ],  # fmt: skip
     ids=lambda p: "-".join(p),
 )
@@ -331,29 +332,32 @@ _MANY_NORMS = """
 import jax, jax.numpy as jnp
 from experiments.configs import s_depth20
 from stabnet import train
-config = s_depth20.get_config()
-model = train.model_from_config(config, 10)
-state, tx, _ = train.create_train_state(config, model, (32, 32, 3))
-updates = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), state.params)
-update = jax.jit(lambda u, s, p: tx.update(u, s, p)[0])
-opt_state = tx.init(state.params)
-for _ in range(5):
-    jax.block_until_ready(update(updates, opt_state, state.params))
+for method in ("eigh", "screened"):
+    config = s_depth20.get_config()
+    config.optim.norm_method = method
+    model = train.model_from_config(config, 10)
+    state, tx, _ = train.create_train_state(config, model, (32, 32, 3))
+    updates = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), state.params)
+    update = jax.jit(lambda u, s, p: tx.update(u, s, p)[0])
+    opt_state = tx.init(state.params)
+    for _ in range(5):
+        jax.block_until_ready(update(updates, opt_state, state.params))
 print("done")
 """
 
 
 def test_constraint_update_with_many_norms_does_not_hang():
-    """ResNet-S depth 20 (16 spectral norms, three Gram sizes): the jitted constraint update
-    finishes. With one concurrent batched ``eigvalsh`` per layer, jaxlib 0.10's CPU LAPACK
-    deadlocked XLA's thread pool in 5 of 6 runs here (see :func:`stabnet.norms.fft_norms`)."""
+    """ResNet-S depth 20 (18 spectral norms, three Gram sizes): the jitted constraint update
+    finishes, with norms by ``eigh`` and by ``screened`` (which also calls ``eigvalsh``). With
+    one concurrent batched ``eigvalsh`` per layer, jaxlib 0.10's CPU LAPACK deadlocked XLA's
+    thread pool in 5 of 6 runs here (see :func:`stabnet.norms.fft_norms`)."""
     proc = subprocess.run([sys.executable, "-c", _MANY_NORMS], cwd=REPO, capture_output=True,
                           text=True, timeout=240)  # fmt: skip
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_norm_method_auto_picks_by_backend_and_names_bad_values():
-    want = "eigh" if jax.default_backend() == "cpu" else "squaring"
+    want = "screened" if jax.default_backend() == "cpu" else "squaring"
     assert constraints.norm_method("auto") == want
     assert constraints.norm_method("squaring") == "squaring"
     with pytest.raises(ValueError, match="optim.norm_method='svd'"):

@@ -293,6 +293,8 @@ def test_fft_norms_fall_back_to_an_upper_bound_where_the_eigensolver_fails(monke
     kernels, grids = _some_kernels(4)
     exact = [float(norms.fft_norm(k, g)) for k, g in zip(kernels, grids, strict=True)]
     monkeypatch.setattr(jnp.linalg, "eigvalsh", lambda g: jnp.full(g.shape[:-1], jnp.nan))
+    screened = np.asarray(jnp.stack(norms.fft_norms(kernels, grids, method="screened")))
+    assert np.all(screened >= np.asarray(exact) * (1 - 1e-6))
     got = np.asarray(jnp.stack(norms.fft_norms(kernels, grids)))
     frobenius = [np.sqrt((np.abs(np.asarray(norms.conv_symbol(k, g))) ** 2).sum((-2, -1)).max())
                  for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
@@ -322,3 +324,42 @@ def test_top_eigenvalue_bracket_brackets_the_exact_eigenvalue():
     np.testing.assert_allclose(lower[random], exact[random], rtol=1e-5)
     np.testing.assert_allclose(lower[-2], exact[-2], rtol=1e-5)  # rank one: exact at once
     assert lower[-1] == upper[-1] == 0.0
+
+
+def test_top_eigenvalue_upper_is_the_brackets_upper_end_with_a_product_fewer():
+    rng = np.random.default_rng(1)
+    m = 12
+    s_ = rng.standard_normal((32, m, m)) + 1j * rng.standard_normal((32, m, m))
+    grams = jnp.asarray(s_ @ np.conj(np.swapaxes(s_, -1, -2)), jnp.complex64)
+    exact = np.linalg.eigvalsh(np.asarray(grams, np.complex128))[:, -1]
+    for k in (1, 4, 16):
+        upper = np.asarray(norms.top_eigenvalue_upper(grams, k))
+        np.testing.assert_allclose(upper, np.asarray(norms.top_eigenvalue_bracket(grams, k)[1]),
+                                   rtol=2e-6)  # fmt: skip
+        assert np.all(upper >= exact * (1 - 2e-6))
+
+
+def _layer_grams(kernels, grids):
+    grams = [norms._gram(norms.conv_symbol(k, g)) for k, g in zip(kernels, grids, strict=True)]
+    return jnp.concatenate(grams), [g.shape[0] for g in grams]
+
+
+def test_screened_top_eigenvalues_are_exact_with_or_without_the_certificate():
+    """Random filters: the few-candidate certificate holds and the maxima equal float64
+    ``eigvalsh`` over all frequencies. A flat spectrum (identity filters: every frequency's Gram
+    is ``I``) defeats the certificate, and the fallback to all frequencies is exact too."""
+    rng = np.random.default_rng(5)
+    kernels = [jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32) for _ in range(3)]
+    grids = [(8, 8), (8, 8), (6, 6)]
+    batch, counts = _layer_grams(kernels, grids)
+    tops, certified = norms.screened_top_eigenvalues(batch, counts, candidates=4)
+    want = [np.linalg.eigvalsh(np.asarray(norms._gram(norms.conv_symbol(k, g)), np.complex128))
+            [:, -1].max() for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
+    assert bool(certified)
+    np.testing.assert_allclose(np.asarray(tops), want, rtol=1e-5)
+
+    identity = jnp.zeros((3, 3, 8, 8), jnp.float32).at[1, 1].set(jnp.eye(8))
+    batch, counts = _layer_grams([identity, kernels[0]], [(8, 8), (8, 8)])
+    tops, certified = norms.screened_top_eigenvalues(batch, counts, candidates=4)
+    assert not bool(certified)
+    np.testing.assert_allclose(np.asarray(tops), [1.0, want[0]], rtol=1e-5)
