@@ -347,7 +347,7 @@ print("done")
 
 
 def test_constraint_update_with_many_norms_does_not_hang():
-    """ResNet-S depth 20 (18 spectral norms, three Gram sizes): the jitted constraint update
+    """ResNet-S depth 20 (16 spectral norms, three Gram sizes): the jitted constraint update
     finishes, with norms by ``eigh`` and by ``screened`` (which also calls ``eigvalsh``). With
     one concurrent batched ``eigvalsh`` per layer, jaxlib 0.10's CPU LAPACK deadlocked XLA's
     thread pool in 5 of 6 runs here (see :func:`stabnet.norms.fft_norms`)."""
