@@ -80,23 +80,22 @@ def fft_norm(
     return jnp.sqrt(jnp.maximum(jnp.max(top), 0.0))
 
 
+_TINY = float(np.finfo(np.float32).tiny)
+# float32 products: the GPU default (TF32) puts ~4e-5 relative error into the norm (H100).
+_HI = jax.lax.Precision.HIGHEST
+
+
 def _gram(sym: jax.Array) -> jax.Array:
     """The smaller Gram matrix of each symbol, ``S Sᴴ`` or ``Sᴴ S``, as ``[F, m, m]``."""
     co, ci = sym.shape[-2:]
     sym_h = jnp.conj(jnp.swapaxes(sym, -1, -2))
-    # float32 products: the GPU default (TF32) puts ~4e-5 relative error into the norm (H100).
-    hi = jax.lax.Precision.HIGHEST
     gram = (
-        jnp.matmul(sym, sym_h, precision=hi) if co <= ci else jnp.matmul(sym_h, sym, precision=hi)
+        jnp.matmul(sym, sym_h, precision=_HI) if co <= ci else jnp.matmul(sym_h, sym, precision=_HI)
     )
     return gram.reshape(-1, *gram.shape[-2:])
 
 
 NORM_METHODS = ("eigh", "screened", "squaring")
-
-
-_TINY = float(np.finfo(np.float32).tiny)
-_HI = jax.lax.Precision.HIGHEST  # float32 products (no TF32 on GPUs)
 
 
 def _squarings(gram: jax.Array, count: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -165,7 +164,7 @@ def screened_top_eigenvalues(
     """``max_ω λ_max(G(ω))`` of each layer, exactly (as ``eigvalsh``), solving few eigenproblems.
 
     ``batch`` holds the Gram matrices of consecutive layers, ``counts[i]`` frequencies each. A few
-    squarings of :func:`top_eigenvalue_bracket` give an upper bound ``u(ω) ≥ λ_max(G(ω))`` at
+    squarings (:func:`top_eigenvalue_upper`) give an upper bound ``u(ω) ≥ λ_max(G(ω))`` at
     every frequency; ``eigvalsh`` then runs on each layer's ``candidates`` frequencies of largest
     ``u`` only, whose largest eigenvalue ``L`` is the layer's exact maximum as soon as every
     other frequency has ``u(ω) ≤ L``. Where that certificate fails for any layer, all

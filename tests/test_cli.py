@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -35,18 +34,9 @@ def test_huge_pages_env_changes_nothing_where_it_should_not(environ, thp):
     assert cli.huge_pages_env(environ, thp) is None
 
 
-def _thp_available() -> bool:
-    libc, version = platform.libc_ver()
-    try:
-        with open(cli.THP_SETTING) as f:
-            thp = f.read()
-    except OSError:
-        return False
-    ok = libc == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35)
-    return ok and "[never]" not in thp
-
-
-@pytest.mark.skipif(not _thp_available(), reason="needs glibc ≥ 2.35 and THP not 'never'")
+@pytest.mark.skipif(
+    cli.huge_pages_env({}, cli.thp_setting()) is None, reason="needs glibc ≥ 2.35 and THP"
+)
 def test_use_huge_pages_reexecutes_once_with_the_same_arguments():
     code = (
         "import os, sys; from stabnet import cli; print('start', flush=True); cli.use_huge_pages();"
