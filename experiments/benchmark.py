@@ -5,9 +5,10 @@
 Measures the training path that ``experiments.main`` runs (device-resident data, on-device
 augmentation, ``steps_per_dispatch`` steps per dispatch): images per second, milliseconds per
 step, compile time, peak memory, and the share of the step spent in the constraints (the
-proximal projections and the FFT norms: the step time that ``optim.constraints=False`` saves,
-both timed alike). Uses the config's data set if it can be found, random images of the same
-shape otherwise (speed does not depend on pixel values); ``--synthetic`` forces the latter.
+proximal projections and the FFT norms: the median step time that ``optim.constraints=False``
+saves, the two timed in alternating chunks). Uses the config's data set if it can be found,
+random images of the same shape otherwise (speed does not depend on pixel values);
+``--synthetic`` forces the latter.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path of a config file (PATH or PATH:ARG).")
 flags.DEFINE_integer("steps", 50, "Timed steps (after one warm-up chunk).")
+flags.DEFINE_integer(
+    "warmup",
+    0,
+    "Untimed steps after the first chunk, e.g. for ResNet-S's screened norms, which "
+    "solve more eigenproblems in the first ~30 steps (flat spectra at initialisation).",
+)
 flags.DEFINE_bool("json", False, "Print one JSON object.")
 flags.DEFINE_bool("synthetic", False, "Random images of the data set's shape, not the data.")
 flags.DEFINE_integer("cpu_devices", None, "Split the CPU into this many JAX devices.")
@@ -46,7 +53,7 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores ({jax.device_count()} JAX CPU device(s))"
 
 
-def benchmark(config, steps: int, synthetic: bool = False) -> dict:
+def benchmark(config, steps: int, synthetic: bool = False, warmup: int = 0) -> dict:
     import jax
     import numpy as np
 
@@ -71,35 +78,46 @@ def benchmark(config, steps: int, synthetic: bool = False) -> dict:
     parallel.check_batch_size(config.batch_size, mesh)
     arrays = parallel.put_replicated((x, y, data.pixel_mean(x)), mesh)
 
-    def time_training(config) -> tuple[float, float, int]:
-        """(first chunk's seconds, seconds of the timed steps, timed steps) of ``config``."""
+    def prepare(config) -> list:
+        """``[state, step functions]`` of ``config``, on the mesh."""
         model = train.model_from_config(config, classes)
         state, tx, _ = train.create_train_state(config, model, (h, w, c))
-        state = parallel.put_replicated(state, mesh)
-        fns = train.make_step_fns(config, model, tx, mesh, len(x))
-        chunk = min(config.steps_per_dispatch, steps)
-        t0 = time.perf_counter()
-        state, acc = train.run_on_device(fns, state, *arrays, chunk)
-        jax.block_until_ready(acc)
-        first = time.perf_counter() - t0
-        done = 0
-        t0 = time.perf_counter()
-        while done < steps:
-            state, acc = train.run_on_device(fns, state, *arrays, chunk)
-            done += chunk
-        jax.block_until_ready((state, acc))
-        return first, time.perf_counter() - t0, done
+        return [
+            parallel.put_replicated(state, mesh),
+            train.make_step_fns(config, model, tx, mesh, len(x)),
+        ]
 
-    first, elapsed, done = time_training(config)
-    step_ms = 1e3 * elapsed / done
-    # The constraints' share: the same step without them (projections and norms), timed alike.
-    unconstrained_ms = step_ms
+    # The constraints' share: the same step without them (projections and norms). The two are
+    # timed in alternating chunks, so that a drift of the machine's speed hits both alike.
+    runs = {"on": prepare(config)}
     if config.optim.constraints:
         off = config.copy_and_resolve_references()
         off.optim.constraints = False
-        _, elapsed_off, done_off = time_training(off)
-        unconstrained_ms = 1e3 * elapsed_off / done_off
-    constraint_ms = max(step_ms - unconstrained_ms, 0.0)
+        runs["off"] = prepare(off)
+    chunk = min(config.steps_per_dispatch, steps)
+
+    def timed_chunk(run: list) -> float:
+        t0 = time.perf_counter()
+        run[0], acc = train.run_on_device(run[1], run[0], *arrays, chunk)
+        jax.block_until_ready((run[0], acc))
+        return time.perf_counter() - t0
+
+    first = timed_chunk(runs["on"])  # compilation + one chunk
+    if "off" in runs:
+        timed_chunk(runs["off"])  # its compilation
+    warmup_chunks = -(-warmup // chunk)
+    for _ in range(warmup_chunks):  # untimed (--warmup)
+        for run in runs.values():
+            timed_chunk(run)
+    ms = {name: [] for name in runs}  # ms per step of each timed chunk
+    while len(ms["on"]) * chunk < steps:
+        for name, run in runs.items():
+            ms[name].append(1e3 * timed_chunk(run) / chunk)
+    done = chunk * len(ms["on"])
+    step_ms = float(np.mean(ms["on"]))
+    unconstrained_ms = float(np.mean(ms.get("off", ms["on"])))
+    saved = np.subtract(ms["on"], ms.get("off", ms["on"]))  # per round: what the constraints cost
+    constraint_ms = max(float(np.median(saved)), 0.0)
     spectral = layers.RESIDUAL_FORMS[config.model.variant].outer == "adjoint"  # ResNet-S forms
     norm_method = constraints.norm_method(config.optim.norm_method) if spectral else None
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -114,12 +132,14 @@ def benchmark(config, steps: int, synthetic: bool = False) -> dict:
         "steps_per_dispatch": config.steps_per_dispatch,
         "data": source,
         "steps": done,
-        "images_per_second": config.batch_size * done / elapsed,
+        "warmup_steps": chunk * warmup_chunks,
+        "images_per_second": 1e3 * config.batch_size / step_ms,
         "step_ms": step_ms,
         "compile_seconds": first,  # first chunk: compilation + one chunk of steps
         "unconstrained_step_ms": unconstrained_ms,
         "constraint_ms": constraint_ms,
-        "constraint_share": constraint_ms / step_ms,
+        "constraint_share": constraint_ms / float(np.median(ms["on"])),
+        "constraint_ms_range": [float(saved.min()), float(saved.max())],  # over the rounds
         "norm_method": norm_method,
         "peak_memory_bytes": peak,
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -139,7 +159,7 @@ def main(argv: list[str]) -> None:
     from stabnet.config import ConfigError
 
     try:
-        r = benchmark(FLAGS.config, FLAGS.steps, FLAGS.synthetic)
+        r = benchmark(FLAGS.config, FLAGS.steps, FLAGS.synthetic, FLAGS.warmup)
     except (ConfigError, ValueError) as e:
         cli.fail(str(e))
     if FLAGS.json:

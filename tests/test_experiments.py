@@ -248,3 +248,28 @@ def test_growth_without_bn(tmp_path):
     )
     assert "per 4 layers" in open(os.path.join(out, "growth.md")).read()
     _assert_png(os.path.join(out, "growth.png"))
+
+
+# --------------------------------------------------------------------------------------------
+# benchmark.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_benchmark_json_and_refusal():
+    """``--json`` prints the issue's fields, consistent with each other; a bad value is refused
+    in one line with a non-zero exit."""
+    proc = _run("-m", "experiments.benchmark", f"--config={QUICKSTART}", "--steps=4", "--json",
+                "--config.steps_per_dispatch=2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["steps"] == 4 and r["batch_size"] == 64
+    assert r["images_per_second"] == pytest.approx(1e3 * r["batch_size"] / r["step_ms"])
+    assert r["compile_seconds"] > 0 and r["step_ms"] > 0 and r["unconstrained_step_ms"] > 0
+    assert 0.0 <= r["constraint_share"] < 1.0
+    lo, hi = r["constraint_ms_range"]
+    assert lo <= r["constraint_ms"] <= max(hi, 0.0)
+    assert r["norm_method"] is None  # ResNet-D: no spectral norms
+    bad = _run("-m", "experiments.benchmark", f"--config={QUICKSTART}",
+               "--config.optim.norm_method=fast")  # fmt: skip
+    assert bad.returncode != 0
+    assert "optim.norm_method" in bad.stderr.strip().splitlines()[-1]
