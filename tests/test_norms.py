@@ -344,22 +344,47 @@ def _layer_grams(kernels, grids):
     return jnp.concatenate(grams), [g.shape[0] for g in grams]
 
 
-def test_screened_top_eigenvalues_are_exact_with_or_without_the_certificate():
-    """Random filters: the few-candidate certificate holds and the maxima equal float64
-    ``eigvalsh`` over all frequencies. A flat spectrum (identity filters: every frequency's Gram
-    is ``I``) defeats the certificate, and the fallback to all frequencies is exact too."""
-    rng = np.random.default_rng(5)
-    kernels = [jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32) for _ in range(3)]
-    grids = [(8, 8), (8, 8), (6, 6)]
-    batch, counts = _layer_grams(kernels, grids)
-    tops, certified = norms.screened_top_eigenvalues(batch, counts, candidates=4)
-    want = [np.linalg.eigvalsh(np.asarray(norms._gram(norms.conv_symbol(k, g)), np.complex128))
-            [:, -1].max() for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
-    assert bool(certified)
-    np.testing.assert_allclose(np.asarray(tops), want, rtol=1e-5)
+@pytest.mark.parametrize(
+    ("hw", "ci", "co"), [((32, 32), 16, 16), ((8, 8), 64, 64), ((6, 4), 3, 5), ((4, 6), 5, 3),
+                         ((2, 2), 4, 4), ((5, 7), 4, 4)])  # fmt: skip
+def test_conv_gram_equals_the_gram_of_the_symbol(hw, ci, co):
+    """Lag matrices combined by cosines and sines: the Gram matrices of :func:`conv_symbol`
+    (odd grids, ``c_in ≠ c_out`` both ways, grids smaller than the filter)."""
+    kernel = jnp.asarray(
+        np.random.default_rng(ci * co).standard_normal((3, 3, ci, co)), jnp.float32
+    )
+    want = _gram64(np.asarray(kernel, np.float64), hw)
+    got = np.asarray(norms.conv_gram(kernel, hw))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max())
 
+
+def _gram64(kernel, hw):
+    """The smaller Gram matrix of each half-spectrum symbol, in float64 from the definition."""
+    h, w = hw
+    u, v = np.meshgrid(np.arange(h), np.arange(w // 2 + 1), indexing="ij")
+    sym = sum(np.exp(2j * np.pi * (u * (a - 1) / h + v * (b - 1) / w))[..., None, None]
+              * kernel[a, b].T for a in range(3) for b in range(3))  # fmt: skip
+    sym_h = np.conj(np.swapaxes(sym, -1, -2))
+    co, ci = sym.shape[-2:]
+    return (sym @ sym_h if co <= ci else sym_h @ sym).reshape(-1, min(co, ci), min(co, ci))
+
+
+def test_screened_top_eigenvalues_are_exact_at_every_level():
+    """The result equals float64 ``eigvalsh`` over all frequencies whichever level certifies it:
+    a filter with one dominant frequency (level 0, the shortlist), random filters, whose spectra
+    are flat enough to need the squarings everywhere (level 1), and identity filters, every
+    frequency's Gram ``I``, which no bound can separate (level 2, all frequencies solved)."""
+    rng = np.random.default_rng(5)
+    random = [jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32) for _ in range(3)]
+    peaked = random[0] * 0.1 + 3.0 * jnp.asarray(rng.standard_normal((1, 1, 8, 1)), jnp.float32)
     identity = jnp.zeros((3, 3, 8, 8), jnp.float32).at[1, 1].set(jnp.eye(8))
-    batch, counts = _layer_grams([identity, kernels[0]], [(8, 8), (8, 8)])
-    tops, certified = norms.screened_top_eigenvalues(batch, counts, candidates=4)
-    assert not bool(certified)
-    np.testing.assert_allclose(np.asarray(tops), [1.0, want[0]], rtol=1e-5)
+    cases = [([peaked, peaked * 0.5], 0), (random, 1), ([identity, random[0]], 2)]
+    for kernels, level in cases:
+        grids = [(8, 8), (8, 8), (6, 6)][: len(kernels)]
+        batch, counts = _layer_grams(kernels, grids)
+        tops, got_level = jax.jit(lambda b, c=counts: norms.screened_top_eigenvalues(b, c))(batch)
+        want = [np.linalg.eigvalsh(_gram64(np.asarray(k, np.float64), g))[:, -1].max()
+                for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
+        assert int(got_level) == level
+        np.testing.assert_allclose(np.asarray(tops), want, rtol=1e-5)
