@@ -124,8 +124,10 @@ def spectral_rescale(
     ``K ← K · min(1, max_norm/‖A_K‖₂)``, the norm of ``A_K`` on the layer's grid
     (``grids[layer]``) computed once per step, exactly, by FFT, all layers together
     (:func:`stabnet.norms.fft_norms` with ``method``: ``eigh``, ``screened`` or ``squaring``).
-    For ResNet-S (4.2) BN₁ makes the loss blind to the scale of ``K`` in ``A_K`` but not in
-    ``A_K^T``; for the certified ResNet-S, which has no BN, this is the condition of Lemma A.1.
+    In training, ResNet-S's layer (4.2) is blind to the scale of ``K`` (BN₁ and the frozen BN₀
+    both normalise by batch statistics), so there the rescaling sets the size of the following
+    gradient steps (relative to ``‖K‖``), not the function; for the certified ResNet-S, which has
+    no BN, it is the condition of Lemma A.1.
     """
 
     def init(params):

@@ -151,6 +151,23 @@ def test_certified_layer_equation():
         np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("variant", "invariant"), [("resnet_s", True),
+                                                    ("resnet_s_certified", False)])  # fmt: skip
+def test_training_layer_blind_to_filter_scale(variant, invariant):
+    """In training, BN₁ normalises ``A_{cK} x`` and the frozen BN₀ ``A_{cK}ᵀ z`` by their batch
+    statistics, so (4.2) is the same map for ``cK`` and ``K``: the spectral rescaling changes the
+    size of later gradient steps, not the function (benchmarks/RESULTS.md). The certified layer,
+    without BN, is not blind to it."""
+    d = draw(14, 4, ["K", "gamma1", "beta1", "mean1", "var1", "mean2", "var2"])
+    params, stats = split(d)
+    x = np.random.default_rng(15).standard_normal((4, 6, 6, 4)).astype(np.float32)
+    y, _ = residual(variant, params, x, stats, train=True)
+    small = {**params, "K": params["K"] * 0.2}
+    y_small, _ = residual(variant, small, x, stats, train=True)
+    diff = float(np.max(np.abs(np.asarray(y) - np.asarray(y_small))))
+    assert (diff < 1e-3) == invariant, diff
+
+
 # ---------------------------------------------------------------------------------------------
 # Stability properties.
 # ---------------------------------------------------------------------------------------------
