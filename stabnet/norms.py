@@ -235,7 +235,7 @@ def screened_top_eigenvalues(
     (:func:`jax.lax.cond`):
 
     0. ``‖G(ω)‖_F`` (no product) at every frequency keeps a shortlist of
-       ``min(shortlist, count/4)`` per layer; ``squarings`` squarings
+       ``min(shortlist, count/4)`` per layer (at least ``candidates + 1``); ``squarings`` squarings
        (:func:`top_eigenvalue_upper`) bound those, and ``eigvalsh`` solves the ``candidates``
        of largest bound. Trained filters have one dominant frequency, so this level holds.
     1. The squarings at every frequency, ``eigvalsh`` on ``4·candidates`` per layer (flat
