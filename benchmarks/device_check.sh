@@ -8,11 +8,12 @@
 #                    --implementation cp --platform manylinux_2_17_x86_64 -d .whl \
 #                    ml_collections==1.1.0 tensorboardX==2.6.5
 #   device:      run(command="bash benchmarks/device_check.sh", carry=["device_data", ".whl"],
-#                    timeout_s=540)
+#                    timeout_s=480)
 #
 # Writes to $OUT (or ./device_out): log.txt, bench.jsonl (one `experiments.benchmark --json`
-# object a line), norms.jsonl (benchmarks/norms_bench.py) and train_<name>.json (results.json of
-# each training). BENCH_STEPS and TRAIN_STEPS shrink it for a dry run on a CPU (e.g.
+# object a line), norms.jsonl (benchmarks/norms_bench.py), train_<name>.json (results.json of
+# each training), metrics_tail.txt (the last lines of each training's metrics.jsonl) and
+# kernels.txt (counts of what XLA launches per dispatch, from its HLO dump). BENCH_STEPS and TRAIN_STEPS shrink it for a dry run on a CPU (e.g.
 # BENCH_STEPS=2 TRAIN_STEPS=4). Arguments, if any, replace the default jobs, one job each, e.g.
 #   bash benchmarks/device_check.sh norms "bench experiments/configs/s_depth20.py" \
 #       "train s20 experiments/configs/s_depth20.py --config.optim.norm_method=eigh"
@@ -54,6 +55,13 @@ bench() {  # bench CONFIG [overrides...]
   python3 -m experiments.benchmark --config="$1" "${@:2}" --steps="$BENCH_STEPS" --json \
     --config.data.local_dir="$DATA" | tail -1 | tee -a "$OUT/bench.jsonl"
 }
+kernels() {  # kernels DUMP_DIR: what XLA launches, from the optimised HLO of the largest modules
+  for f in $(ls -S "$1"/*after_optimizations.txt 2>/dev/null | head -3); do
+    echo "$(basename "$f"): fusions $(grep -c ' fusion(' "$f"), custom-calls" \
+      "$(grep -c ' custom-call(' "$f") (convolutions: $(grep -c 'cudnn\$conv' "$f"))," \
+      "whiles $(grep -c ' while(' "$f"), conditionals $(grep -c ' conditional(' "$f")"
+  done | tee -a "$OUT/kernels.txt"
+}
 norms() {  # the exact-norm methods of ResNet-S's constraint, alone
   python3 benchmarks/norms_bench.py | tee -a "$OUT/norms.jsonl"
 }
@@ -61,28 +69,36 @@ norms() {  # the exact-norm methods of ResNet-S's constraint, alone
 train() {  # train NAME CONFIG: TRAIN_STEPS steps, learning rate ÷10 at 2/3, one evaluation
   local name=$1 config=$2 start
   start=$(date +%s)
+  rm -rf "/tmp/runs/$name"  # a fresh run, not a resumed one
   python3 -m experiments.main --config="$config" --workdir="/tmp/runs/$name" "${@:3}" \
     --config.data.local_dir="$DATA" --config.num_train_steps="$TRAIN_STEPS" \
     --config.optim.decay_every=$(( TRAIN_STEPS * 2 / 3 > 0 ? TRAIN_STEPS * 2 / 3 : 1 )) \
     --config.eval_every="$TRAIN_STEPS" --config.checkpoint_every="$TRAIN_STEPS" \
     --config.final_average_steps="$TRAIN_STEPS" --config.progress_bar=false
   cp "/tmp/runs/$name/results.json" "$OUT/train_$name.json"
-  tail -3 "/tmp/runs/$name/metrics.jsonl" > "$OUT/metrics_$name.txt"
+  { echo "== $name"; tail -3 "/tmp/runs/$name/metrics.jsonl"; } >> "$OUT/metrics_tail.txt"
   echo "$name: $(( $(date +%s) - start )) s wall"
 }
 if [ $# -gt 0 ]; then
   for job in "$@"; do eval "$job"; done
 else
-  bench experiments/configs/d_depth18.py
-  bench experiments/configs/d_depth18.py --config.steps_per_dispatch=100
-  bench experiments/configs/d_depth18.py --config.batch_size=1024
+  CB=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE
+  XLA_FLAGS=--xla_dump_to=/tmp/xla_d18 bench experiments/configs/d_depth18.py
+  kernels /tmp/xla_d18
+  XLA_FLAGS=$CB bench experiments/configs/d_depth18.py  # the scan's loop in one CUDA graph
   bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16
+  XLA_FLAGS=$CB bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16
   bench experiments/configs/d_depth54.py
   bench experiments/configs/s_depth20.py
+  bench experiments/configs/s_depth20.py --config.optim.norm_method=screened
   norms
-  train d18 experiments/configs/d_depth18.py
-  train s20 experiments/configs/s_depth20.py
-  train r18 experiments/configs/r_depth18.py
+  # The three trainings share the GPU (a quarter of its memory each): their wall times are
+  # concurrent ones, their accuracies are those of separate runs.
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.25
+  train d18 experiments/configs/d_depth18.py &
+  train s20 experiments/configs/s_depth20.py &
+  train r18 experiments/configs/r_depth18.py &
+  wait
 fi
 python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
@@ -93,7 +109,7 @@ for line in bench.read_text().splitlines() if bench.exists() else []:
     print(f"{r['config']:<20} {r['dtype']:<8} b{r['batch_size']} spd {r['steps_per_dispatch']:>3}"
           f" {r['images_per_second']:>8,.0f} img/s {r['step_ms']:6.2f} ms/step compile "
           f"{r['compile_seconds']:4.1f} s constraints {100 * r['constraint_share']:4.1f}% "
-          f"{r.get('norm_method') or ''}")
+          f"{r.get('norm_method') or ''} {r.get('xla_flags') or ''}")
 for f in sorted(out.glob("train_*.json")):
     print(f.name, json.dumps(json.loads(f.read_text()))[:300])
 EOF

@@ -145,6 +145,7 @@ def benchmark(config, steps: int, synthetic: bool = False, warmup: int = 0) -> d
         "peak_memory_bytes": peak,
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages: stabnet.cli
+        "xla_flags": os.environ.get("XLA_FLAGS"),
         "paper_schedule_minutes": config.num_train_steps * step_ms / 6e4,
     }
 
