@@ -121,9 +121,31 @@ def batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch: int
     return lax.dynamic_slice(order, (position * batch,), (batch,))
 
 
-def tree_all_finite(*trees: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
-    return jnp.all(jnp.stack(leaves))
+def nonfinite_summary(loss: jax.Array, grads: Any, params: Any) -> jax.Array:
+    """Where a step went non-finite, as ``int32[5]``: ``[loss bad (0/1), gradients bad, first bad
+    gradient, parameters bad, first bad parameter]`` (counts of parameter arrays and their indices
+    in ``jax.tree.leaves`` order, −1 where none); all zero-or-minus-one when the step is finite.
+    A NaN that appears only in the parameters was made by the update (the constraints)."""
+
+    def bad(tree: Any) -> tuple[jax.Array, jax.Array]:
+        flags = jnp.stack([~jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+        return jnp.sum(flags, dtype=jnp.int32), jnp.where(jnp.any(flags), jnp.argmax(flags), -1)
+
+    loss_bad = (~jnp.isfinite(loss)).astype(jnp.int32)
+    return jnp.stack([loss_bad, *bad(grads), *bad(params)]).astype(jnp.int32)
+
+
+def describe_nonfinite(summary: Any, params: Any) -> str:
+    """:func:`nonfinite_summary` in words, naming the parameter arrays by their paths."""
+    names = ["/".join(str(getattr(k, "key", k)) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]  # fmt: skip
+    loss_bad, grads_bad, grad_first, params_bad, param_first = (int(v) for v in summary)
+    parts = ["in the loss"] if loss_bad else []
+    for what, count, first in (("gradients", grads_bad, grad_first),
+                               ("updated parameters", params_bad, param_first)):  # fmt: skip
+        if count:
+            parts.append(f"in the {what} of {count} of {len(names)} arrays (first: {names[first]})")
+    return "; ".join(parts) or "in the loss, gradients or parameters"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,34 +190,37 @@ def make_step_fns(
         params = optax.apply_updates(state.params, updates)
         new = TrainState(state.step + 1, params, stats, opt_state, state.key)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-        return new, loss, correct, tree_all_finite(loss, grads, params)
+        return new, loss, correct, nonfinite_summary(loss, grads, params)
 
     def new_acc():
         z = jnp.zeros([], jnp.float32)
         return {"loss_sum": z, "correct": z, "steps": jnp.zeros([], jnp.int32),
                 "skipped": jnp.zeros([], jnp.int32), "halted": jnp.zeros([], bool),
-                "bad_step": jnp.full([], -1, jnp.int32)}  # fmt: skip
+                "bad_step": jnp.full([], -1, jnp.int32),
+                "bad_where": jnp.zeros([5], jnp.int32)}  # fmt: skip
 
     def guarded_step(state: TrainState, acc, images, labels, mean):
         """:func:`train_step` with the non-finite policy: keep the old state and stop (halt all
         later steps), or skip the step (advance ``step`` only)."""
         images = lax.with_sharding_constraint(images, shard)
         labels = lax.with_sharding_constraint(labels, shard)
-        new, loss, correct, finite = train_step(state, images, labels, mean)
+        new, loss, correct, where = train_step(state, images, labels, mean)
+        finite = where[0] + where[1] + where[3] == 0  # the loss and the two counts
         accept = finite & ~acc["halted"]
         if skip:
             fallback = state.replace(step=state.step + 1)
         else:
             fallback = state
         out = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, fallback)
-        fresh_bad = ~finite & ~acc["halted"]
+        first_bad = ~finite & ~acc["halted"] & (acc["bad_step"] < 0)
         acc = {
             "loss_sum": acc["loss_sum"] + jnp.where(accept, loss, 0.0),
             "correct": acc["correct"] + jnp.where(accept, correct, 0).astype(jnp.float32),
             "steps": acc["steps"] + accept.astype(jnp.int32),
             "skipped": acc["skipped"] + (~finite & ~acc["halted"]).astype(jnp.int32),
             "halted": acc["halted"] | (~finite if not skip else jnp.zeros([], bool)),
-            "bad_step": jnp.where(fresh_bad & (acc["bad_step"] < 0), state.step, acc["bad_step"]),
+            "bad_step": jnp.where(first_bad, state.step, acc["bad_step"]),
+            "bad_where": jnp.where(first_bad, where, acc["bad_where"]),
         }
         return out, acc
 
@@ -458,17 +483,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 compile_seconds = time.time() - t0
             if acc["halted"]:
                 raise NonFiniteError(
-                    "NaN or Inf in the loss, gradients or parameters at step "
-                    f"{int(acc['bad_step'])}; the last good checkpoint is kept (steps "
-                    f"{ckpt.steps()}). Lower "
-                    "optim.learning_rate, or set --config.on_nonfinite=skip to skip such steps"
+                    f"NaN or Inf at step {int(acc['bad_step'])} "
+                    f"({describe_nonfinite(acc['bad_where'], state.params)}); the last good "
+                    f"checkpoint is kept (steps {ckpt.steps()}). Lower optim.learning_rate, or "
+                    "set --config.on_nonfinite=skip to skip such steps"
                 )
             step = int(parallel.to_host(state.step))
             for k in ("loss_sum", "correct", "steps", "skipped"):
                 interval[k] += acc[k]
             if acc["skipped"]:
                 print(f"stabnet: skipped {int(acc['skipped'])} non-finite step(s) before "
-                      f"step {step}", file=sys.stderr)  # fmt: skip
+                      f"step {step} (the first at step {int(acc['bad_step'])}, "
+                      f"{describe_nonfinite(acc['bad_where'], state.params)})",
+                      file=sys.stderr)  # fmt: skip
             if bar is not None:
                 bar.update(n)
             if step % config.log_every == 0 or step == total:

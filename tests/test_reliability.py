@@ -323,11 +323,13 @@ def test_divergence_stops_with_the_step(tmp_path):
     proc = run_main(workdir, *args)
     assert proc.returncode == 3, proc.stderr[-3000:]
     line = error_line(proc)
-    assert "NaN or Inf" in line and "at step" in line
+    assert "NaN or Inf at step" in line
+    # It says where: in the loss and/or in named parameter arrays, with counts.
+    assert re.search(r"in the (loss|gradients of \d+ of \d+ arrays \(first: \S+\))", line), line
     assert not os.path.exists(os.path.join(workdir, "results.json"))
     skip = run_main(os.fspath(tmp_path / "s"), *args, "--config.on_nonfinite=skip")
     assert skip.returncode == 0, skip.stderr[-3000:]
-    assert "skipped" in skip.stderr
+    assert "skipped" in skip.stderr and "the first at step" in skip.stderr
 
 
 # ------------------------------------------------------------------------------------------

@@ -73,6 +73,27 @@ def test_learning_rate_is_piecewise_constant():
     np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 0.001, 1e-4], rtol=1e-6)
 
 
+def test_nonfinite_report_names_where():
+    """The halt message says whether the loss, the gradients or only the updated parameters (the
+    constraints' work) went non-finite, with counts and the first array's path."""
+    import jax.numpy as jnp
+
+    params = {"stage1": {"conv": {"kernel": jnp.ones(3)}, "bn": {"scale": jnp.ones(2)}},
+              "head": {"w": jnp.ones(2)}}  # fmt: skip
+    grads = jax.tree.map(jnp.zeros_like, params)
+    ok = train.nonfinite_summary(jnp.float32(1.0), grads, params)
+    assert ok.tolist() == [0, 0, -1, 0, -1]
+    grads["stage1"]["bn"]["scale"] = jnp.array([1.0, jnp.nan])
+    params["stage1"]["conv"]["kernel"] = jnp.array([0.0, jnp.inf, 1.0])
+    bad = train.nonfinite_summary(jnp.float32(jnp.nan), grads, params)
+    # Leaves in jax.tree.leaves order: head/w, stage1/bn/scale, stage1/conv/kernel.
+    assert bad.tolist() == [1, 1, 1, 1, 2]
+    assert train.describe_nonfinite(bad, params) == (
+        "in the loss; in the gradients of 1 of 3 arrays (first: stage1/bn/scale); "
+        "in the updated parameters of 1 of 3 arrays (first: stage1/conv/kernel)"
+    )
+
+
 def test_final_accuracy_is_the_mean_of_the_last_window():
     rows = [{"step": s, "test_accuracy": a} for s, a in [(500, 0.1), (5000, 0.5), (5500, 0.7),
                                                           (10000, 0.9)]]  # fmt: skip
