@@ -98,7 +98,7 @@ else
   train d18 experiments/configs/d_depth18.py &
   train s20 experiments/configs/s_depth20.py &
   train r18 experiments/configs/r_depth18.py &
-  wait
+  wait $(jobs -p)  # not a bare `wait`: that also waits for the `tee` of the log, forever
 fi
 python3 - "$OUT" <<'EOF'
 import json, pathlib, sys

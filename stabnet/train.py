@@ -121,6 +121,16 @@ def batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch: int
     return lax.dynamic_slice(order, (position * batch,), (batch,))
 
 
+NONFINITE_PARTS = ("loss", "gradients", "updated parameters")
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of ``tree`` is finite: one reduction over the concatenated leaves,
+    not one per array (on a GPU ~50 fewer kernels per ResNet step; benchmarks/RESULTS.md)."""
+    leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.isfinite(jnp.concatenate(leaves))) if leaves else jnp.array(True)
+
+
 def nonfinite_summary(loss: jax.Array, grads: Any, params: Any) -> jax.Array:
     """Where a step went non-finite, as ``int32[5]``: ``[loss bad (0/1), gradients bad, first bad
     gradient, parameters bad, first bad parameter]`` (counts of parameter arrays and their indices
@@ -141,11 +151,16 @@ def describe_nonfinite(summary: Any, params: Any) -> str:
              for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]  # fmt: skip
     loss_bad, grads_bad, grad_first, params_bad, param_first = (int(v) for v in summary)
     parts = ["in the loss"] if loss_bad else []
-    for what, count, first in (("gradients", grads_bad, grad_first),
-                               ("updated parameters", params_bad, param_first)):  # fmt: skip
+    for what, count, first in ((NONFINITE_PARTS[1], grads_bad, grad_first),
+                               (NONFINITE_PARTS[2], params_bad, param_first)):  # fmt: skip
         if count:
             parts.append(f"in the {what} of {count} of {len(names)} arrays (first: {names[first]})")
-    return "; ".join(parts) or "in the loss, gradients or parameters"
+    return "; ".join(parts)
+
+
+def describe_parts(flags: Any) -> str:
+    """The step's own finiteness flags (loss, gradients, updated parameters) in words."""
+    return "in the " + " and ".join(p for p, f in zip(NONFINITE_PARTS, flags, strict=True) if f)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +171,7 @@ class StepFns:
     step: Callable[..., Any]  # straightforward path: (state, acc, images, labels, mean)
     evaluate: Callable[..., Any]  # (state, x_test, y_test, mask, mean) → sums
     new_acc: Callable[[], Any]
+    diagnose: Callable[..., Any]  # (state, images, labels, mean) → nonfinite_summary of the step
 
 
 def make_step_fns(
@@ -171,8 +187,9 @@ def make_step_fns(
     pad, flip = config.data.augment_pad, config.data.augment_flip
     skip = config.on_nonfinite == "skip"
 
-    def train_step(state: TrainState, images, labels, mean):
-        """One SGD step with constraints on a global batch (pure; may produce non-finite)."""
+    def sgd_step(state: TrainState, images, labels, mean):
+        """One SGD step with constraints on a global batch (pure; may produce non-finite):
+        ``(new state, loss, correct, gradients)``."""
         aug_key = jax.random.fold_in(jax.random.fold_in(state.key, _AUGMENT), state.step)
         x = data.augment(aug_key, data.normalize(images, mean), pad=pad, flip=flip)
 
@@ -190,14 +207,20 @@ def make_step_fns(
         params = optax.apply_updates(state.params, updates)
         new = TrainState(state.step + 1, params, stats, opt_state, state.key)
         correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-        return new, loss, correct, nonfinite_summary(loss, grads, params)
+        return new, loss, correct, grads
+
+    def train_step(state: TrainState, images, labels, mean):
+        """:func:`sgd_step` and which of ``NONFINITE_PARTS`` went non-finite (``bool[3]``)."""
+        new, loss, correct, grads = sgd_step(state, images, labels, mean)
+        bad = jnp.stack([~jnp.isfinite(loss), ~all_finite(grads), ~all_finite(new.params)])
+        return new, loss, correct, bad
 
     def new_acc():
         z = jnp.zeros([], jnp.float32)
         return {"loss_sum": z, "correct": z, "steps": jnp.zeros([], jnp.int32),
                 "skipped": jnp.zeros([], jnp.int32), "halted": jnp.zeros([], bool),
                 "bad_step": jnp.full([], -1, jnp.int32),
-                "bad_where": jnp.zeros([5], jnp.int32)}  # fmt: skip
+                "bad_where": jnp.zeros([3], bool)}  # fmt: skip
 
     def guarded_step(state: TrainState, acc, images, labels, mean):
         """:func:`train_step` with the non-finite policy: keep the old state and stop (halt all
@@ -205,7 +228,7 @@ def make_step_fns(
         images = lax.with_sharding_constraint(images, shard)
         labels = lax.with_sharding_constraint(labels, shard)
         new, loss, correct, where = train_step(state, images, labels, mean)
-        finite = where[0] + where[1] + where[3] == 0  # the loss and the two counts
+        finite = ~jnp.any(where)
         accept = finite & ~acc["halted"]
         if skip:
             fallback = state.replace(step=state.step + 1)
@@ -263,7 +286,12 @@ def make_step_fns(
         (loss, correct), _ = lax.scan(body, (0.0, 0.0), (x_test, y_test, mask))
         return {"loss_sum": loss, "correct": correct}
 
-    return StepFns(chunk, step, evaluate, jax.jit(new_acc, out_shardings=rep))
+    @functools.partial(jax.jit, in_shardings=(rep, shard, shard, rep), out_shardings=rep)
+    def diagnose(state, images, labels, mean):
+        new, loss, _, grads = sgd_step(state, images, labels, mean)
+        return nonfinite_summary(loss, grads, new.params)
+
+    return StepFns(chunk, step, evaluate, jax.jit(new_acc, out_shardings=rep), diagnose)
 
 
 def run_on_device(
@@ -453,13 +481,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.data.on_device:
             return run_on_device(fns, state, *train_arrays, on_device["mean"], num_steps)
         acc = fns.new_acc()
-        rows_ = parallel.process_rows(config.batch_size)
         for _ in range(num_steps):
-            step, key = parallel.to_host((state.step, state.key))
-            idx = np.asarray(host_indices(key, step, len(ds.x_train), config.batch_size))[rows_]
-            images, labels = parallel.put_global_batch((ds.x_train[idx], ds.y_train[idx]), mesh)
-            state, acc = fns.step(state, acc, images, labels, on_device["mean"])
+            state, acc = fns.step(state, acc, *batch_of(state), on_device["mean"])
         return state, acc
+
+    def batch_of(state):
+        """The global batch of ``state``'s step, gathered on the host (straightforward path)."""
+        step, key = parallel.to_host((state.step, state.key))
+        idx = np.asarray(host_indices(key, step, len(ds.x_train), config.batch_size))
+        idx = idx[parallel.process_rows(config.batch_size)]
+        return parallel.put_global_batch((ds.x_train[idx], ds.y_train[idx]), mesh)
+
+    def where_nonfinite(state, flags) -> str:
+        """Where the step from the kept ``state`` went non-finite: the step re-run with every
+        array checked on its own (the step itself checks three concatenations)."""
+        detail = parallel.to_host(fns.diagnose(state, *batch_of(state), on_device["mean"]))
+        if np.any(detail[[0, 1, 3]] > 0):
+            return describe_nonfinite(detail, state.params)
+        return describe_parts(flags) + "; finite when the step was re-run (nondeterministic)"
 
     total = config.num_train_steps
     boundaries = (config.log_every, config.eval_every, config.checkpoint_every)
@@ -484,7 +523,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if acc["halted"]:
                 raise NonFiniteError(
                     f"NaN or Inf at step {int(acc['bad_step'])} "
-                    f"({describe_nonfinite(acc['bad_where'], state.params)}); the last good "
+                    f"({where_nonfinite(state, acc['bad_where'])}); the last good "
                     f"checkpoint is kept (steps {ckpt.steps()}). Lower optim.learning_rate, or "
                     "set --config.on_nonfinite=skip to skip such steps"
                 )
@@ -494,7 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if acc["skipped"]:
                 print(f"stabnet: skipped {int(acc['skipped'])} non-finite step(s) before "
                       f"step {step} (the first at step {int(acc['bad_step'])}, "
-                      f"{describe_nonfinite(acc['bad_where'], state.params)})",
+                      f"{describe_parts(acc['bad_where'])})",
                       file=sys.stderr)  # fmt: skip
             if bar is not None:
                 bar.update(n)

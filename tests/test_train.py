@@ -92,6 +92,10 @@ def test_nonfinite_report_names_where():
         "in the loss; in the gradients of 1 of 3 arrays (first: stage1/bn/scale); "
         "in the updated parameters of 1 of 3 arrays (first: stage1/conv/kernel)"
     )
+    # The step's own check: one reduction per part, over the concatenated arrays.
+    assert bool(train.all_finite(jax.tree.map(jnp.zeros_like, params)))
+    assert not bool(train.all_finite(grads)) and not bool(train.all_finite(params))
+    assert train.describe_parts([False, True, True]) == "in the gradients and updated parameters"
 
 
 def test_final_accuracy_is_the_mean_of_the_last_window():
