@@ -10,10 +10,13 @@
 #   device:      run(command="bash benchmarks/device_check.sh", carry=["device_data", ".whl"],
 #                    timeout_s=480)
 #
-# Writes to $OUT (or ./device_out): log.txt, bench.jsonl (one `experiments.benchmark --json`
-# object a line), norms.jsonl (benchmarks/norms_bench.py), train_<name>.json (results.json of
-# each training), metrics_tail.txt (the last lines of each training's metrics.jsonl) and
-# kernels.txt (counts of what XLA launches per dispatch, from its HLO dump). BENCH_STEPS and TRAIN_STEPS shrink it for a dry run on a CPU (e.g.
+# Writes to $OUT (or ./device_out), 8 files at most (the device tool's limit): log.txt (with
+# the kernel counts of the HLO dump), bench.jsonl (one `experiments.benchmark --json` object a
+# line), norms.jsonl (benchmarks/norms_bench.py), forms.jsonl (benchmarks/forms.py),
+# train_<name>.json (results.json of each training) and metrics_tail.txt (the last lines of
+# each training's metrics.jsonl). CUDA graphs of the whole loop
+# (--xla_gpu_enable_command_buffer=…,WHILE) were measured once and gave nothing (RESULTS.md).
+# BENCH_STEPS and TRAIN_STEPS shrink it for a dry run on a CPU (e.g.
 # BENCH_STEPS=2 TRAIN_STEPS=4). Arguments, if any, replace the default jobs, one job each, e.g.
 #   bash benchmarks/device_check.sh norms "bench experiments/configs/s_depth20.py" \
 #       "train s20 experiments/configs/s_depth20.py --config.optim.norm_method=eigh"
@@ -60,10 +63,14 @@ kernels() {  # kernels DUMP_DIR: what XLA launches, from the optimised HLO of th
     echo "$(basename "$f"): fusions $(grep -c ' fusion(' "$f"), custom-calls" \
       "$(grep -c ' custom-call(' "$f") (convolutions: $(grep -c 'cudnn\$conv' "$f"))," \
       "whiles $(grep -c ' while(' "$f"), conditionals $(grep -c ' conditional(' "$f")"
-  done | tee -a "$OUT/kernels.txt"
+  done
 }
 norms() {  # the exact-norm methods of ResNet-S's constraint, alone
   python3 benchmarks/norms_bench.py | tee -a "$OUT/norms.jsonl"
+}
+forms() {  # forms OP [CONFIG]: alternative formulations of one operation, timed in alternation
+  python3 benchmarks/forms.py --op="$1" --config="${2:-experiments/configs/d_depth18.py}" \
+    --rounds=3 --steps="$BENCH_STEPS" --json | tee -a "$OUT/forms.jsonl"
 }
 
 train() {  # train NAME CONFIG: TRAIN_STEPS steps, learning rate ÷10 at 2/3, one evaluation
@@ -82,16 +89,14 @@ train() {  # train NAME CONFIG: TRAIN_STEPS steps, learning rate ÷10 at 2/3, on
 if [ $# -gt 0 ]; then
   for job in "$@"; do eval "$job"; done
 else
-  CB=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE
   XLA_FLAGS=--xla_dump_to=/tmp/xla_d18 bench experiments/configs/d_depth18.py
   kernels /tmp/xla_d18
-  XLA_FLAGS=$CB bench experiments/configs/d_depth18.py  # the scan's loop in one CUDA graph
   bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16
-  XLA_FLAGS=$CB bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16
   bench experiments/configs/d_depth54.py
   bench experiments/configs/s_depth20.py
   bench experiments/configs/s_depth20.py --config.optim.norm_method=screened
   norms
+  forms bn  # BatchNorm statistics: two_pass / one_pass (default) / dot
   # The three trainings share the GPU (a quarter of its memory each): their wall times are
   # concurrent ones, their accuracies are those of separate runs.
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.25

@@ -81,6 +81,7 @@ SCHEMA: dict[str, Field] = {
     "model.pool_window": Field((int,), lambda v: v >= 1 and v % 2 == 1, "an odd integer ≥ 1"),
     "model.bn_momentum": _float(0.0, 1.0),
     "model.bn_eps": _float(0.0, 1.0, open_lo=True),
+    "model.bn_stats": _choice(*ops.BN_STATS_FORMS),
     "model.dtype": _choice("float32", "bfloat16"),
     "optim.learning_rate": _float(0.0, 100.0, open_lo=True),
     "optim.momentum": _float(0.0, 1.0),

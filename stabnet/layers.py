@@ -42,6 +42,7 @@ class LayerConfig:
         identity (the "ResNet without BN" of SPEC §7).
       bn_eps: ``ε`` of BN.
       bn_momentum: momentum of the running averages.
+      bn_stats: how BN computes the batch statistics (:func:`stabnet.ops.batch_norm`).
       pool_window: window of the average pooling ``P`` in (4.4); 1 is plain subsampling.
       dtype: compute dtype of convolutions and features (parameters and BN statistics stay
         float32).
@@ -51,6 +52,7 @@ class LayerConfig:
     use_bn: bool = True
     bn_eps: float = 1e-5
     bn_momentum: float = 0.9
+    bn_stats: ops.BNStatsForm = "one_pass"
     pool_window: int = 3
     dtype: Any = jnp.float32
 
@@ -90,6 +92,7 @@ def normalize(
         beta=params["beta" + which] if trained else None,
         train=train,
         eps=cfg.bn_eps,
+        stats=cfg.bn_stats,
     )
     used[which] = batch
     return y, s

@@ -162,12 +162,16 @@ def build_model(
     pool_window: int = 3,
     bn_momentum: float = 0.9,
     bn_eps: float = 1e-5,
+    bn_stats: str = "one_pass",
     dtype: Any = jnp.float32,
 ) -> StableResNet:
     """Construct :class:`StableResNet`, validating every argument first (``ValueError``)."""
     if padding not in ops.PADDINGS:
         allowed = ", ".join(ops.PADDINGS)
         raise ValueError(f"model.padding={padding!r} is unknown; allowed: {allowed}")
+    if bn_stats not in ops.BN_STATS_FORMS:
+        allowed = ", ".join(ops.BN_STATS_FORMS)
+        raise ValueError(f"model.bn_stats={bn_stats!r} is unknown; allowed: {allowed}")
     if not isinstance(pool_window, int) or pool_window < 1 or pool_window % 2 == 0:
         raise ValueError(f"model.pool_window={pool_window!r} is invalid; allowed: 1, 3, 5, …")
     check_architecture(variant, n, (4, 4, 1), num_classes, widths)
@@ -176,6 +180,7 @@ def build_model(
         use_bn=use_bn,
         bn_eps=bn_eps,
         bn_momentum=bn_momentum,
+        bn_stats=bn_stats,
         pool_window=pool_window,
         dtype=dtype,
     )

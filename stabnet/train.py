@@ -81,6 +81,7 @@ def model_from_config(config: ml_collections.ConfigDict, num_classes: int):
         pool_window=m.pool_window,
         bn_momentum=m.bn_momentum,
         bn_eps=m.bn_eps,
+        bn_stats=m.get("bn_stats", "two_pass"),  # workdirs from before the field: two-pass
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
     )
 

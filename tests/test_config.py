@@ -91,6 +91,7 @@ def test_unknown_dataset_argument():
         ("model.use_bn", "yes", "true or false"),
         ("on_nonfinite", "ignore", "stop, skip"),
         ("optim.norm_method", "svd", "auto, eigh, screened, squaring"),
+        ("model.bn_stats", "welford", "one_pass, two_pass, dot"),
     ],
 )
 def test_validation_names_the_field(key, value, words):

@@ -282,9 +282,10 @@ def bn_of(d, *, train, frozen=False, **kw):
     )  # fmt: skip
 
 
-def test_batch_norm_train_uses_batch_statistics(bn_inputs):
+@pytest.mark.parametrize("how", ["two_pass", "one_pass", "dot"])
+def test_batch_norm_train_uses_batch_statistics(bn_inputs, how):
     d = bn_inputs
-    y, s, stats = bn_of(d, train=True, eps=1e-3)
+    y, s, stats = bn_of(d, train=True, eps=1e-3, stats=how)
     z64 = d["z"].astype(np.float64)
     mu = z64.mean(axis=(0, 1, 2))
     v = ((z64 - mu) ** 2).mean(axis=(0, 1, 2))  # biased variance
@@ -293,6 +294,37 @@ def test_batch_norm_train_uses_batch_statistics(bn_inputs):
     ref = np_batch_norm(z64, mu, v, d["gamma"], d["beta"], eps=1e-3)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(s), d["gamma"] / np.sqrt(v + 1e-3), rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["one_pass", "dot"])
+def test_batch_norm_statistics_forms_have_the_same_gradient(bn_inputs, how):
+    d = bn_inputs
+    w = jnp.asarray(np.random.default_rng(1).normal(size=d["z"].shape), jnp.float32)
+
+    def loss(z, form):
+        return jnp.sum(bn_of({**d, "z": z}, train=True, stats=form)[0] * w)
+
+    z = jnp.asarray(d["z"])
+    got, want = jax.grad(loss)(z, how), jax.grad(loss)(z, "two_pass")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["one_pass", "dot"])
+def test_one_pass_statistics_do_not_cancel_near_the_running_mean(how):
+    """``E[z²] − E[z]²`` of features with ``|μ|/σ`` = 1000 loses every digit in float32; shifted
+    by a running mean near ``μ`` it keeps them, and only then (the shift is what saves it)."""
+    rng = np.random.default_rng(3)
+    z = (1000.0 + rng.normal(size=(8, 6, 6, 3))).astype(np.float32)
+    v64 = z.astype(np.float64).var(axis=(0, 1, 2))
+
+    def var_with(running_mean):
+        mean = jnp.full(3, running_mean, jnp.float32)
+        _, _, batch = ops.batch_norm(jnp.asarray(z), mean=mean, var=jnp.ones(3), gamma=None,
+                                     beta=None, train=True, stats=how)  # fmt: skip
+        return np.asarray(batch.var)
+
+    np.testing.assert_allclose(var_with(999.9), v64, rtol=1e-4)
+    assert np.max(np.abs(var_with(0.0) / v64 - 1)) > 1e-2  # unshifted: cancellation
 
 
 def test_batch_norm_inference_uses_running_statistics(bn_inputs):

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.pool_window = 3
     config.model.bn_momentum = 0.9
     config.model.bn_eps = 1e-5
+    config.model.bn_stats = "one_pass"  # one_pass | two_pass | dot (ops.batch_norm)
     config.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
 
     config.optim = ml_collections.ConfigDict()

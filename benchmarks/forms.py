@@ -1,0 +1,102 @@
+"""Training-step time of alternative formulations of one operation, in one process.
+
+    python benchmarks/forms.py --op=conv [--config=experiments/configs/d_depth18.py]
+    python benchmarks/forms.py --op=bn --rounds=3 --steps=100 --json
+
+``--op=conv``: :func:`stabnet.ops.conv` with the images side by side (``fold_batch=True``, the
+CPU default) against one by one (``fold_batch=False``, the default elsewhere).
+``--op=bn``: the forms of BatchNorm's batch statistics, ``model.bn_stats`` (``two_pass``,
+``one_pass``, the default, and ``dot``; :func:`stabnet.ops.batch_norm`).
+
+Builds the config's training step once per form on random data of the config's shape, then
+times the forms in alternation, ``--steps`` steps a round in dispatches of the config's
+``steps_per_dispatch``, so that drift of the machine's speed hits all alike. Prints per round
+and form the ms/step, and the kernels XLA compiled for the dispatch (fusions and custom calls,
+counted in its optimised HLO).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import time
+
+# op: (where, name, keyword, {form: value}): "ops" patches stabnet.ops.<name> with the keyword,
+# "config" sets config.model.<name>.
+FORMS = {
+    "conv": ("ops", "conv", "fold_batch", {"side by side": True, "one by one": False}),
+    "bn": ("config", "bn_stats", None, {f: f for f in ("two_pass", "one_pass", "dot")}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--op", choices=sorted(FORMS), default="conv")
+    parser.add_argument("--config", default="experiments/configs/d_depth18.py")
+    parser.add_argument("--devices", type=int, default=1, help="JAX CPU devices (data parallel)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per form and round")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args()
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", args.devices)  # CPU only; before any JAX work
+    import numpy as np
+
+    from experiments.sweep import load_config_file
+    from stabnet import data, ops, parallel, train
+
+    config = load_config_file(args.config)
+    per_call = 1 if jax.default_backend() == "cpu" else config.steps_per_dispatch
+    h, w, c, classes = data.SHAPES[config.data.name]
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5000, h, w, c), dtype=np.uint8)
+    y = rng.integers(0, classes, len(x)).astype(np.int32)
+    mesh = parallel.make_mesh()
+    arrays = parallel.put_replicated((x, y, data.pixel_mean(x)), mesh)
+    where, name, keyword, forms = FORMS[args.op]
+    original, runs, kernels = getattr(ops, name, None), {}, {}
+    try:
+        for form, value in forms.items():
+            if where == "config":
+                config.model[name] = value
+            else:  # ops.<name> is looked up when the step is traced, i.e. at its first call
+                setattr(ops, name, functools.partial(original, **{keyword: value}))
+            model = train.model_from_config(config, classes)
+            state, tx, _ = train.create_train_state(config, model, (h, w, c))
+            fns = train.make_step_fns(config, model, tx, mesh, len(x))
+            state = parallel.put_replicated(state, mesh)
+            hlo = fns.chunk.lower(state, fns.new_acc(), *arrays, per_call).compile().as_text()
+            kernels[form] = {"fusions": len(re.findall(r" fusion\(", hlo)),
+                             "custom_calls": len(re.findall(r" custom-call\(", hlo))}  # fmt: skip
+            state, acc = train.run_on_device(fns, state, *arrays, per_call)
+            jax.block_until_ready(acc)
+            runs[form] = [fns, state]
+    finally:
+        if where == "ops":
+            setattr(ops, name, original)
+    device = jax.devices()[0].device_kind
+    for r in range(args.rounds):
+        for form, run in runs.items():
+            fns, state = run
+            t = time.perf_counter()
+            for _ in range(max(args.steps // per_call, 1)):
+                state, acc = train.run_on_device(fns, state, *arrays, per_call)
+            jax.block_until_ready((state, acc))
+            run[1] = state
+            ms = 1e3 * (time.perf_counter() - t) / (max(args.steps // per_call, 1) * per_call)
+            row = {"device": device, "config": args.config, "op": args.op, "form": form,
+                   "round": r, "step_ms": ms, "images_per_second": 1e3 * config.batch_size / ms,
+                   "steps_per_dispatch": per_call, **kernels[form]}  # fmt: skip
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"round {r}  {form:<13} {ms:8.2f} ms/step {row['images_per_second']:8.0f} "
+                      f"images/s  {row['fusions']} fusions, {row['custom_calls']} custom calls",
+                      flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
