@@ -73,11 +73,25 @@ def fft_norm(
     The largest singular value of each frequency's symbol is the square root of the largest
     eigenvalue of its (smaller) Gram matrix, computed with ``eigh`` in float32.
     """
+    kernel, size = _unit_max(kernel)
     sym = conv_symbol(kernel, hw, stride=stride)
     if scale is not None:
-        sym = sym * scale.astype(jnp.float32)[:, None]
+        scale, scale_size = _unit_max(scale)
+        sym = sym * scale[:, None]
+        size = size * scale_size
     top = jnp.linalg.eigvalsh(_gram(sym))[..., -1]
-    return jnp.sqrt(jnp.maximum(jnp.max(top), 0.0))
+    return jnp.sqrt(jnp.maximum(jnp.max(top), 0.0)) * size
+
+
+def _unit_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x / m, m)`` with ``m = max |x|`` (1 where ``x`` is zero), in float32. The norms are
+    homogeneous (``‖A_{cK}‖ = c‖A_K‖``), and their Gram matrices hold squares of the entries:
+    unscaled, filters beyond ~1e19 overflow float32 and below ~1e-18 lose every digit
+    (squaring then gives NaN); scaled, every finite filter has its exact norm."""
+    x = x.astype(jnp.float32)
+    m = jnp.max(jnp.abs(x))
+    m = jnp.where(m > 0, m, 1.0)
+    return x / m, m
 
 
 _TINY = float(np.finfo(np.float32).tiny)
@@ -287,7 +301,8 @@ def fft_norms(
     """
     if method not in NORM_METHODS:
         raise ValueError(f"norm method {method!r} is unknown; allowed: {', '.join(NORM_METHODS)}")
-    grams = [conv_gram(k, hw) for k, hw in zip(kernels, grids, strict=True)]
+    units, maxima = zip(*(_unit_max(k) for k in kernels), strict=True)  # no overflow, see there
+    grams = [conv_gram(k, hw) for k, hw in zip(units, grids, strict=True)]
     sizes = sorted({g.shape[-1] for g in grams})
     groups = [[i for i, g in enumerate(grams) if g.shape[-1] == m] for m in sizes]
     batches = [jnp.concatenate([grams[i] for i in members]) for members in groups]
@@ -317,7 +332,7 @@ def fft_norms(
             lambda j, acc: acc + jax.lax.switch(j, branches, batches),
             jnp.zeros(len(grams), jnp.float32),
         )
-    return list(jnp.sqrt(jnp.maximum(tops, 0.0)))
+    return list(jnp.sqrt(jnp.maximum(tops, 0.0)) * jnp.stack(maxima))
 
 
 def power_iteration_norm(

@@ -287,6 +287,21 @@ def test_fft_norms_match_fft_norm_one_by_one(method):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", norms.NORM_METHODS)
+def test_norms_are_exact_for_filters_of_any_size(method):
+    """``‖A_{cK}‖ = c‖A_K‖`` from 1e-25 to 1e25: the Gram matrices hold squares of the entries,
+    which overflow float32 beyond ~1e19 and lose every digit below ~1e-18 unless the filter is
+    scaled first (before: NaN from squaring at 1e-18, NaN from eigh at 1e20)."""
+    kernels, grids = _some_kernels()
+    base = np.asarray(norms.fft_norms(kernels, grids, method=method), np.float64)
+    one = float(norms.fft_norm(kernels[0], grids[0], scale=jnp.full(16, 2.0)))
+    for c in (1e-25, 1e-18, 1e18, 1e25):
+        got = np.asarray(norms.fft_norms([k * c for k in kernels], grids, method=method))
+        np.testing.assert_allclose(got / c, base, rtol=1e-6)
+        scaled = norms.fft_norm(kernels[0] * c, grids[0], scale=jnp.full(16, 2.0 / c))
+        np.testing.assert_allclose(float(scaled), one, rtol=1e-6)
+
+
 def test_fft_norms_fall_back_to_an_upper_bound_where_the_eigensolver_fails(monkeypatch):
     """An eigensolver that does not converge returns NaN (jax on GPUs); the norm then falls back
     to ``max_ω ‖K̂(ω)‖_F``, never below the exact norm, instead of poisoning the parameters."""
