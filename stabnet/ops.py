@@ -15,6 +15,7 @@ Everything here is a pure function of arrays. Features are NHWC; filters are HWI
 from __future__ import annotations
 
 import math
+import typing
 from typing import Literal, NamedTuple
 
 import jax
@@ -24,7 +25,7 @@ from jax import lax
 
 Padding = Literal["circular", "zeros"]
 BNStatsForm = Literal["one_pass", "two_pass", "dot"]
-BN_STATS_FORMS = ("one_pass", "two_pass", "dot")
+BN_STATS_FORMS: tuple[str, ...] = typing.get_args(BNStatsForm)
 PADDINGS: tuple[str, ...] = ("circular", "zeros")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 

@@ -127,7 +127,8 @@ NONFINITE_PARTS = ("loss", "gradients", "updated parameters")
 
 def all_finite(tree: Any) -> jax.Array:
     """Whether every element of ``tree`` is finite: one reduction over the concatenated leaves,
-    not one per array (on a GPU ~50 fewer kernels per ResNet step; benchmarks/RESULTS.md)."""
+    not one per array (a GPU launches each as a kernel: ~50 a ResNet step; benchmarks/RESULTS.md,
+    kernel census)."""
     leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.isfinite(jnp.concatenate(leaves))) if leaves else jnp.array(True)
 
