@@ -78,15 +78,16 @@ def main() -> None:
         if where == "ops":
             setattr(ops, name, original)
     device = jax.devices()[0].device_kind
+    dispatches = max(args.steps // per_call, 1)
     for r in range(args.rounds):
         for form, run in runs.items():
             fns, state = run
             t = time.perf_counter()
-            for _ in range(max(args.steps // per_call, 1)):
+            for _ in range(dispatches):
                 state, acc = train.run_on_device(fns, state, *arrays, per_call)
             jax.block_until_ready((state, acc))
             run[1] = state
-            ms = 1e3 * (time.perf_counter() - t) / (max(args.steps // per_call, 1) * per_call)
+            ms = 1e3 * (time.perf_counter() - t) / (dispatches * per_call)
             row = {"device": device, "config": args.config, "op": args.op, "form": form,
                    "round": r, "step_ms": ms, "images_per_second": 1e3 * config.batch_size / ms,
                    "steps_per_dispatch": per_call, **kernels[form]}  # fmt: skip
