@@ -148,7 +148,8 @@ def nonfinite_summary(loss: jax.Array, grads: Any, params: Any) -> jax.Array:
 
 
 def describe_nonfinite(summary: Any, params: Any) -> str:
-    """:func:`nonfinite_summary` in words, naming the parameter arrays by their paths."""
+    """:func:`nonfinite_summary` in words, naming the parameter arrays by their paths (empty
+    where the step was finite)."""
     names = ["/".join(str(getattr(k, "key", k)) for k in path)
              for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]  # fmt: skip
     loss_bad, grads_bad, grad_first, params_bad, param_first = (int(v) for v in summary)
@@ -498,9 +499,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         """Where the step from the kept ``state`` went non-finite: the step re-run with every
         array checked on its own (the step itself checks three concatenations)."""
         detail = parallel.to_host(fns.diagnose(state, *batch_of(state), on_device["mean"]))
-        if np.any(detail[[0, 1, 3]] > 0):
-            return describe_nonfinite(detail, state.params)
-        return describe_parts(flags) + "; finite when the step was re-run (nondeterministic)"
+        return describe_nonfinite(detail, state.params) or (
+            describe_parts(flags) + "; finite when the step was re-run (nondeterministic)"
+        )
 
     total = config.num_train_steps
     boundaries = (config.log_every, config.eval_every, config.checkpoint_every)
