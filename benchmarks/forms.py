@@ -68,12 +68,13 @@ def main() -> None:
             state, tx, _ = train.create_train_state(config, model, (h, w, c))
             fns = train.make_step_fns(config, model, tx, mesh, len(x))
             state = parallel.put_replicated(state, mesh)
-            hlo = fns.chunk.lower(state, fns.new_acc(), *arrays, per_call).compile().as_text()
+            lowered = fns.chunk.lower(state, fns.new_acc(), fns.no_orders(), *arrays, per_call)
+            hlo = lowered.compile().as_text()
             kernels[form] = {"fusions": len(re.findall(r" fusion\(", hlo)),
                              "custom_calls": len(re.findall(r" custom-call\(", hlo))}  # fmt: skip
-            state, acc = train.run_on_device(fns, state, *arrays, per_call)
+            state, acc, orders = train.run_on_device(fns, state, None, *arrays, per_call)
             jax.block_until_ready(acc)
-            runs[form] = [fns, state]
+            runs[form] = [fns, state, orders]
     finally:
         if where == "ops":
             setattr(ops, name, original)
@@ -81,12 +82,12 @@ def main() -> None:
     dispatches = max(args.steps // per_call, 1)
     for r in range(args.rounds):
         for form, run in runs.items():
-            fns, state = run
+            fns, state, orders = run
             t = time.perf_counter()
             for _ in range(dispatches):
-                state, acc = train.run_on_device(fns, state, *arrays, per_call)
+                state, acc, orders = train.run_on_device(fns, state, orders, *arrays, per_call)
             jax.block_until_ready((state, acc))
-            run[1] = state
+            run[1:] = state, orders
             ms = 1e3 * (time.perf_counter() - t) / (dispatches * per_call)
             row = {"device": device, "config": args.config, "op": args.op, "form": form,
                    "round": r, "step_ms": ms, "images_per_second": 1e3 * config.batch_size / ms,

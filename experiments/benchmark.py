@@ -79,12 +79,13 @@ def benchmark(config, steps: int, synthetic: bool = False, warmup: int = 0) -> d
     arrays = parallel.put_replicated((x, y, data.pixel_mean(x)), mesh)
 
     def prepare(config) -> list:
-        """``[state, step functions]`` of ``config``, on the mesh."""
+        """``[state, step functions, data-order cache]`` of ``config``, on the mesh."""
         model = train.model_from_config(config, classes)
         state, tx, _ = train.create_train_state(config, model, (h, w, c))
         return [
             parallel.put_replicated(state, mesh),
             train.make_step_fns(config, model, tx, mesh, len(x)),
+            None,  # the data-order cache (train.EpochOrders)
         ]
 
     # The constraints' share: the same step without them (projections and norms). The two are
@@ -98,7 +99,7 @@ def benchmark(config, steps: int, synthetic: bool = False, warmup: int = 0) -> d
 
     def timed_chunk(run: list) -> float:
         t0 = time.perf_counter()
-        run[0], acc = train.run_on_device(run[1], run[0], *arrays, chunk)
+        run[0], acc, run[2] = train.run_on_device(run[1], run[0], run[2], *arrays, chunk)
         jax.block_until_ready((run[0], acc))
         return time.perf_counter() - t0
 

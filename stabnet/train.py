@@ -1,11 +1,12 @@
 """Training and evaluation (SPEC §4): ``train_and_evaluate(config, workdir)``.
 
 The fast path, on by default: the data set lives on the devices, each step draws its batch by
-index and augments it there from a key derived from ``(seed, step)``, and ``steps_per_dispatch``
-steps run inside one ``lax.scan`` with metrics summed on the device, so the host touches the
-device once per chunk. The straightforward path (``data.on_device=False``) draws the same
-indices, gathers each batch on the host, feeds it with :func:`parallel.put_global_batch` and runs
-one jitted step per call; both paths share :func:`guarded_step` and give the same run.
+index from its epoch's order (drawn once per epoch, :class:`EpochOrders`) and augments it there
+from a key derived from ``(seed, step)``, and ``steps_per_dispatch`` steps run inside one
+``lax.scan`` with metrics summed on the device, so the host touches the device once per chunk.
+The straightforward path (``data.on_device=False``) draws the same indices, gathers each batch
+on the host, feeds it with :func:`parallel.put_global_batch` and runs one jitted step per call;
+both paths share :func:`guarded_step` and give the same run.
 
 Everything a step needs is in :class:`TrainState`, and batches and augmentations are functions
 of ``(seed, step)``, so a run resumed from a checkpoint continues exactly.
@@ -21,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -111,15 +112,72 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Array:
+    """The order (a permutation of ``range(num_examples)``) in which epoch ``epoch`` of the run
+    with root ``key`` visits the training examples."""
+    return jax.random.permutation(
+        jax.random.fold_in(jax.random.fold_in(key, _ORDER), epoch), num_examples
+    )
+
+
 def batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch: int) -> jax.Array:
     """Indices of the global batch of ``step``; each epoch is a fresh permutation (the remainder
     of an epoch that does not fill a batch is dropped)."""
     per_epoch = num_examples // batch
     epoch, position = step // per_epoch, step % per_epoch
-    order = jax.random.permutation(
-        jax.random.fold_in(jax.random.fold_in(key, _ORDER), epoch), num_examples
-    )
+    order = epoch_order(key, epoch, num_examples)
     return lax.dynamic_slice(order, (position * batch,), (batch,))
+
+
+class EpochOrders(NamedTuple):
+    """The orders of epochs ``epoch`` and ``epoch + 1`` of the run with root ``key``
+    (``int32[2, num_examples]``), kept on the device from one dispatch to the next.
+
+    Drawing an epoch's order sorts every example index (23 ms on the 2-core CPU, 5 % of a
+    ResNet-D step; benchmarks/RESULTS.md), so the fast path draws each epoch's order once
+    instead of once per step. Two epochs cover any chunk of at most one epoch's steps. The
+    cache is derived from ``(key, step)``, never checkpointed, and validated by its
+    ``(key, epoch)`` at each dispatch (:func:`refresh_epoch_orders`): a stale or empty one
+    costs time, never a different batch."""
+
+    key: jax.Array  # uint32[2]
+    epoch: jax.Array  # int32 scalar; -2 when empty
+    orders: jax.Array  # int32[2, num_examples]
+
+
+def no_epoch_orders(num_examples: int) -> EpochOrders:
+    """An empty :class:`EpochOrders` (matches no epoch)."""
+    return EpochOrders(
+        jnp.zeros([2], jnp.uint32),
+        jnp.full([], -2, jnp.int32),
+        jnp.zeros([2, num_examples], jnp.int32),
+    )
+
+
+def refresh_epoch_orders(cached: EpochOrders, key: jax.Array, epoch: jax.Array) -> EpochOrders:
+    """The orders of ``epoch`` and ``epoch + 1`` of the run with root ``key``: ``cached`` where it
+    holds them, its second order and one new one where it holds the epoch before, else two new
+    ones."""
+    n = cached.orders.shape[1]
+    same_run = jnp.all(cached.key == key)
+    which = jnp.where(same_run & (cached.epoch == epoch), 0, 2)
+    which = jnp.where(same_run & (cached.epoch + 1 == epoch), 1, which)
+    orders = lax.switch(
+        which,
+        [
+            lambda: cached.orders,
+            lambda: jnp.stack([cached.orders[1], epoch_order(key, epoch + 1, n)]),
+            lambda: jnp.stack([epoch_order(key, epoch, n), epoch_order(key, epoch + 1, n)]),
+        ],
+    )
+    return EpochOrders(key, epoch, orders)
+
+
+def cached_batch_indices(orders: EpochOrders, step: jax.Array, batch: int) -> jax.Array:
+    """:func:`batch_indices` of ``step`` from ``orders``, which must hold ``step``'s epoch."""
+    per_epoch = orders.orders.shape[1] // batch
+    epoch, position = step // per_epoch, step % per_epoch
+    return lax.dynamic_slice(orders.orders, (epoch - orders.epoch, position * batch), (1, batch))[0]
 
 
 NONFINITE_PARTS = ("loss", "gradients", "updated parameters")
@@ -170,10 +228,11 @@ def describe_parts(flags: Any) -> str:
 class StepFns:
     """The jitted functions of one run (built by :func:`make_step_fns`)."""
 
-    chunk: Callable[..., Any]  # fast path: (state, acc, x_train, y_train, mean, num_steps)
+    chunk: Callable[..., Any]  # fast path: (state, acc, orders, x_train, y_train, mean, num_steps)
     step: Callable[..., Any]  # straightforward path: (state, acc, images, labels, mean)
     evaluate: Callable[..., Any]  # (state, x_test, y_test, mask, mean) → sums
     new_acc: Callable[[], Any]
+    no_orders: Callable[[], EpochOrders]  # an empty cache of the data order, for the first chunk
     diagnose: Callable[..., Any]  # (state, images, labels, mean) → nonfinite_summary of the step
 
 
@@ -186,6 +245,7 @@ def make_step_fns(
 ) -> StepFns:
     """Build the jitted train chunk, train step and evaluation for ``model`` on ``mesh``."""
     batch = config.batch_size
+    per_epoch = num_train // batch
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     pad, flip = config.data.augment_pad, config.data.augment_flip
     skip = config.on_nonfinite == "skip"
@@ -252,21 +312,31 @@ def make_step_fns(
 
     @functools.partial(
         jax.jit,
-        static_argnums=5,
-        in_shardings=(rep, rep, rep, rep, rep),
+        static_argnums=6,
+        in_shardings=(rep, rep, rep, rep, rep, rep),
         out_shardings=rep,
-        donate_argnums=(0, 1),
+        donate_argnums=(0, 1, 2),
     )
-    def chunk(state, acc, x_train, y_train, mean, num_steps):
+    def chunk(state, acc, orders, x_train, y_train, mean, num_steps):
+        # A chunk of at most one epoch's steps spans two epochs at most: their orders are drawn
+        # at most once per epoch (EpochOrders). A longer one (tiny data sets) draws per step.
+        cached = num_steps <= per_epoch
+        if cached:
+            orders = refresh_epoch_orders(orders, state.key, state.step // per_epoch)
+
         def body(carry, _):
             state, acc = carry
-            idx = batch_indices(state.key, state.step, num_train, batch)
+            if cached:
+                idx = cached_batch_indices(orders, state.step, batch)
+            else:
+                idx = batch_indices(state.key, state.step, num_train, batch)
             return guarded_step(state, acc, x_train[idx], y_train[idx], mean), None
 
         if num_steps == 1:
-            return body((state, acc), None)[0]
-        (state, acc), _ = lax.scan(body, (state, acc), None, length=num_steps)
-        return state, acc
+            state, acc = body((state, acc), None)[0]
+        else:
+            (state, acc), _ = lax.scan(body, (state, acc), None, length=num_steps)
+        return state, acc, orders
 
     step = jax.jit(
         guarded_step,
@@ -294,13 +364,21 @@ def make_step_fns(
         new, loss, _, grads = sgd_step(state, images, labels, mean)
         return nonfinite_summary(loss, grads, new.params)
 
-    return StepFns(chunk, step, evaluate, jax.jit(new_acc, out_shardings=rep), diagnose)
+    no_orders = jax.jit(functools.partial(no_epoch_orders, num_train), out_shardings=rep)
+    return StepFns(chunk, step, evaluate, jax.jit(new_acc, out_shardings=rep), no_orders, diagnose)
 
 
 def run_on_device(
-    fns: StepFns, state: TrainState, x_train, y_train, mean, num_steps: int
-) -> tuple[TrainState, Any]:
-    """``num_steps`` steps on device-resident data; returns the state and the summed metrics.
+    fns: StepFns,
+    state: TrainState,
+    orders: EpochOrders | None,
+    x_train,
+    y_train,
+    mean,
+    num_steps: int,
+) -> tuple[TrainState, Any, EpochOrders]:
+    """``num_steps`` steps on device-resident data; returns the state, the summed metrics and the
+    data-order cache to pass to the next call (``orders=None``: start with an empty one).
 
     XLA:CPU runs convolutions inside a while loop (``lax.scan``) an order of magnitude slower
     than outside one (measured: 263 vs 19 ms per digits step), so on CPU each dispatch is one
@@ -309,9 +387,11 @@ def run_on_device(
     """
     per_call = 1 if jax.default_backend() == "cpu" else num_steps
     acc = fns.new_acc()
+    if orders is None:
+        orders = fns.no_orders()
     for _ in range(num_steps // per_call):
-        state, acc = fns.chunk(state, acc, x_train, y_train, mean, per_call)
-    return state, acc
+        state, acc, orders = fns.chunk(state, acc, orders, x_train, y_train, mean, per_call)
+    return state, acc, orders
 
 
 def padded_batches(
@@ -480,9 +560,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             rows.append(metrics_log.write(step, m))
         return m
 
+    orders = None  # the fast path's cache of the data order (EpochOrders), chunk to chunk
+
     def run_steps(state, num_steps: int):
+        nonlocal orders
         if config.data.on_device:
-            return run_on_device(fns, state, *train_arrays, on_device["mean"], num_steps)
+            state, acc, orders = run_on_device(
+                fns, state, orders, *train_arrays, on_device["mean"], num_steps
+            )
+            return state, acc
         acc = fns.new_acc()
         for _ in range(num_steps):
             state, acc = fns.step(state, acc, *batch_of(state), on_device["mean"])

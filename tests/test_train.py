@@ -122,10 +122,57 @@ def test_resume_is_exact(tmp_path):
     assert resumed["train_loss"] == whole["train_loss"]
 
 
+def test_epoch_orders_give_the_batches_of_batch_indices():
+    """The fast path's cache of the data order (drawn once per epoch) gives every step the batch
+    that :func:`train.batch_indices` (drawn per step) gives it: across epoch boundaries, after a
+    jump (a resumed run starts with an empty cache), and after a change of run key."""
+    n, batch = 50, 8  # 6 steps an epoch
+    k1, k2 = jax.random.PRNGKey(3), jax.random.PRNGKey(4)
+    refresh = jax.jit(train.refresh_epoch_orders)
+    cached = jax.jit(train.cached_batch_indices, static_argnums=2)
+    orders = train.no_epoch_orders(n)
+    for key, start, length in [(k1, 0, 4), (k1, 4, 6), (k1, 10, 6), (k1, 16, 1), (k1, 30, 3),
+                               (k2, 33, 6), (k1, 39, 6)]:  # fmt: skip
+        orders = refresh(orders, key, start // (n // batch))
+        for step in range(start, start + length):
+            want = train.batch_indices(key, step, n, batch)
+            np.testing.assert_array_equal(cached(orders, step, batch), want)
+    assert sorted(np.ravel([train.epoch_order(k1, 2, n)])) == list(range(n))
+
+
+def test_a_scanned_chunk_matches_single_steps():
+    """Accelerators run ``steps_per_dispatch`` steps in one ``lax.scan`` with the epoch orders
+    drawn once per chunk; CPUs dispatch step by step. Both give the same run (here on the CPU,
+    a chunk of 5 steps across the digits' epoch boundary at step 22)."""
+    from stabnet import data, parallel
+
+    config = small_config("resnet_d", steps=30)
+    ds = data.load_dataset("digits")
+    model = train.model_from_config(config, 10)
+    state, tx, _ = train.create_train_state(config, model, ds.x_train.shape[1:])
+    mesh = parallel.make_mesh()
+    fns = train.make_step_fns(config, model, tx, mesh, len(ds.x_train))
+    arrays = parallel.put_replicated((ds.x_train, ds.y_train, data.pixel_mean(ds.x_train)), mesh)
+    assert len(ds.x_train) // config.batch_size == 22
+    state = state.replace(step=np.int32(20))
+    runs = {}
+    for name, per_call in (("steps", 1), ("scan", 5)):
+        s, acc, orders = jax.tree.map(np.copy, state), fns.new_acc(), fns.no_orders()
+        for _ in range(5 // per_call):
+            s, acc, orders = fns.chunk(s, acc, orders, *arrays, per_call)
+        runs[name] = (s, acc)
+    (a, acc_a), (b, acc_b) = runs["steps"], runs["scan"]
+    assert int(a.step) == int(b.step) == 25 and int(acc_b["steps"]) == 5
+    assert float(acc_b["loss_sum"]) == pytest.approx(float(acc_a["loss_sum"]), rel=1e-5)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+
+
 def test_straightforward_path_matches_fast_path(tmp_path):
-    """Host-fed batches, one step per call == device-resident data (issue 5, item 3)."""
-    fast = train.train_and_evaluate(small_config("resnet_d", steps=20), os.fspath(tmp_path / "a"))
-    slow_config = small_config("resnet_d", steps=20)
+    """Host-fed batches, one step per call == device-resident data (issue 5, item 3), over an
+    epoch boundary (22 steps an epoch)."""
+    fast = train.train_and_evaluate(small_config("resnet_d", steps=30), os.fspath(tmp_path / "a"))
+    slow_config = small_config("resnet_d", steps=30)
     slow_config.data.on_device = False
     slow = train.train_and_evaluate(slow_config, os.fspath(tmp_path / "b"))
     assert slow["params_norm"] == pytest.approx(fast["params_norm"], rel=1e-6)
