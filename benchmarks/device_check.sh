@@ -97,6 +97,7 @@ else
   bench experiments/configs/s_depth20.py --config.optim.norm_method=screened
   norms
   forms bn  # BatchNorm statistics: two_pass / one_pass (default) / dot
+  forms order  # the data order drawn once per epoch (default) / every step
   # The three trainings share the GPU (a quarter of its memory each): their wall times are
   # concurrent ones, their accuracies are those of separate runs.
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.25

@@ -2,11 +2,15 @@
 
     python benchmarks/forms.py --op=conv [--config=experiments/configs/d_depth18.py]
     python benchmarks/forms.py --op=bn --rounds=3 --steps=100 --json
+    python benchmarks/forms.py --op=order
 
 ``--op=conv``: :func:`stabnet.ops.conv` with the images side by side (``fold_batch=True``, the
 CPU default) against one by one (``fold_batch=False``, the default elsewhere).
 ``--op=bn``: the forms of BatchNorm's batch statistics, ``model.bn_stats`` (``two_pass``,
 ``one_pass``, the default, and ``dot``; :func:`stabnet.ops.batch_norm`).
+``--op=order``: the data order of each epoch drawn once and kept on the device (the default,
+:class:`stabnet.train.EpochOrders`) against drawn afresh every step (a sort of all example
+indices; ``make_step_fns(order_cache=False)``).
 
 Builds the config's training step once per form on random data of the config's shape, then
 times the forms in alternation, ``--steps`` steps a round in dispatches of the config's
@@ -24,10 +28,11 @@ import re
 import time
 
 # op: (where, name, keyword, {form: value}): "ops" patches stabnet.ops.<name> with the keyword,
-# "config" sets config.model.<name>.
+# "config" sets config.model.<name>, "step_fns" passes the keyword to train.make_step_fns.
 FORMS = {
     "conv": ("ops", "conv", "fold_batch", {"side by side": True, "one by one": False}),
     "bn": ("config", "bn_stats", None, {f: f for f in ("two_pass", "one_pass", "dot")}),
+    "order": ("step_fns", None, "order_cache", {"per epoch": True, "per step": False}),
 }
 
 
@@ -39,6 +44,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per form and round")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument(
+        "--examples", type=int, default=50_000, help="random training images (CIFAR-10: 50,000)"
+    )
     args = parser.parse_args()
     import jax
 
@@ -52,21 +60,22 @@ def main() -> None:
     per_call = 1 if jax.default_backend() == "cpu" else config.steps_per_dispatch
     h, w, c, classes = data.SHAPES[config.data.name]
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (5000, h, w, c), dtype=np.uint8)
+    x = rng.integers(0, 256, (args.examples, h, w, c), dtype=np.uint8)
     y = rng.integers(0, classes, len(x)).astype(np.int32)
     mesh = parallel.make_mesh()
     arrays = parallel.put_replicated((x, y, data.pixel_mean(x)), mesh)
     where, name, keyword, forms = FORMS[args.op]
-    original, runs, kernels = getattr(ops, name, None), {}, {}
+    original, runs, kernels = getattr(ops, name, None) if name else None, {}, {}
     try:
         for form, value in forms.items():
             if where == "config":
                 config.model[name] = value
-            else:  # ops.<name> is looked up when the step is traced, i.e. at its first call
+            elif where == "ops":  # ops.<name> is looked up when the step is traced (first call)
                 setattr(ops, name, functools.partial(original, **{keyword: value}))
             model = train.model_from_config(config, classes)
             state, tx, _ = train.create_train_state(config, model, (h, w, c))
-            fns = train.make_step_fns(config, model, tx, mesh, len(x))
+            extra = {keyword: value} if where == "step_fns" else {}
+            fns = train.make_step_fns(config, model, tx, mesh, len(x), **extra)
             state = parallel.put_replicated(state, mesh)
             lowered = fns.chunk.lower(state, fns.new_acc(), fns.no_orders(), *arrays, per_call)
             hlo = lowered.compile().as_text()

@@ -242,8 +242,12 @@ def make_step_fns(
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     num_train: int,
+    order_cache: bool = True,
 ) -> StepFns:
-    """Build the jitted train chunk, train step and evaluation for ``model`` on ``mesh``."""
+    """Build the jitted train chunk, train step and evaluation for ``model`` on ``mesh``.
+
+    ``order_cache=False`` makes the chunk draw every step's epoch order afresh (the same batches,
+    slower; for ``benchmarks/forms.py --op=order``)."""
     batch = config.batch_size
     per_epoch = num_train // batch
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
@@ -320,7 +324,7 @@ def make_step_fns(
     def chunk(state, acc, orders, x_train, y_train, mean, num_steps):
         # A chunk of at most one epoch's steps spans two epochs at most: their orders are drawn
         # at most once per epoch (EpochOrders). A longer one (tiny data sets) draws per step.
-        cached = num_steps <= per_epoch
+        cached = order_cache and num_steps <= per_epoch
         if cached:
             orders = refresh_epoch_orders(orders, state.key, state.step // per_epoch)
 
