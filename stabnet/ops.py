@@ -14,6 +14,7 @@ Everything here is a pure function of arrays. Features are NHWC; filters are HWI
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from typing import Literal, NamedTuple
@@ -52,9 +53,9 @@ def conv(
 
     Implementation (the same numbers either way, to float32 rounding): at stride 1 on CPUs
     (``fold_batch=None``), the padded images are laid side by side in wide images
-    (:func:`_conv_side_by_side`) and convolved once ("VALID"); the outputs that straddle two
-    images are dropped. XLA:CPU's convolution kernels take 1.8× less time in that form, a
-    ResNet-D depth-18 training step 5–10 % less (benchmarks/RESULTS.md). Elsewhere, a "SAME"
+    (:func:`_conv_side_by_side`) and convolved once; the outputs that straddle two images are
+    dropped. XLA:CPU's convolution kernels take 1.8× less time in that form, a ResNet-D
+    depth-18 training step 5–10 % less (benchmarks/RESULTS.md). Elsewhere, a "SAME"
     convolution of the padded input cropped to its interior (XLA:CPU's filter gradient is 2×
     faster on that than on "VALID"); zero padding at stride 1 is plain "SAME".
     """
@@ -63,7 +64,7 @@ def conv(
     if fold_batch is None:
         fold_batch = jax.default_backend() == "cpu"
     if stride == 1 and fold_batch:
-        return _conv_side_by_side(_pad_spatial(x, kh, kw, padding), kernel)
+        return _conv_side_by_side(x, kernel, padding)
     if stride == 1 and padding == "zeros":
         return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
     xp = _pad_spatial(x, kh, kw, padding)
@@ -76,23 +77,56 @@ def conv(
     )
 
 
-def _conv_side_by_side(xp: jax.Array, kernel: jax.Array) -> jax.Array:
-    """ "VALID" stride-1 correlation of each padded image of ``xp`` [N,H',W',Ci], computed as a
-    correlation of the images laid side by side: output column ``m·W' + j`` (``j < W' − kw + 1``)
-    is the ``m``-th image's column ``j``; the ``kw − 1`` columns after it straddle two images.
+def _side_by_side(x: jax.Array, g: int, ph: int, pw: int, mode: str) -> jax.Array:
+    """The images of ``x`` [N,H,W,C], each padded by ``(ph, pw)`` (``jnp.pad`` ``mode``), laid
+    side by side in ``g`` wide images: ``[g, H + 2ph, (N/g)·(W + 2pw), C]``."""
+    n, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), mode=mode)
+    xp = xp.reshape(g, n // g, h + 2 * ph, w + 2 * pw, c).transpose(0, 2, 1, 3, 4)
+    return xp.reshape(g, h + 2 * ph, (n // g) * (w + 2 * pw), c)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _side_by_side_circular(x: jax.Array, g: int, ph: int, pw: int) -> jax.Array:
+    """:func:`_side_by_side` with periodic padding, in one copy: a gather of constant indices,
+    which XLA compiles to one loop over the output (the padding as concatenations takes three:
+    rows, columns, the transpose). Its derivative is the concatenations' (a gather's transpose
+    is a scatter-add, slow on CPUs); both forms move the same numbers."""
+    n, h, w, c = x.shape
+    rows, cols = (np.arange(h + 2 * ph) - ph) % h, (np.arange(w + 2 * pw) - pw) % w
+    xt = x.reshape(g, n // g, h, w, c).transpose(0, 2, 1, 3, 4)
+    xt = jnp.take(jnp.take(xt, rows, axis=1), cols, axis=3)
+    return xt.reshape(g, h + 2 * ph, (n // g) * (w + 2 * pw), c)
+
+
+@_side_by_side_circular.defjvp
+def _side_by_side_circular_jvp(g, ph, pw, primals, tangents):
+    (x,), (t,) = primals, tangents
+    return _side_by_side_circular(x, g, ph, pw), _side_by_side(t, g, ph, pw, "wrap")
+
+
+def _conv_side_by_side(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
+    """Stride-1 :func:`conv` of ``x`` [N,H,W,Ci] computed as one correlation of the padded images
+    laid side by side: output column ``m·W' + j`` (``j < W``, ``W' = W + kw − 1``) is the
+    ``m``-th image's column ``j``; the ``kw − 1`` columns after it straddle two images and are
+    dropped. The correlation pads the wide images' right end by ``kw − 1`` zeros, so that its
+    output splits into whole images without a copy.
 
     The images are laid out in ``g = gcd(N, device count)`` rows, not one, so that a batch
     sharded over the devices stays split along that leading axis (no halo exchange)."""
-    n, hp, wp, ci = xp.shape
+    n, h, w, _ = x.shape
     kh, kw = kernel.shape[:2]
+    ph, pw = kh // 2, kw // 2
     g = math.gcd(n, jax.device_count())
-    wide = xp.reshape(g, n // g, hp, wp, ci).transpose(0, 2, 1, 3, 4)
+    if padding == "circular":
+        wide = _side_by_side_circular(x, g, ph, pw)
+    else:
+        wide = _side_by_side(x, g, ph, pw, "constant")
     y = lax.conv_general_dilated(
-        wide.reshape(g, hp, (n // g) * wp, ci), kernel, (1, 1), "VALID", dimension_numbers=_DIMS
-    )
-    y = jnp.pad(y, ((0, 0), (0, 0), (0, kw - 1), (0, 0)))  # [g, H, (N/g)·W', Co]
-    y = y.reshape(g, hp - kh + 1, n // g, wp, -1)[:, :, :, : wp - kw + 1]
-    return y.transpose(0, 2, 1, 3, 4).reshape(n, hp - kh + 1, wp - kw + 1, -1)
+        wide, kernel, (1, 1), ((0, 0), (0, kw - 1)), dimension_numbers=_DIMS
+    )  # [g, H, (N/g)·W', Co]
+    y = y.reshape(g, h, n // g, w + 2 * pw, -1)[:, :, :, :w]
+    return y.transpose(0, 2, 1, 3, 4).reshape(n, h, w, -1)
 
 
 def adjoint_kernel(kernel: jax.Array) -> jax.Array:

@@ -395,3 +395,25 @@ def test_conv_is_jittable_and_differentiable(fold_batch):
     np.testing.assert_allclose(np.asarray(gk), ref, rtol=1e-5, atol=1e-5)
     want = ops.conv_transpose(jnp.asarray(y), jnp.asarray(k), padding="circular")
     np.testing.assert_allclose(np.asarray(gx), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["circular", "zeros"])
+@pytest.mark.parametrize("fold_batch", [True, False], ids=["side-by-side", "per-image"])
+def test_conv_forward_mode_agrees_with_reverse_mode(fold_batch, padding):
+    """``A_K x`` is linear in ``x`` and in ``K``: forward mode gives ``A_K t`` and ``A_T x``, and
+    ``⟨jvp, y⟩ = ⟨t, vjp(y)⟩`` (the side-by-side form pads with a custom derivative)."""
+    rng = np.random.default_rng(9)
+    x, t = jnp.asarray(rand(rng, 4, 6, 5, 3)), jnp.asarray(rand(rng, 4, 6, 5, 3))
+    k, kt = jnp.asarray(rand(rng, 3, 3, 3, 2)), jnp.asarray(rand(rng, 3, 3, 3, 2))
+    y = jnp.asarray(rand(rng, 4, 6, 5, 2))
+
+    def conv(x, k):
+        return ops.conv(x, k, padding=padding, fold_batch=fold_batch)
+
+    out, tangent = jax.jit(lambda x, k, t, kt: jax.jvp(conv, (x, k), (t, kt)))(x, k, t, kt)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(conv(x, k)), rtol=1e-6, atol=1e-6)
+    want = conv(t, k) + conv(x, kt)
+    np.testing.assert_allclose(np.asarray(tangent), np.asarray(want), rtol=1e-5, atol=1e-5)
+    gx, gk = jax.vjp(conv, x, k)[1](y)
+    lhs = float(jnp.vdot(tangent, y))
+    assert lhs == pytest.approx(float(jnp.vdot(t, gx) + jnp.vdot(kt, gk)), rel=1e-5)
