@@ -107,9 +107,9 @@ def _side_by_side_circular_jvp(g, ph, pw, primals, tangents):
 
 def _conv_side_by_side(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
     """Stride-1 :func:`conv` of ``x`` [N,H,W,Ci] computed as one correlation of the padded images
-    laid side by side: output column ``m·W' + j`` (``j < W``, ``W' = W + kw − 1``) is the
-    ``m``-th image's column ``j``; the ``kw − 1`` columns after it straddle two images and are
-    dropped. The correlation pads the wide images' right end by ``kw − 1`` zeros, so that its
+    laid side by side: output column ``m·W' + j`` (``W' = W + 2⌊kw/2⌋``, ``j < W' − kw + 1``)
+    is the ``m``-th image's column ``j``; the ``kw − 1`` columns after it straddle two images and
+    are dropped. The correlation pads the wide images' right end by ``kw − 1`` zeros, so that its
     output splits into whole images without a copy.
 
     The images are laid out in ``g = gcd(N, device count)`` rows, not one, so that a batch
@@ -124,9 +124,10 @@ def _conv_side_by_side(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax
         wide = _side_by_side(x, g, ph, pw, "constant")
     y = lax.conv_general_dilated(
         wide, kernel, (1, 1), ((0, 0), (0, kw - 1)), dimension_numbers=_DIMS
-    )  # [g, H, (N/g)·W', Co]
-    y = y.reshape(g, h, n // g, w + 2 * pw, -1)[:, :, :, :w]
-    return y.transpose(0, 2, 1, 3, 4).reshape(n, h, w, -1)
+    )  # [g, H', (N/g)·W', Co]
+    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1  # H, W for odd filters
+    y = y.reshape(g, ho, n // g, w + 2 * pw, -1)[:, :, :, :wo]
+    return y.transpose(0, 2, 1, 3, 4).reshape(n, ho, wo, -1)
 
 
 def adjoint_kernel(kernel: jax.Array) -> jax.Array:
