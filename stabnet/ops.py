@@ -77,22 +77,23 @@ def conv(
     )
 
 
-def _side_by_side(x: jax.Array, g: int, ph: int, pw: int, mode: str) -> jax.Array:
-    """The images of ``x`` [N,H,W,C], each padded by ``(ph, pw)`` (``jnp.pad`` ``mode``), laid
-    side by side in ``g`` wide images: ``[g, H + 2ph, (N/g)·(W + 2pw), C]``."""
-    n, h, w, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), mode=mode)
-    xp = xp.reshape(g, n // g, h + 2 * ph, w + 2 * pw, c).transpose(0, 2, 1, 3, 4)
-    return xp.reshape(g, h + 2 * ph, (n // g) * (w + 2 * pw), c)
+def _side_by_side(x: jax.Array, g: int, kh: int, kw: int, padding: Padding) -> jax.Array:
+    """The images of ``x`` [N,H,W,C], each padded for a ``kh×kw`` filter (:func:`_pad_spatial`),
+    laid side by side in ``g`` wide images: ``[g, H', (N/g)·W', C]``."""
+    xp = _pad_spatial(x, kh, kw, padding)
+    n, hp, wp, c = xp.shape
+    xp = xp.reshape(g, n // g, hp, wp, c).transpose(0, 2, 1, 3, 4)
+    return xp.reshape(g, hp, (n // g) * wp, c)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _side_by_side_circular(x: jax.Array, g: int, ph: int, pw: int) -> jax.Array:
+def _side_by_side_circular(x: jax.Array, g: int, kh: int, kw: int) -> jax.Array:
     """:func:`_side_by_side` with periodic padding, in one copy: a gather of constant indices,
     which XLA compiles to one loop over the output (the padding as concatenations takes three:
     rows, columns, the transpose). Its derivative is the concatenations' (a gather's transpose
     is a scatter-add, slow on CPUs); both forms move the same numbers."""
     n, h, w, c = x.shape
+    ph, pw = kh // 2, kw // 2
     rows, cols = (np.arange(h + 2 * ph) - ph) % h, (np.arange(w + 2 * pw) - pw) % w
     xt = x.reshape(g, n // g, h, w, c).transpose(0, 2, 1, 3, 4)
     xt = jnp.take(jnp.take(xt, rows, axis=1), cols, axis=3)
@@ -100,9 +101,9 @@ def _side_by_side_circular(x: jax.Array, g: int, ph: int, pw: int) -> jax.Array:
 
 
 @_side_by_side_circular.defjvp
-def _side_by_side_circular_jvp(g, ph, pw, primals, tangents):
+def _side_by_side_circular_jvp(g, kh, kw, primals, tangents):
     (x,), (t,) = primals, tangents
-    return _side_by_side_circular(x, g, ph, pw), _side_by_side(t, g, ph, pw, "wrap")
+    return _side_by_side_circular(x, g, kh, kw), _side_by_side(t, g, kh, kw, "circular")
 
 
 def _conv_side_by_side(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
@@ -119,9 +120,9 @@ def _conv_side_by_side(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax
     ph, pw = kh // 2, kw // 2
     g = math.gcd(n, jax.device_count())
     if padding == "circular":
-        wide = _side_by_side_circular(x, g, ph, pw)
+        wide = _side_by_side_circular(x, g, kh, kw)
     else:
-        wide = _side_by_side(x, g, ph, pw, "constant")
+        wide = _side_by_side(x, g, kh, kw, padding)
     y = lax.conv_general_dilated(
         wide, kernel, (1, 1), ((0, 0), (0, kw - 1)), dimension_numbers=_DIMS
     )  # [g, H', (N/g)·W', Co]

@@ -120,11 +120,16 @@ def epoch_order(key: jax.Array, epoch: jax.Array, num_examples: int) -> jax.Arra
     )
 
 
-def batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch: int) -> jax.Array:
-    """Indices of the global batch of ``step``; each epoch is a fresh permutation (the remainder
-    of an epoch that does not fill a batch is dropped)."""
+def _epoch_and_position(step: jax.Array, num_examples: int, batch: int):
+    """``step``'s epoch and its batch's position in that epoch (the remainder of an epoch that
+    does not fill a batch is dropped)."""
     per_epoch = num_examples // batch
-    epoch, position = step // per_epoch, step % per_epoch
+    return step // per_epoch, step % per_epoch
+
+
+def batch_indices(key: jax.Array, step: jax.Array, num_examples: int, batch: int) -> jax.Array:
+    """Indices of the global batch of ``step``; each epoch is a fresh permutation."""
+    epoch, position = _epoch_and_position(step, num_examples, batch)
     order = epoch_order(key, epoch, num_examples)
     return lax.dynamic_slice(order, (position * batch,), (batch,))
 
@@ -175,8 +180,7 @@ def refresh_epoch_orders(cached: EpochOrders, key: jax.Array, epoch: jax.Array) 
 
 def cached_batch_indices(orders: EpochOrders, step: jax.Array, batch: int) -> jax.Array:
     """:func:`batch_indices` of ``step`` from ``orders``, which must hold ``step``'s epoch."""
-    per_epoch = orders.orders.shape[1] // batch
-    epoch, position = step // per_epoch, step % per_epoch
+    epoch, position = _epoch_and_position(step, orders.orders.shape[1], batch)
     return lax.dynamic_slice(orders.orders, (epoch - orders.epoch, position * batch), (1, batch))[0]
 
 
