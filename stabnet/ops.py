@@ -29,6 +29,9 @@ BNStatsForm = Literal["one_pass", "two_pass", "dot"]
 BN_STATS_FORMS: tuple[str, ...] = typing.get_args(BNStatsForm)
 PADDINGS: tuple[str, ...] = ("circular", "zeros")
 _DIMS = ("NHWC", "HWIO", "NHWC")
+# Below this many multiply-adds per filter tap (N·H·W·Ci·Co), the side-by-side correlation is
+# faster unpadded on XLA:CPU (benchmarks/RESULTS.md, eighth session).
+_RIGHT_PAD_MIN_MACS = 1 << 22
 
 
 def _pad_spatial(x: jax.Array, kh: int, kw: int, padding: Padding) -> jax.Array:
@@ -110,8 +113,11 @@ def _conv_side_by_side(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax
     """Stride-1 :func:`conv` of ``x`` [N,H,W,Ci] computed as one correlation of the padded images
     laid side by side: output column ``m·W' + j`` (``W' = W + 2⌊kw/2⌋``, ``j < W' − kw + 1``)
     is the ``m``-th image's column ``j``; the ``kw − 1`` columns after it straddle two images and
-    are dropped. The correlation pads the wide images' right end by ``kw − 1`` zeros, so that its
-    output splits into whole images without a copy.
+    are dropped. For convolutions of at least ``_RIGHT_PAD_MIN_MACS`` multiply-adds per filter
+    tap (every one of the CIFAR networks') the correlation pads the wide images' right end by
+    ``kw − 1`` zeros, so that its output splits into whole images without a copy (a ResNet-D
+    depth-18 step 3–5 % shorter on a 2-core CPU). Smaller ones (the digits quickstart's) pad the
+    output after the correlation instead: padding the correlation made that step 35–50 % longer.
 
     The images are laid out in ``g = gcd(N, device count)`` rows, not one, so that a batch
     sharded over the devices stays split along that leading axis (no halo exchange)."""
@@ -123,9 +129,11 @@ def _conv_side_by_side(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax
         wide = _side_by_side_circular(x, g, kh, kw)
     else:
         wide = _side_by_side(x, g, kh, kw, padding)
+    right = kw - 1 if n * h * w * math.prod(kernel.shape[2:]) >= _RIGHT_PAD_MIN_MACS else 0
     y = lax.conv_general_dilated(
-        wide, kernel, (1, 1), ((0, 0), (0, kw - 1)), dimension_numbers=_DIMS
-    )  # [g, H', (N/g)·W', Co]
+        wide, kernel, (1, 1), ((0, 0), (0, right)), dimension_numbers=_DIMS
+    )
+    y = jnp.pad(y, ((0, 0), (0, 0), (0, kw - 1 - right), (0, 0)))  # [g, H', (N/g)·W', Co]
     ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1  # H, W for odd filters
     y = y.reshape(g, ho, n // g, w + 2 * pw, -1)[:, :, :, :wo]
     return y.transpose(0, 2, 1, 3, 4).reshape(n, ho, wo, -1)

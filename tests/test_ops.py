@@ -130,7 +130,16 @@ def test_references_agree():
     np.testing.assert_allclose(np_conv(x, centre), x @ k[1, 1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("fold_batch", [True, False], ids=["side-by-side", "per-image"])
+@pytest.fixture(params=["side-by-side", "side-by-side, padded correlation", "per-image"])
+def fold_batch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The formulations of :func:`ops.conv`'s argument ``fold_batch``: the images side by side
+    (CPU's default) with the correlation unpadded (small convolutions) or padded on the right
+    (large ones, forced here by a zero threshold), or one image at a time."""
+    if request.param == "side-by-side, padded correlation":
+        monkeypatch.setattr(ops, "_RIGHT_PAD_MIN_MACS", 0)
+    return request.param != "per-image"
+
+
 @pytest.mark.parametrize("padding", ["circular", "zeros"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("hw,ci,co", CONV_SHAPES)
@@ -376,7 +385,6 @@ def test_update_running():
     np.testing.assert_allclose(np.asarray(new.var), [0.9 * 3 + 0.05, 0.9 * 4 + 0.2], rtol=1e-6)
 
 
-@pytest.mark.parametrize("fold_batch", [True, False], ids=["side-by-side", "per-image"])
 def test_conv_is_jittable_and_differentiable(fold_batch):
     """The filter gradient of ⟨A_K x, y⟩ is the correlation of x with y, summed over the batch
     (dense check), and the input gradient is ``A_K^T y``."""
@@ -398,7 +406,6 @@ def test_conv_is_jittable_and_differentiable(fold_batch):
 
 
 @pytest.mark.parametrize("padding", ["circular", "zeros"])
-@pytest.mark.parametrize("fold_batch", [True, False], ids=["side-by-side", "per-image"])
 def test_conv_forward_mode_agrees_with_reverse_mode(fold_batch, padding):
     """``A_K x`` is linear in ``x`` and in ``K``: forward mode gives ``A_K t`` and ``A_T x``, and
     ``⟨jvp, y⟩ = ⟨t, vjp(y)⟩`` (the side-by-side form pads with a custom derivative)."""
