@@ -242,41 +242,57 @@ def screened_top_eigenvalues(
 ) -> tuple[jax.Array, jax.Array]:
     """``max_ω λ_max(G(ω))`` of each layer, exactly (as ``eigvalsh``), solving few eigenproblems.
 
-    ``batch`` holds the Gram matrices of consecutive layers, ``counts[i]`` frequencies each.
-    Upper bounds ``u(ω) ≥ λ_max(G(ω))`` rule frequencies out: the layer's exact maximum over a
-    few candidates, ``L``, is its maximum over all frequencies as soon as every other one has
-    ``u(ω) ≤ L``. Three levels, each run only where the one before could not certify
+    ``batch`` holds the ``m×m`` Gram matrices of consecutive layers, ``counts[i]`` frequencies
+    each. Upper bounds ``u(ω) ≥ λ_max(G(ω))`` rule frequencies out: the layer's exact maximum
+    over a few candidates, ``L``, is its maximum over all frequencies as soon as every other one
+    has ``u(ω) ≤ L``. Four levels, each run only where the one before could not certify
     (:func:`jax.lax.cond`):
 
-    0. ``‖G(ω)‖_F`` (no product) at every frequency keeps a shortlist of
-       ``min(shortlist, count/4)`` per layer (at least ``candidates + 1``); ``squarings`` squarings
-       (:func:`top_eigenvalue_upper`) bound those, and ``eigvalsh`` solves the ``candidates``
-       of largest bound. Trained filters have one dominant frequency, so this level holds.
-    1. The squarings at every frequency, ``eigvalsh`` on ``4·candidates`` per layer (flat
+    0. Grams of 32×32 and larger: ``eigvalsh`` on the ``max(candidates, 8192/m²)`` frequencies
+       of largest ``‖G(ω)‖_F`` per layer (8 at 32×32, 2 at 64×64: the solver's cost grows as
+       ``m³``), the Frobenius norms (no product) bounding the rest. Trained filters have one
+       dominant frequency whose ``λ_max`` exceeds nearly every other frequency's Frobenius norm,
+       so this level holds there (smaller Grams start at level 1: the 16-channel layers' larger
+       grids hold more frequencies near the top).
+    1. A shortlist of ``min(shortlist, count/4)`` frequencies of largest ``‖G‖_F`` per layer (at
+       least ``candidates + 1``), bounded more tightly by ``squarings`` squarings
+       (:func:`top_eigenvalue_upper`); ``eigvalsh`` on the ``candidates`` of largest bound.
+    2. The squarings at every frequency, ``eigvalsh`` on ``4·candidates`` per layer (flat
        spectra: at initialisation).
-    2. ``eigvalsh`` at every frequency.
+    3. ``eigvalsh`` at every frequency.
 
     Returns ``(tops [layers], level)``: the level that certified the result (an int32 scalar).
     """
+    m = batch.shape[-1]
     frobenius = top_eigenvalue_upper(batch, 1)
-    short_len = [max(candidates + 1, min(shortlist, count // 4)) for count in counts]
-    short, short_counts, short_rest = _top_per_layer(frobenius, counts, short_len)
-    sub = batch[short]
-    tops, ok = _solve_candidates(
-        sub, short_counts, top_eigenvalue_upper(sub, squarings), candidates
-    )
-    ok = ok & jnp.all(short_rest <= tops)
 
-    def wide() -> tuple[jax.Array, jax.Array]:
+    def direct() -> tuple[jax.Array, jax.Array]:
+        return _solve_candidates(batch, counts, frobenius, max(candidates, 8192 // m**2))
+
+    def shortlisted() -> tuple[jax.Array, jax.Array]:
+        short_len = [max(candidates + 1, min(shortlist, count // 4)) for count in counts]
+        short, short_counts, short_rest = _top_per_layer(frobenius, counts, short_len)
+        sub = batch[short]
+        upper = top_eigenvalue_upper(sub, squarings)
+        tops, ok = _solve_candidates(sub, short_counts, upper, candidates)
+        return tops, ok & jnp.all(short_rest <= tops)
+
+    def everywhere() -> tuple[jax.Array, jax.Array]:
         upper = top_eigenvalue_upper(batch, squarings)
-        tops1, ok1 = _solve_candidates(batch, counts, upper, 4 * candidates)
-        return jax.lax.cond(
-            ok1,
-            lambda: (tops1, jnp.int32(1)),
-            lambda: (_segment_max(_eigh_top(batch), counts), jnp.int32(2)),
-        )
+        return _solve_candidates(batch, counts, upper, 4 * candidates)
 
-    return jax.lax.cond(ok, lambda: (tops, jnp.int32(0)), wide)
+    def every_frequency() -> tuple[jax.Array, jax.Array]:
+        return _segment_max(_eigh_top(batch), counts), jnp.bool_(True)
+
+    levels = [direct, shortlisted, everywhere, every_frequency]
+
+    def from_level(i: int) -> tuple[jax.Array, jax.Array]:
+        tops, ok = levels[i]()
+        if i + 1 == len(levels):
+            return tops, jnp.int32(i)
+        return jax.lax.cond(ok, lambda: (tops, jnp.int32(i)), lambda: from_level(i + 1))
+
+    return from_level(0 if m >= 32 else 1)
 
 
 def fft_norms(

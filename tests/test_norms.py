@@ -387,14 +387,26 @@ def _gram64(kernel, hw):
 
 def test_screened_top_eigenvalues_are_exact_at_every_level():
     """The result equals float64 ``eigvalsh`` over all frequencies whichever level certifies it:
-    a filter with one dominant frequency (level 0, the shortlist), random filters, whose spectra
-    are flat enough to need the squarings everywhere (level 1), and identity filters, every
-    frequency's Gram ``I``, which no bound can separate (level 2, all frequencies solved)."""
+    filters with one dominant frequency (level 0 for 32×32 Grams, the Frobenius norms bounding
+    the rest; level 1 for 8×8 ones, which skip level 0: the shortlist and its squarings), random
+    filters, whose spectra are flat enough to need the squarings everywhere (level 2; at 32×32
+    after levels 0 and 1 failed), and identity filters, every frequency's Gram ``I``, which no
+    bound can separate (level 3, all frequencies solved)."""
     rng = np.random.default_rng(5)
+
+    def peaked(c: int, weight: float) -> jax.Array:
+        random = jnp.asarray(rng.standard_normal((3, 3, c, c)), jnp.float32)
+        return random * weight + jnp.asarray(rng.standard_normal((1, 1, c, 1)), jnp.float32)
+
     random = [jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32) for _ in range(3)]
-    peaked = random[0] * 0.1 + 3.0 * jnp.asarray(rng.standard_normal((1, 1, 8, 1)), jnp.float32)
     identity = jnp.zeros((3, 3, 8, 8), jnp.float32).at[1, 1].set(jnp.eye(8))
-    cases = [([peaked, peaked * 0.5], 0), (random, 1), ([identity, random[0]], 2)]
+    cases = [
+        ([(k := peaked(32, 1.0)), k * 0.5], 0),
+        ([(k := peaked(8, 0.1)), k * 0.5], 1),
+        (random, 2),
+        ([peaked(32, 10.0), peaked(32, 10.0)], 2),
+        ([identity, random[0]], 3),
+    ]
     for kernels, level in cases:
         grids = [(8, 8), (8, 8), (6, 6)][: len(kernels)]
         batch, counts = _layer_grams(kernels, grids)
