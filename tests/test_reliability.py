@@ -207,6 +207,7 @@ def run_attempt(workdir: str, args: list[str], logs: pathlib.Path, mode: str | N
     )
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments(tmp_path, uninterrupted):
     """SIGKILL the run at random moments (≥ 5 times during training, some mid-save), check what
     it left after each kill, then let it finish: the same results as an uninterrupted run."""
