@@ -11,11 +11,13 @@
 #                    timeout_s=480)
 #
 # Writes to $OUT (or ./device_out), 8 files at most (the device tool's limit): log.txt (with
-# the kernel counts of the HLO dump), bench.jsonl (one `experiments.benchmark --json` object a
-# line), norms.jsonl (benchmarks/norms_bench.py), forms.jsonl (benchmarks/forms.py),
-# train_<name>.json (results.json of each training) and metrics_tail.txt (the last lines of
-# each training's metrics.jsonl). CUDA graphs of the whole loop
-# (--xla_gpu_enable_command_buffer=…,WHILE) were measured once and gave nothing (RESULTS.md).
+# the kernel counts of the HLO dump and each job's wall time), bench.jsonl (one
+# `experiments.benchmark --json` object a line), traces.jsonl (benchmarks/trace_summary.py of
+# the profiled benchmarks) and traces.tar (their raw traces), norms.jsonl
+# (benchmarks/norms_bench.py), forms.jsonl (benchmarks/forms.py), trains.jsonl (results.json of
+# each training, with its name) and metrics_tail.txt (the last lines of each training's
+# metrics.jsonl). CUDA graphs of the whole loop (--xla_gpu_enable_command_buffer=…,WHILE) were
+# measured once and gave nothing (RESULTS.md).
 # BENCH_STEPS and TRAIN_STEPS shrink it for a dry run on a CPU (e.g.
 # BENCH_STEPS=2 TRAIN_STEPS=4). Arguments, if any, replace the default jobs, one job each, e.g.
 #   bash benchmarks/device_check.sh norms "bench experiments/configs/s_depth20.py" \
@@ -54,15 +56,31 @@ EOF
   echo "decoded CIFAR-10 in $(( $(date +%s) - start )) s"
 fi
 
-bench() {  # bench CONFIG [overrides...]
+bench() {  # bench CONFIG [overrides...]: one JSON line into bench.jsonl, the rest into the log
   python3 -m experiments.benchmark --config="$1" "${@:2}" --steps="$BENCH_STEPS" --json \
-    --config.data.local_dir="$DATA" | tail -1 | tee -a "$OUT/bench.jsonl"
+    --config.data.local_dir="$DATA" | grep '^{' | tail -1 | tee -a "$OUT/bench.jsonl"
+}
+trace() {  # trace DIR NAME: where the profiled steps' GPU time went (bench ... --profile=DIR)
+  local steps
+  steps=$(tail -1 "$OUT/bench.jsonl" 2>/dev/null \
+    | python3 -c "import json,sys; print(json.load(sys.stdin).get('profiled_steps', 0))" 2>/dev/null)
+  [ "${steps:-0}" -gt 0 ] || { echo "trace $2: the last benchmark was not profiled"; return; }
+  { echo "{\"trace\": \"$2\"}"; python3 benchmarks/trace_summary.py "$1" --steps="$steps"; } \
+    | tee -a "$OUT/traces.jsonl"
+  local raw
+  raw=$(ls -t "$1"/plugins/profile/*/*.trace.json.gz 2>/dev/null | head -1)
+  local room=$(( 15000000 - $(stat -c %s "$OUT/traces.tar" 2>/dev/null || echo 0) ))
+  if [ -n "$raw" ] && [ "$(stat -c %s "$raw")" -lt "$room" ]; then  # 16 MiB a file come back
+    cp "$raw" "/tmp/trace_$2.json.gz" && tar -C /tmp -rf "$OUT/traces.tar" "trace_$2.json.gz"
+  fi
 }
 kernels() {  # kernels DUMP_DIR: what XLA launches, from the optimised HLO of the largest modules
   for f in $(ls -S "$1"/*after_optimizations.txt 2>/dev/null | head -3); do
     echo "$(basename "$f"): fusions $(grep -c ' fusion(' "$f"), custom-calls" \
       "$(grep -c ' custom-call(' "$f") (convolutions: $(grep -c 'cudnn\$conv' "$f"))," \
-      "whiles $(grep -c ' while(' "$f"), conditionals $(grep -c ' conditional(' "$f")"
+      "whiles $(grep -c ' while(' "$f"), conditionals $(grep -c ' conditional(' "$f")," \
+      "transposes/copies $(grep -c ' transpose(\| copy(' "$f")"
+    grep 'cudnn\$conv' "$f" | head -2 | cut -c1-400  # the layouts XLA chose for cuDNN
   done
 }
 norms() {  # the exact-norm methods of ResNet-S's constraint, alone
@@ -82,30 +100,45 @@ train() {  # train NAME CONFIG: TRAIN_STEPS steps, learning rate ÷10 at 2/3, on
     --config.optim.decay_every=$(( TRAIN_STEPS * 2 / 3 > 0 ? TRAIN_STEPS * 2 / 3 : 1 )) \
     --config.eval_every="$TRAIN_STEPS" --config.checkpoint_every="$TRAIN_STEPS" \
     --config.final_average_steps="$TRAIN_STEPS" --config.progress_bar=false
-  cp "/tmp/runs/$name/results.json" "$OUT/train_$name.json"
+  python3 -c "import json,sys; print(json.dumps({'name': sys.argv[1], **json.load(open(sys.argv[2]))}))" \
+    "$name" "/tmp/runs/$name/results.json" >> "$OUT/trains.jsonl"
   { echo "== $name"; tail -3 "/tmp/runs/$name/metrics.jsonl"; } >> "$OUT/metrics_tail.txt"
   echo "$name: $(( $(date +%s) - start )) s wall"
 }
-if [ $# -gt 0 ]; then
-  for job in "$@"; do eval "$job"; done
-else
-  XLA_FLAGS=--xla_dump_to=/tmp/xla_d18 bench experiments/configs/d_depth18.py
-  kernels /tmp/xla_d18
-  bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16
-  bench experiments/configs/d_depth54.py
-  bench experiments/configs/s_depth20.py
-  bench experiments/configs/s_depth20.py --config.optim.norm_method=screened
-  norms
-  forms bn  # BatchNorm statistics: two_pass / one_pass (default) / dot
-  forms order  # the data order drawn once per epoch (default) / every step
-  # The three trainings share the GPU (a quarter of its memory each): their wall times are
-  # concurrent ones, their accuracies are those of separate runs.
+trainings() {  # the three trainings share the GPU (a quarter of its memory each): their wall
+  # times are concurrent ones, their accuracies those of separate runs
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.25
   train d18 experiments/configs/d_depth18.py &
-  train s20 experiments/configs/s_depth20.py &
+  train s20 experiments/configs/s_depth20.py --config.optim.norm_method=fused &
   train r18 experiments/configs/r_depth18.py &
   wait $(jobs -p)  # not a bare `wait`: that also waits for the `tee` of the log, forever
+  unset XLA_PYTHON_CLIENT_MEM_FRACTION
+}
+if [ $# -gt 0 ]; then
+  jobs_=("$@")
+else  # in order of importance: a call cut short by its time limit loses the last
+  jobs_=(
+    "XLA_FLAGS=--xla_dump_to=/tmp/xla_d18 bench experiments/configs/d_depth18.py --profile=/tmp/prof_d18"
+    "kernels /tmp/xla_d18"
+    "trace /tmp/prof_d18 d18"
+    "bench experiments/configs/s_depth20.py --config.optim.norm_method=fused --profile=/tmp/prof_s20"
+    "trace /tmp/prof_s20 s20_fused"
+    "bench experiments/configs/s_depth20.py --config.optim.norm_method=squaring"
+    "norms"
+    "XLA_FLAGS=--xla_gpu_force_conv_nhwc=true bench experiments/configs/d_depth18.py --profile=/tmp/prof_nhwc"
+    "trace /tmp/prof_nhwc d18_nhwc"
+    "bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16"
+    "bench experiments/configs/d_depth54.py"
+    "trainings"
+    "forms bn"  # BatchNorm statistics: two_pass / one_pass (default) / dot
+  )
 fi
+for job in "${jobs_[@]}"; do
+  start=$(date +%s)
+  echo "== $job"
+  eval "$job"
+  echo "== $(( $(date +%s) - start )) s: $job"
+done
 python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -116,7 +149,8 @@ for line in bench.read_text().splitlines() if bench.exists() else []:
           f" {r['images_per_second']:>8,.0f} img/s {r['step_ms']:6.2f} ms/step compile "
           f"{r['compile_seconds']:4.1f} s constraints {100 * r['constraint_share']:4.1f}% "
           f"{r.get('norm_method') or ''} {r.get('xla_flags') or ''}")
-for f in sorted(out.glob("train_*.json")):
-    print(f.name, json.dumps(json.loads(f.read_text()))[:300])
+trains = out / "trains.jsonl"
+for line in trains.read_text().splitlines() if trains.exists() else []:
+    print(line[:300])
 EOF
 echo "device_check: done"

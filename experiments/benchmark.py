@@ -34,6 +34,12 @@ flags.DEFINE_integer(
 flags.DEFINE_bool("json", False, "Print one JSON object.")
 flags.DEFINE_bool("synthetic", False, "Random images of the data set's shape, not the data.")
 flags.DEFINE_integer("cpu_devices", None, "Split the CPU into this many JAX devices.")
+flags.DEFINE_string(
+    "profile",
+    None,
+    "After the timing, trace two more dispatches of the constrained step into this folder "
+    "(jax.profiler; summarised by benchmarks/trace_summary.py).",
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -53,7 +59,9 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores ({jax.device_count()} JAX CPU device(s))"
 
 
-def benchmark(config, steps: int, synthetic: bool = False, warmup: int = 0) -> dict:
+def benchmark(
+    config, steps: int, synthetic: bool = False, warmup: int = 0, profile: str | None = None
+) -> dict:
     import jax
     import numpy as np
 
@@ -115,6 +123,12 @@ def benchmark(config, steps: int, synthetic: bool = False, warmup: int = 0) -> d
         for name, run in runs.items():
             ms[name].append(1e3 * timed_chunk(run) / chunk)
     done = chunk * len(ms["on"])
+    if profile:
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0  # the device's kernels, not the host's Python
+        with jax.profiler.trace(profile, profiler_options=options):
+            for _ in range(2):
+                timed_chunk(runs["on"])
     off_ms = ms.get("off", ms["on"])
     step_ms = float(np.mean(ms["on"]))
     unconstrained_ms = float(np.mean(off_ms))
@@ -148,6 +162,7 @@ def benchmark(config, steps: int, synthetic: bool = False, warmup: int = 0) -> d
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages: stabnet.cli
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "paper_schedule_minutes": config.num_train_steps * step_ms / 6e4,
+        "profiled_steps": 2 * chunk if profile else 0,
     }
 
 
@@ -162,7 +177,7 @@ def main(argv: list[str]) -> None:
     from stabnet.config import ConfigError
 
     try:
-        r = benchmark(FLAGS.config, FLAGS.steps, FLAGS.synthetic, FLAGS.warmup)
+        r = benchmark(FLAGS.config, FLAGS.steps, FLAGS.synthetic, FLAGS.warmup, FLAGS.profile)
     except (ConfigError, ValueError) as e:
         cli.fail(str(e))
     if FLAGS.json:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stabnet import layers, networks, ops
+from stabnet import layers, networks, norms_kernel, ops
 
 
 def conv_symbol(
@@ -142,7 +142,8 @@ def conv_gram(kernel: jax.Array, hw: Sequence[int]) -> jax.Array:
     return jax.lax.complex(real, imag).reshape(-1, m, m)
 
 
-NORM_METHODS = ("eigh", "screened", "squaring")
+NORM_METHODS = ("eigh", "screened", "squaring", "fused")
+FUSED_TOLERANCE = 1e-6  # method="fused": relative width of the bracket that ends the squarings
 
 
 def _squarings(gram: jax.Array, count: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -314,6 +315,11 @@ def fft_norms(
 
     ``method="squaring"``: :func:`top_eigenvalue_upper` (matrix products only; never below the
     exact norm, so a constraint enforced with it holds).
+
+    ``method="fused"``: the same squarings in one Pallas kernel per Gram size
+    (:mod:`stabnet.norms_kernel`) on GPUs, each matrix's stopped once its upper bound is within
+    ``FUSED_TOLERANCE`` of a lower bound (at most the same 16); Gram sizes the kernel does not
+    take (not a power of two from 16) and other backends run ``squaring``.
     """
     if method not in NORM_METHODS:
         raise ValueError(f"norm method {method!r} is unknown; allowed: {', '.join(NORM_METHODS)}")
@@ -327,8 +333,11 @@ def fft_norms(
         counts = [grams[i].shape[0] for i in groups[j]]
         if method == "screened":
             return screened_top_eigenvalues(batch, counts)[0]
-        if method == "squaring":
+        if method == "squaring" or (method == "fused" and not norms_kernel.supports(batch)):
             return _segment_max(top_eigenvalue_upper(batch), counts)
+        if method == "fused":
+            upper = norms_kernel.top_eigenvalue_upper(batch, tolerance=FUSED_TOLERANCE)
+            return _segment_max(upper, counts)
         return _segment_max(_eigh_top(batch), counts)
 
     def top_of_group(j: int) -> Callable[[list[jax.Array]], jax.Array]:
@@ -339,7 +348,7 @@ def fft_norms(
         return top
 
     branches = [top_of_group(j) for j in range(len(groups))]
-    if method == "squaring":  # no solver, nothing to serialise
+    if method in ("squaring", "fused"):  # no solver, nothing to serialise
         tops = sum(branch(batches) for branch in branches)
     else:
         tops = jax.lax.fori_loop(

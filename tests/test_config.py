@@ -90,7 +90,7 @@ def test_unknown_dataset_argument():
         ("data.augment_flip", 1, "true or false"),
         ("model.use_bn", "yes", "true or false"),
         ("on_nonfinite", "ignore", "stop, skip"),
-        ("optim.norm_method", "svd", "auto, eigh, screened, squaring"),
+        ("optim.norm_method", "svd", "auto, eigh, screened, squaring, fused"),
         ("model.bn_stats", "welford", "one_pass, two_pass, dot"),
     ],
 )

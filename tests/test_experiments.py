@@ -255,11 +255,13 @@ def test_growth_without_bn(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_benchmark_json_and_refusal():
-    """``--json`` prints the issue's fields, consistent with each other; a bad value is refused
-    in one line with a non-zero exit."""
+def test_benchmark_json_profile_and_refusal(tmp_path):
+    """``--json`` prints the issue's fields, consistent with each other; ``--profile`` leaves a
+    trace that benchmarks/trace_summary.py reads; a bad value is refused in one line with a
+    non-zero exit."""
+    prof = os.fspath(tmp_path / "prof")
     proc = _run("-m", "experiments.benchmark", f"--config={QUICKSTART}", "--steps=4", "--json",
-                "--config.steps_per_dispatch=2")  # fmt: skip
+                "--config.steps_per_dispatch=2", f"--profile={prof}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["steps"] == 4 and r["batch_size"] == 64
@@ -269,6 +271,12 @@ def test_benchmark_json_and_refusal():
     lo, hi = r["constraint_ms_range"]
     assert lo <= r["constraint_ms"] <= max(hi, 0.0)
     assert r["norm_method"] is None  # ResNet-D: no spectral norms
+    assert r["profiled_steps"] == 4  # two dispatches of 2
+    summary = _run("benchmarks/trace_summary.py", prof, "--steps=4")
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    first = json.loads(summary.stdout.splitlines()[0])
+    assert first["trace"].endswith(".trace.json.gz")
+    assert ("error" in first) == (r["backend"] == "cpu")  # the GPU's kernels, where there are
     bad = _run("-m", "experiments.benchmark", f"--config={QUICKSTART}",
                "--config.optim.norm_method=fast")  # fmt: skip
     assert bad.returncode != 0

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stabnet import networks, norms, ops
+from stabnet import networks, norms, norms_kernel, ops
 from tests.test_ops import dense_conv_matrix, rand
 
 
@@ -352,6 +352,37 @@ def test_top_eigenvalue_upper_is_the_brackets_upper_end_with_a_product_fewer():
         np.testing.assert_allclose(upper, np.asarray(norms.top_eigenvalue_bracket(grams, k)[1]),
                                    rtol=2e-6)  # fmt: skip
         assert np.all(upper >= exact * (1 - 2e-6))
+
+
+@pytest.mark.parametrize("m", [16, 32, 64])
+def test_fused_squaring_kernel_is_top_eigenvalue_upper(m):
+    """The Pallas kernel (run by its interpreter here) gives :func:`norms.top_eigenvalue_upper`
+    for Hermitian Grams with large imaginary parts, equal and zero spectra included, and a bad
+    size names the rule."""
+    rng = np.random.default_rng(m)
+    s_ = rng.standard_normal((6, m, m)) + 1j * rng.standard_normal((6, m, m))
+    grams = s_ @ np.conj(np.swapaxes(s_, -1, -2))
+    grams = np.concatenate([grams, 3.0 * np.eye(m)[None], np.zeros((1, m, m))])
+    grams = jnp.asarray(grams, jnp.complex64)
+    exact = np.linalg.eigvalsh(np.asarray(grams, np.complex128))[:, -1]
+    for k in (3, 16):
+        got = np.asarray(norms_kernel.top_eigenvalue_upper(grams, k, interpret=True))
+        np.testing.assert_allclose(got, np.asarray(norms.top_eigenvalue_upper(grams, k)),
+                                   rtol=2e-6)  # fmt: skip
+        assert np.all(got >= exact * (1 - 2e-6)) and got[-1] == 0.0
+    np.testing.assert_allclose(got[:6], exact[:6], rtol=1e-5)
+    assert exact[6] < got[6] <= exact[6] * m ** (2.0**-16) * (1 + 2e-6)  # equal: the worst case
+    for tol in (1e-6, 1e-3):  # stopped early once bracketed: within tol, never below
+        early = np.asarray(norms_kernel.top_eigenvalue_upper(grams, tolerance=tol, interpret=True))
+        assert np.all(early >= exact * (1 - 2e-6)) and early[-1] == 0.0
+        assert np.all(early[:6] <= exact[:6] * (1 + tol + 2e-6))
+        assert early[6] <= exact[6] * max(1 + tol, m ** (2.0**-16)) * (1 + 2e-6)  # 16 at most
+    # 3·I: the lower bound is exact at once, the upper one 3·m^{2^{-j-1}}; tol 1e-3 stops it
+    # after ~11 squarings, well before the 16 that leave got[6] within 4e-5 of 3
+    assert early[6] > got[6] * (1 + 1e-4)
+    assert not norms_kernel.supports(grams[:, :12, :12])
+    with pytest.raises(ValueError, match="powers of two from 16"):
+        norms_kernel.top_eigenvalue_upper(jnp.zeros((1, 24, 24), jnp.complex64), interpret=True)
 
 
 def _layer_grams(kernels, grids):

@@ -55,5 +55,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.regularizers = "paper"  # paper (Table 4.1) | frobenius | none
     config.optim.constraints = True  # K₂ ≥ 0 (ResNet-D), ‖A‖₂ ≤ max_operator_norm (ResNet-S)
     config.optim.max_operator_norm = math.sqrt(2.0)
-    config.optim.norm_method = "auto"  # ‖A_K‖₂: eigh | screened | squaring; auto: screened on CPU
+    config.optim.norm_method = "auto"  # ‖A_K‖₂: eigh, screened, squaring, fused; auto: by backend
     return config

@@ -1,0 +1,125 @@
+"""Repeated squaring of Gram matrices in one GPU kernel (Pallas, Triton backend).
+
+:func:`stabnet.norms.top_eigenvalue_upper` as XLA ops is ~45 small kernels per Gram size
+(a batched product, a trace and a division per squaring), each a few microseconds of launch
+for little arithmetic: on an H200, ResNet-S depth 20's 16 norms cost ~1 ms of a 6.7 ms step
+(benchmarks/RESULTS.md). Here one program holds one Gram matrix in registers through all its
+squarings, so each Gram size is one launch and the matrices never return to memory between
+squarings.
+
+A Hermitian ``G = A + iB`` (``A`` symmetric, ``B`` antisymmetric) squares in real products:
+``G² = (A² − B²) + i(AB + BA)`` with ``BA = −(AB)ᵀ``, three real products per squaring.
+
+Pallas's Triton backend is deprecated from jax 0.11 (its successor, Mosaic GPU, targets
+Hopper's warpgroup instructions); ``optim.norm_method=squaring`` is the same computation in XLA
+ops, on every backend.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+_TINY = float(np.finfo(np.float32).tiny)
+# Triton's products: "ieee" float32 (the default), or "tf32x3", three TF32 tensor-core passes
+# with float32 accumulation (about float32's accuracy; for benchmarks/norms_bench.py).
+PRECISIONS = {
+    "ieee": jax.lax.Precision.HIGHEST,
+    "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+}
+
+
+def _squaring_kernel(
+    re_ref, im_ref, eye_ref, out_ref, *, squarings: int, precision, tolerance: float | None
+) -> None:
+    """One program: ``log`` of the upper bound of :func:`stabnet.norms.top_eigenvalue_upper` for
+    the Gram matrix ``re + i·im``, into ``out_ref`` ``[1]``.
+
+    ``tolerance``: stop squaring once the upper bound is within this relative distance of a
+    lower bound, ``tr(G G_j) ≤ λ_max(G)`` (``G_j`` has trace 1: the average of ``G``'s
+    eigenvalues weighted by ``λ_i^{2^j}``), instead of always after ``squarings``.
+    """
+    eye = eye_ref[...]
+    a, b = re_ref[...], im_ref[...]
+    t0 = jnp.maximum(jnp.sum(a * eye), _TINY)
+    a, b = a / t0, b / t0
+    a0, b0 = a, b
+
+    def square(carry):
+        a, b, log_upper, weight, j = carry
+        ab = jax.lax.dot(a, b, precision=precision)
+        a2 = jax.lax.dot(a, a, precision=precision) - jax.lax.dot(b, b, precision=precision)
+        b2 = ab - ab.T
+        t = jnp.maximum(jnp.sum(a2 * eye), _TINY)
+        weight = weight * 0.5
+        return a2 / t, b2 / t, log_upper + jnp.log(t) * weight, weight, j + 1
+
+    def log_bound(carry):  # λ_max(G_j)² ≤ tr G_j² = ‖G_j‖²_F: the last squaring's trace
+        a, b, log_upper, weight, _ = carry
+        return log_upper + jnp.log(jnp.maximum(jnp.sum(a * a + b * b), _TINY)) * weight * 0.5
+
+    carry = (a, b, jnp.log(t0), jnp.float32(1.0), jnp.int32(0))
+    if tolerance is None:
+        carry = jax.lax.fori_loop(0, squarings - 1, lambda _, c: square(c), carry)
+    else:
+
+        def unsettled(carry):
+            a, b, *_, j = carry
+            lower = jnp.log(t0) + jnp.log(jnp.sum(a0 * a + b0 * b))  # Re tr(G G_j), G_j = G_jᴴ
+            return (j < squarings - 1) & (log_bound(carry) - lower > np.log1p(tolerance))
+
+        carry = jax.lax.while_loop(unsettled, square, carry)
+    out_ref[...] = jnp.full((1,), log_bound(carry))
+
+
+def supports(gram: jax.Array) -> bool:
+    """Whether :func:`top_eigenvalue_upper` compiles for ``gram`` here: on a GPU, for matrices
+    of a power-of-two size from 16 (Triton's smallest product; ResNet-S's 16, 32, 64)."""
+    m = gram.shape[-1]
+    return jax.default_backend() == "gpu" and m >= 16 and not m & (m - 1)
+
+
+@functools.partial(jax.jit, static_argnames=("squarings", "interpret", "precision", "tolerance"))
+def top_eigenvalue_upper(
+    gram: jax.Array,
+    squarings: int = 16,
+    interpret: bool = False,
+    precision: str = "ieee",
+    tolerance: float | None = None,
+) -> jax.Array:
+    """:func:`stabnet.norms.top_eigenvalue_upper` of ``gram`` ``[B, m, m]`` (complex Hermitian
+    PSD, ``m`` a power of two ≥ 16) by one Pallas kernel: the same bound to float32 rounding.
+    ``interpret=True`` runs the kernel's body as XLA ops (any backend, for tests);
+    ``precision`` and ``tolerance`` (see :func:`_squaring_kernel`) are for benchmarks."""
+    count, m, _ = gram.shape
+    if m < 16 or m & (m - 1):
+        raise ValueError(f"Gram matrices of size {m}: the kernel takes powers of two from 16")
+    re = jnp.real(gram).astype(jnp.float32)
+    im = jnp.imag(gram).astype(jnp.float32)
+    matrix = pl.BlockSpec((None, m, m), lambda i: (i, 0, 0))
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=max(1, m // 16), num_stages=1)
+    log_upper = pl.pallas_call(
+        functools.partial(
+            _squaring_kernel,
+            squarings=squarings,
+            precision=PRECISIONS[precision],
+            tolerance=tolerance,
+        ),
+        out_shape=jax.ShapeDtypeStruct((count,), jnp.float32),
+        grid=(count,),
+        in_specs=[matrix, matrix, pl.BlockSpec((m, m), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((1,), lambda i: (i,)),
+        interpret=interpret,
+        name=f"gram_squarings_{m}",
+        **params,
+    )(re, im, jnp.eye(m, dtype=jnp.float32))
+    trace = jnp.trace(re, axis1=-2, axis2=-1)
+    return jnp.where(trace > 0, jnp.exp(log_upper), 0.0)
