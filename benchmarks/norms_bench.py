@@ -72,10 +72,10 @@ def main() -> None:
             "squaring": jax.jit(lambda g: norms.top_eigenvalue_upper(g)),
         }
         if norms_kernel.supports(batch):
-            for precision in norms_kernel.PRECISIONS:
-                for tolerance in (None, norms.FUSED_TOLERANCE):
-                    top[f"fused[{precision}, tolerance {tolerance}]"] = functools.partial(
-                        norms_kernel.top_eigenvalue_upper, precision=precision, tolerance=tolerance
+            for tolerance in (None, norms.FUSED_TOLERANCE):
+                for warps in (c // 16, c // 8, c // 4):
+                    top[f"fused[tolerance {tolerance}, {warps} warps]"] = functools.partial(
+                        norms_kernel.top_eigenvalue_upper, tolerance=tolerance, num_warps=warps
                     )
         exact_top = np.linalg.eigvalsh(np.asarray(batch, np.complex128))[:, -1]
         for what, fn in top.items():

@@ -25,8 +25,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 _TINY = float(np.finfo(np.float32).tiny)
-# Triton's products: "ieee" float32 (the default), or "tf32x3", three TF32 tensor-core passes
-# with float32 accumulation (about float32's accuracy; for benchmarks/norms_bench.py).
+# Triton's products: "tf32x3" (the default), three TF32 tensor-core passes with float32
+# accumulation, or "ieee", float32 multiply-adds on the CUDA cores. On an H200 the two were
+# equally accurate (norms within 7e-7 of float64), and "ieee" 1.7–47× slower: 9.5 against
+# 0.21 ms for 240 Grams of 64×64 (benchmarks/RESULTS.md). The interpreter runs float32 products.
 PRECISIONS = {
     "ieee": jax.lax.Precision.HIGHEST,
     "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
@@ -88,13 +90,15 @@ def top_eigenvalue_upper(
     gram: jax.Array,
     squarings: int = 16,
     interpret: bool = False,
-    precision: str = "ieee",
+    precision: str = "tf32x3",
     tolerance: float | None = None,
+    num_warps: int | None = None,
 ) -> jax.Array:
     """:func:`stabnet.norms.top_eigenvalue_upper` of ``gram`` ``[B, m, m]`` (complex Hermitian
     PSD, ``m`` a power of two ≥ 16) by one Pallas kernel: the same bound to float32 rounding.
     ``interpret=True`` runs the kernel's body as XLA ops (any backend, for tests);
-    ``precision`` and ``tolerance`` (see :func:`_squaring_kernel`) are for benchmarks."""
+    ``precision``, ``tolerance`` (see :func:`_squaring_kernel`) and ``num_warps`` (per program;
+    default ``m/16``) are for benchmarks."""
     count, m, _ = gram.shape
     if m < 16 or m & (m - 1):
         raise ValueError(f"Gram matrices of size {m}: the kernel takes powers of two from 16")
@@ -105,12 +109,13 @@ def top_eigenvalue_upper(
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        params["compiler_params"] = plgpu.CompilerParams(num_warps=max(1, m // 16), num_stages=1)
+        warps = num_warps or max(1, m // 16)
+        params["compiler_params"] = plgpu.CompilerParams(num_warps=warps, num_stages=1)
     log_upper = pl.pallas_call(
         functools.partial(
             _squaring_kernel,
             squarings=squarings,
-            precision=PRECISIONS[precision],
+            precision=jax.lax.Precision.HIGHEST if interpret else PRECISIONS[precision],
             tolerance=tolerance,
         ),
         out_shape=jax.ShapeDtypeStruct((count,), jnp.float32),
