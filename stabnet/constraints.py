@@ -172,11 +172,12 @@ def _exact_update(old: jax.Array, target: jax.Array, shrink: jax.Array) -> jax.A
 
 def norm_method(name: str = "auto") -> str:
     """The exact-norm method of :func:`spectral_rescale` for ``optim.norm_method``: ``auto`` is
-    ``screened`` (LAPACK on a few frequencies per layer, the same numbers as ``eigh``) on CPUs and
-    ``squaring`` (batched matrix products) on accelerators, where batched small eigensolvers are
-    slow and can fail to converge (benchmarks/RESULTS.md)."""
+    ``screened`` (LAPACK on a few frequencies per layer, the same numbers as ``eigh``) on CPUs,
+    ``fused`` (the squarings in one Pallas kernel per Gram size) on GPUs and ``squaring``
+    (batched matrix products) on TPUs: batched small eigensolvers are slow on accelerators and
+    can fail to converge there (benchmarks/RESULTS.md)."""
     if name == "auto":
-        return "screened" if jax.default_backend() == "cpu" else "squaring"
+        return {"cpu": "screened", "gpu": "fused"}.get(jax.default_backend(), "squaring")
     if name not in norms.NORM_METHODS:
         raise ValueError(
             f"optim.norm_method={name!r} is unknown; allowed: auto, {', '.join(norms.NORM_METHODS)}"

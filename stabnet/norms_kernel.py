@@ -79,13 +79,22 @@ def _squaring_kernel(
 
 
 def supports(gram: jax.Array) -> bool:
-    """Whether :func:`top_eigenvalue_upper` compiles for ``gram`` here: on a GPU, for matrices
-    of a power-of-two size from 16 (Triton's smallest product; ResNet-S's 16, 32, 64)."""
+    """Whether :func:`top_eigenvalue_upper` compiles for ``gram`` here: on an NVIDIA GPU with
+    TF32 tensor cores (compute capability 8.0 or later), for matrices of a power-of-two size from
+    16 (Triton's smallest product; ResNet-S's 16, 32, 64)."""
     m = gram.shape[-1]
-    return jax.default_backend() == "gpu" and m >= 16 and not m & (m - 1)
+    if jax.default_backend() != "gpu" or m < 16 or m & (m - 1):
+        return False
+    try:  # CUDA devices name it "9.0"; others have none, or another form
+        capability = tuple(int(x) for x in jax.devices()[0].compute_capability.split("."))
+    except (AttributeError, ValueError):
+        return False
+    return capability >= (8, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("squarings", "interpret", "precision", "tolerance"))
+@functools.partial(
+    jax.jit, static_argnames=("squarings", "interpret", "precision", "tolerance", "num_warps")
+)
 def top_eigenvalue_upper(
     gram: jax.Array,
     squarings: int = 16,

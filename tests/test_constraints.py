@@ -357,7 +357,7 @@ def test_constraint_update_with_many_norms_does_not_hang():
 
 
 def test_norm_method_auto_picks_by_backend_and_names_bad_values():
-    want = "screened" if jax.default_backend() == "cpu" else "squaring"
+    want = {"cpu": "screened", "gpu": "fused"}.get(jax.default_backend(), "squaring")
     assert constraints.norm_method("auto") == want
     assert constraints.norm_method("squaring") == "squaring"
     with pytest.raises(ValueError, match="optim.norm_method='svd'"):
