@@ -109,7 +109,7 @@ trainings() {  # the three trainings share the GPU (a quarter of its memory each
   # times are concurrent ones, their accuracies those of separate runs
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.25
   train d18 experiments/configs/d_depth18.py &
-  train s20 experiments/configs/s_depth20.py --config.optim.norm_method=fused &
+  train s20 experiments/configs/s_depth20.py &
   train r18 experiments/configs/r_depth18.py &
   wait $(jobs -p)  # not a bare `wait`: that also waits for the `tee` of the log, forever
   unset XLA_PYTHON_CLIENT_MEM_FRACTION
@@ -121,12 +121,11 @@ else  # in order of importance: a call cut short by its time limit loses the las
     "XLA_FLAGS=--xla_dump_to=/tmp/xla_d18 bench experiments/configs/d_depth18.py --profile=/tmp/prof_d18"
     "kernels /tmp/xla_d18"
     "trace /tmp/prof_d18 d18"
-    "bench experiments/configs/s_depth20.py --config.optim.norm_method=fused --profile=/tmp/prof_s20"
-    "trace /tmp/prof_s20 s20_fused"
+    "forms crop"  # stride-1 convolutions: SAME + crop (default) / VALID; not yet timed on a GPU
+    "bench experiments/configs/s_depth20.py --profile=/tmp/prof_s20"  # auto: fused on GPUs
+    "trace /tmp/prof_s20 s20"
     "bench experiments/configs/s_depth20.py --config.optim.norm_method=squaring"
     "norms"
-    "XLA_FLAGS=--xla_gpu_force_conv_nhwc=true bench experiments/configs/d_depth18.py --profile=/tmp/prof_nhwc"
-    "trace /tmp/prof_nhwc d18_nhwc"
     "bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16"
     "bench experiments/configs/d_depth54.py"
     "trainings"

@@ -6,6 +6,8 @@
 
 ``--op=conv``: :func:`stabnet.ops.conv` with the images side by side (``fold_batch=True``, the
 CPU default) against one by one (``fold_batch=False``, the default elsewhere).
+``--op=crop``: one by one (the default off CPUs), a stride-1 "SAME" correlation of the padded
+images cropped to their interior (the default) against a "VALID" one (no border outputs).
 ``--op=bn``: the forms of BatchNorm's batch statistics, ``model.bn_stats`` (``two_pass``,
 ``one_pass``, the default, and ``dot``; :func:`stabnet.ops.batch_norm`).
 ``--op=order``: the data order of each epoch drawn once and kept on the device (the default,
@@ -31,6 +33,7 @@ import time
 # "config" sets config.model.<name>, "step_fns" passes the keyword to train.make_step_fns.
 FORMS = {
     "conv": ("ops", "conv", "fold_batch", {"side by side": True, "one by one": False}),
+    "crop": ("ops", "conv", "crop", {"SAME, cropped": True, "VALID": False}),
     "bn": ("config", "bn_stats", None, {f: f for f in ("two_pass", "one_pass", "dot")}),
     "order": ("step_fns", None, "order_cache", {"per epoch": True, "per step": False}),
 }

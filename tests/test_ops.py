@@ -130,14 +130,19 @@ def test_references_agree():
     np.testing.assert_allclose(np_conv(x, centre), x @ k[1, 1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.fixture(params=["side-by-side", "side-by-side, padded correlation", "per-image"])
+@pytest.fixture(
+    params=["side-by-side", "side-by-side, padded correlation", "per-image", "per-image, valid"]
+)
 def fold_batch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """The formulations of :func:`ops.conv`'s argument ``fold_batch``: the images side by side
     (CPU's default) with the correlation unpadded (small convolutions) or padded on the right
-    (large ones, forced here by a zero threshold), or one image at a time."""
+    (large ones, forced here by a zero threshold), or one image at a time, by a "SAME"
+    correlation cropped (the default elsewhere) or a "VALID" one."""
     if request.param == "side-by-side, padded correlation":
         monkeypatch.setattr(ops, "_RIGHT_PAD_MIN_MACS", 0)
-    return request.param != "per-image"
+    if request.param == "per-image, valid":
+        monkeypatch.setattr(ops, "_CROP", False)
+    return not request.param.startswith("per-image")
 
 
 @pytest.mark.parametrize("padding", ["circular", "zeros"])
