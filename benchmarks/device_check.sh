@@ -56,15 +56,15 @@ EOF
   echo "decoded CIFAR-10 in $(( $(date +%s) - start )) s"
 fi
 
-bench() {  # bench CONFIG [overrides...]: one JSON line into bench.jsonl, the rest into the log
+bench() {  # bench CONFIG [overrides...]: its JSON line into bench.jsonl, its stderr into the log
   python3 -m experiments.benchmark --config="$1" "${@:2}" --steps="$BENCH_STEPS" --json \
     --config.data.local_dir="$DATA" | grep '^{' | tail -1 | tee -a "$OUT/bench.jsonl"
 }
 trace() {  # trace DIR NAME: where the profiled steps' GPU time went (bench ... --profile=DIR)
   local steps
-  steps=$(tail -1 "$OUT/bench.jsonl" 2>/dev/null \
-    | python3 -c "import json,sys; print(json.load(sys.stdin).get('profiled_steps', 0))" 2>/dev/null)
-  [ "${steps:-0}" -gt 0 ] || { echo "trace $2: the last benchmark was not profiled"; return; }
+  steps=$(tail -1 "$OUT/bench.jsonl" 2>/dev/null | python3 -c "import json,sys; r = json.load(sys.stdin)
+print(r['profiled_steps'] if r.get('profile_dir') == sys.argv[1] else 0)" "$1" 2>/dev/null)
+  [ "${steps:-0}" -gt 0 ] || { echo "trace $2: the last benchmark did not profile into $1"; return; }
   { echo "{\"trace\": \"$2\"}"; python3 benchmarks/trace_summary.py "$1" --steps="$steps"; } \
     | tee -a "$OUT/traces.jsonl"
   local raw

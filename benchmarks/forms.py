@@ -6,8 +6,9 @@
 
 ``--op=conv``: :func:`stabnet.ops.conv` with the images side by side (``fold_batch=True``, the
 CPU default) against one by one (``fold_batch=False``, the default elsewhere).
-``--op=crop``: one by one (the default off CPUs), a stride-1 "SAME" correlation of the padded
-images cropped to their interior (the default) against a "VALID" one (no border outputs).
+``--op=crop``: the images one by one (the default off CPUs, forced here on CPUs too), a stride-1
+"SAME" correlation of the padded images cropped to their interior (the default) against a
+"VALID" one (no border outputs).
 ``--op=bn``: the forms of BatchNorm's batch statistics, ``model.bn_stats`` (``two_pass``,
 ``one_pass``, the default, and ``dot``; :func:`stabnet.ops.batch_norm`).
 ``--op=order``: the data order of each epoch drawn once and kept on the device (the default,
@@ -29,11 +30,20 @@ import json
 import re
 import time
 
-# op: (where, name, keyword, {form: value}): "ops" patches stabnet.ops.<name> with the keyword,
+# op: (where, name, keyword, {form: value}): "ops" patches stabnet.ops.<name> with the keyword
+# (or, keyword None, with the value's keywords),
 # "config" sets config.model.<name>, "step_fns" passes the keyword to train.make_step_fns.
 FORMS = {
     "conv": ("ops", "conv", "fold_batch", {"side by side": True, "one by one": False}),
-    "crop": ("ops", "conv", "crop", {"SAME, cropped": True, "VALID": False}),
+    "crop": (
+        "ops",
+        "conv",
+        None,
+        {
+            "SAME, cropped": {"crop": True, "fold_batch": False},
+            "VALID": {"crop": False, "fold_batch": False},
+        },
+    ),  # fmt: skip
     "bn": ("config", "bn_stats", None, {f: f for f in ("two_pass", "one_pass", "dot")}),
     "order": ("step_fns", None, "order_cache", {"per epoch": True, "per step": False}),
 }
@@ -74,7 +84,8 @@ def main() -> None:
             if where == "config":
                 config.model[name] = value
             elif where == "ops":  # ops.<name> is looked up when the step is traced (first call)
-                setattr(ops, name, functools.partial(original, **{keyword: value}))
+                kwargs = value if keyword is None else {keyword: value}
+                setattr(ops, name, functools.partial(original, **kwargs))
             model = train.model_from_config(config, classes)
             state, tx, _ = train.create_train_state(config, model, (h, w, c))
             extra = {keyword: value} if where == "step_fns" else {}

@@ -5,7 +5,8 @@
 For the filters of ResNet-S with ``n`` residual layers per stage on CIFAR grids (32², 16², 8²;
 16, 32, 64 channels) prints, per method, the time of :func:`stabnet.norms.fft_norms` (jitted,
 median of ``reps``) and its largest relative difference from float64 NumPy on the same symbols,
-then the time of one batched ``eigvalsh`` per Gram size. Prints one JSON line per measurement.
+then per Gram size (the ``n`` layers' Grams together) the time of one batched ``eigvalsh``, of
+the squarings and of the fused kernel's variants. Prints one JSON line per measurement.
 """
 
 from __future__ import annotations
@@ -65,8 +66,13 @@ def main() -> None:
                           "ms": median_ms(fn, kernels, reps=args.reps),
                           "max_rel_diff": float(np.max(np.abs(got / exact - 1)))}))  # fmt: skip
     for hw, c in shapes:
-        gram = norms._gram(norms.conv_symbol(kernels[grids.index(hw)], hw))
-        batch = jnp.concatenate([gram] * args.n)
+        batch = jnp.concatenate(
+            [
+                norms._gram(norms.conv_symbol(k, g))
+                for k, g in zip(kernels, grids, strict=True)
+                if g == hw
+            ]
+        )
         top = {
             "eigvalsh": jax.jit(lambda g: jnp.linalg.eigvalsh(g)[:, -1]),
             "squaring": jax.jit(lambda g: norms.top_eigenvalue_upper(g)),

@@ -3,13 +3,13 @@
     python -m experiments.benchmark --config=PATH --steps=100 --profile=/tmp/prof
     python benchmarks/trace_summary.py /tmp/prof --steps=40 [--top=25]
 
-Reads the newest ``*.trace.json.gz`` under the folder, takes the kernels on the GPU's streams
-(not the trace's derived "XLA Ops" lines, which repeat them), and prints JSON lines: per step the
-kernels launched, their summed time, the time the GPU was busy (overlaps merged) and the span
-from the first kernel's start to the last one's end; then the time per kind of kernel
-(convolutions, matrix products, Pallas kernels, reductions, other fusions, copies); then the
-``--top`` kernels by time, with their launches per step. ``--steps``: the steps traced
-(``profiled_steps`` in the benchmark's JSON).
+Reads the newest ``*.trace.json.gz`` under the folder, takes the events on the GPU's streams
+(kernels, copies and memsets; not the trace's derived "XLA Ops" lines, which repeat them), and
+prints JSON lines: per step the events (``kernels_per_step``, copies included), their summed
+time, the time the GPU was busy (overlaps merged) and the span from the first event's start to
+the last one's end; then the time per kind (convolutions, matrix products, Pallas kernels,
+reductions, other fusions, copies); then the ``--top`` events by time, with their launches per
+step. ``--steps``: the steps traced (``profiled_steps`` in the benchmark's JSON).
 """
 
 from __future__ import annotations

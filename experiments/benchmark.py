@@ -163,6 +163,7 @@ def benchmark(
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "paper_schedule_minutes": config.num_train_steps * step_ms / 6e4,
         "profiled_steps": 2 * chunk if profile else 0,
+        "profile_dir": profile,
     }
 
 

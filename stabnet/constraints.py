@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from stabnet import layers, norms
+from stabnet import layers, norms, norms_kernel
 
 Params = Any
 Mask = Any
@@ -123,7 +123,8 @@ def spectral_rescale(
 
     ``K ← K · min(1, max_norm/‖A_K‖₂)``, the norm of ``A_K`` on the layer's grid
     (``grids[layer]``) computed once per step, exactly, by FFT, all layers together
-    (:func:`stabnet.norms.fft_norms` with ``method``: ``eigh``, ``screened`` or ``squaring``).
+    (:func:`stabnet.norms.fft_norms` with ``method``: ``eigh``, ``screened``, ``squaring`` or
+    ``fused``).
     In training, ResNet-S's layer (4.2) is blind to the scale of ``K`` (BN₁ and the frozen BN₀
     both normalise by batch statistics), so there the rescaling sets the size of the following
     gradient steps (relative to ``‖K‖``), not the function; for the certified ResNet-S, which has
@@ -173,11 +174,13 @@ def _exact_update(old: jax.Array, target: jax.Array, shrink: jax.Array) -> jax.A
 def norm_method(name: str = "auto") -> str:
     """The exact-norm method of :func:`spectral_rescale` for ``optim.norm_method``: ``auto`` is
     ``screened`` (LAPACK on a few frequencies per layer, the same numbers as ``eigh``) on CPUs,
-    ``fused`` (the squarings in one Pallas kernel per Gram size) on GPUs and ``squaring``
-    (batched matrix products) on TPUs: batched small eigensolvers are slow on accelerators and
-    can fail to converge there (benchmarks/RESULTS.md)."""
+    ``fused`` (the squarings in one Pallas kernel per Gram size) on NVIDIA GPUs that run it and
+    ``squaring`` (batched matrix products) on other accelerators: batched small eigensolvers are
+    slow on accelerators and can fail to converge there (benchmarks/RESULTS.md)."""
     if name == "auto":
-        return {"cpu": "screened", "gpu": "fused"}.get(jax.default_backend(), "squaring")
+        if jax.default_backend() == "cpu":
+            return "screened"
+        return "fused" if norms_kernel.available() else "squaring"
     if name not in norms.NORM_METHODS:
         raise ValueError(
             f"optim.norm_method={name!r} is unknown; allowed: auto, {', '.join(norms.NORM_METHODS)}"

@@ -179,17 +179,19 @@ def top_eigenvalue_bracket(gram: jax.Array, squarings: int = 16) -> tuple[jax.Ar
     gv = jnp.einsum("bij,bj->bi", gram, v, precision=_HI)
     num = jnp.real(jnp.sum(jnp.conj(v) * gv, -1))
     den = jnp.maximum(jnp.real(jnp.sum(jnp.conj(v) * v, -1)), _TINY)
-    upper = jnp.where(trace > 0, jnp.exp(log_upper), 0.0)
+    upper = jnp.where(trace > 0, jnp.exp(log_upper), 0.0 * trace)  # 0, or NaN from a NaN
     return jnp.minimum(num / den, upper), upper
 
 
 def top_eigenvalue_upper(gram: jax.Array, squarings: int = 16) -> jax.Array:
     """The upper end of :func:`top_eigenvalue_bracket` with one matrix product fewer: the last
     trace, ``t_k = tr G_{k−1}²``, is ``‖G_{k−1}‖²_F`` for a Hermitian ``G_{k−1}``."""
+    if squarings < 1:
+        raise ValueError(f"squarings={squarings}: the bound needs at least one")
     trace, g, log_upper = _squarings(gram, squarings - 1)
     t = jnp.maximum(jnp.sum(jnp.real(g * jnp.conj(g)), axis=(-2, -1)), _TINY)
     log_upper = log_upper + jnp.log(t) / 2.0**squarings
-    return jnp.where(trace > 0, jnp.exp(log_upper), 0.0)
+    return jnp.where(trace > 0, jnp.exp(log_upper), 0.0 * trace)  # 0, or NaN from a NaN
 
 
 def _eigh_top(batch: jax.Array) -> jax.Array:

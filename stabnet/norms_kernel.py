@@ -8,7 +8,9 @@ squarings, so each Gram size is one launch and the matrices never return to memo
 squarings.
 
 A Hermitian ``G = A + iB`` (``A`` symmetric, ``B`` antisymmetric) squares in real products:
-``G² = (A² − B²) + i(AB + BA)`` with ``BA = −(AB)ᵀ``, three real products per squaring.
+``G² = (A² − B²) + i(AB + BA)`` with ``BA = −(AB)ᵀ``, three real products per squaring. The
+Grams of :func:`stabnet.norms.conv_gram` are Hermitian to rounding only; the squarings keep that
+rounding at its level (they agree with ``squaring`` and ``eigh`` to float32 rounding).
 
 Pallas's Triton backend is deprecated from jax 0.11 (its successor, Mosaic GPU, targets
 Hopper's warpgroup instructions); ``optim.norm_method=squaring`` is the same computation in XLA
@@ -78,18 +80,23 @@ def _squaring_kernel(
     out_ref[...] = jnp.full((1,), log_bound(carry))
 
 
-def supports(gram: jax.Array) -> bool:
-    """Whether :func:`top_eigenvalue_upper` compiles for ``gram`` here: on an NVIDIA GPU with
-    TF32 tensor cores (compute capability 8.0 or later), for matrices of a power-of-two size from
-    16 (Triton's smallest product; ResNet-S's 16, 32, 64)."""
-    m = gram.shape[-1]
-    if jax.default_backend() != "gpu" or m < 16 or m & (m - 1):
+def available() -> bool:
+    """Whether the kernel runs here: on an NVIDIA GPU with TF32 tensor cores (compute capability
+    8.0 or later)."""
+    if jax.default_backend() != "gpu":
         return False
     try:  # CUDA devices name it "9.0"; others have none, or another form
         capability = tuple(int(x) for x in jax.devices()[0].compute_capability.split("."))
     except (AttributeError, ValueError):
         return False
     return capability >= (8, 0)
+
+
+def supports(gram: jax.Array) -> bool:
+    """Whether :func:`top_eigenvalue_upper` takes ``gram`` here: where :func:`available`, for
+    matrices of 16×16, 32×32 or 64×64 (Triton's products start at 16; ResNet-S's sizes, the ones
+    measured; larger ones would hold more registers than a program has)."""
+    return gram.shape[-1] in (16, 32, 64) and available()
 
 
 @functools.partial(
@@ -111,6 +118,9 @@ def top_eigenvalue_upper(
     count, m, _ = gram.shape
     if m < 16 or m & (m - 1):
         raise ValueError(f"Gram matrices of size {m}: the kernel takes powers of two from 16")
+    if precision not in PRECISIONS or squarings < 1:
+        raise ValueError(f"precision={precision!r} (one of {', '.join(PRECISIONS)}), "
+                         f"squarings={squarings} (at least 1)")  # fmt: skip
     re = jnp.real(gram).astype(jnp.float32)
     im = jnp.imag(gram).astype(jnp.float32)
     matrix = pl.BlockSpec((None, m, m), lambda i: (i, 0, 0))
@@ -136,4 +146,4 @@ def top_eigenvalue_upper(
         **params,
     )(re, im, jnp.eye(m, dtype=jnp.float32))
     trace = jnp.trace(re, axis1=-2, axis2=-1)
-    return jnp.where(trace > 0, jnp.exp(log_upper), 0.0)
+    return jnp.where(trace > 0, jnp.exp(log_upper), 0.0 * trace)  # 0, or NaN from a NaN

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stabnet import networks, norms, norms_kernel, ops
+from stabnet import constraints, networks, norms, norms_kernel, ops
 from tests.test_ops import dense_conv_matrix, rand
 
 
@@ -380,12 +381,16 @@ def test_fused_squaring_kernel_is_top_eigenvalue_upper(m):
     # 3·I: the lower bound is exact at once, the upper one 3·m^{2^{-j-1}}; tol 1e-3 stops it
     # after ~11 squarings, well before the 16 that leave got[6] within 4e-5 of 3
     assert early[6] > got[6] * (1 + 1e-4)
-    assert not norms_kernel.supports(grams[:, :12, :12])
+    nan = grams.at[0, 0, 0].set(jnp.nan)  # a NaN stays NaN (no norm of 0 that hides it)
+    assert np.isnan(np.asarray(norms_kernel.top_eigenvalue_upper(nan, interpret=True))[0])
+    assert np.isnan(np.asarray(norms.top_eigenvalue_upper(nan))[0])
     with pytest.raises(ValueError, match="powers of two from 16"):
         norms_kernel.top_eigenvalue_upper(jnp.zeros((1, 24, 24), jnp.complex64), interpret=True)
 
 
-@pytest.mark.parametrize("options", [{}, {"tolerance": None, "num_warps": 2, "precision": "ieee"}])
+@pytest.mark.parametrize(
+    "options", [{}, {"tolerance": 1e-6}, {"tolerance": None, "num_warps": 2, "precision": "ieee"}]
+)
 def test_fused_squaring_kernel_lowers_to_triton_for_cuda(options):
     """The kernel's body lowers to Triton IR (what a GPU compiles) on any machine, with every
     option the benchmarks use (a static option read as a traced value once failed only there)."""
@@ -393,6 +398,48 @@ def test_fused_squaring_kernel_lowers_to_triton_for_cuda(options):
     fn = functools.partial(norms_kernel.top_eigenvalue_upper, **options)
     text = jax.jit(fn).trace(gram).lower(lowering_platforms=("cuda",)).as_text()
     assert "gram_squarings_32" in text and "triton" in text.lower()
+
+
+def _pretend_gpu(monkeypatch, capability="9.0", backend="gpu"):
+    """Make :func:`norms_kernel.available` see a GPU of that compute capability (None: a device
+    that names none)."""
+    device = types.SimpleNamespace() if capability is None else types.SimpleNamespace(
+        compute_capability=capability)  # fmt: skip
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+
+
+@pytest.mark.parametrize(("capability", "backend", "sizes"), [
+    ("9.0", "gpu", {16, 32, 64}), ("8.0", "gpu", {16, 32, 64}), ("7.5", "gpu", set()),
+    (None, "gpu", set()), ("9.0", "tpu", set())])  # fmt: skip
+def test_fused_kernel_runs_on_nvidia_gpus_from_ampere_at_resnet_s_sizes(
+    monkeypatch, capability, backend, sizes
+):
+    """The kernel is used on CUDA GPUs with TF32 tensor cores, for the Gram sizes measured;
+    ``optim.norm_method=auto`` picks it there, ``squaring`` on other accelerators."""
+    grams = {m: jnp.zeros((1, m, m), jnp.complex64) for m in (8, 12, 16, 24, 32, 64, 128)}
+    _pretend_gpu(monkeypatch, capability, backend)
+    assert {m for m, g in grams.items() if norms_kernel.supports(g)} == sizes
+    assert constraints.norm_method("auto") == ("fused" if sizes else "squaring")
+
+
+def test_fft_norms_fused_runs_the_kernel_where_it_can(monkeypatch):
+    """``method="fused"``: the kernel (interpreted) for the 16×16 Grams, ``squaring`` for the
+    others, the same norms as ``eigh``."""
+    kernels, grids = _some_kernels()
+    calls = []
+    kernel = norms_kernel.top_eigenvalue_upper
+
+    def interpreted(gram, **kw):
+        calls.append(gram.shape[-1])
+        return kernel(gram, interpret=True, **kw)
+
+    monkeypatch.setattr(norms_kernel, "supports", lambda g: g.shape[-1] in (16, 32, 64))
+    monkeypatch.setattr(norms_kernel, "top_eigenvalue_upper", interpreted)
+    got = np.asarray(jnp.stack(norms.fft_norms(kernels, grids, method="fused")))
+    assert calls == [16]  # once, for both 16-channel layers; their grids differ
+    want = np.asarray(jnp.stack(norms.fft_norms(kernels, grids, method="eigh")))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def _layer_grams(kernels, grids):
