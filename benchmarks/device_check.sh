@@ -60,19 +60,22 @@ bench() {  # bench CONFIG [overrides...]: its JSON line into bench.jsonl, its st
   python3 -m experiments.benchmark --config="$1" "${@:2}" --steps="$BENCH_STEPS" --json \
     --config.data.local_dir="$DATA" | grep '^{' | tail -1 | tee -a "$OUT/bench.jsonl"
 }
-trace() {  # trace DIR NAME: where the profiled steps' GPU time went (bench ... --profile=DIR)
-  local steps
+trace() {  # trace DIR NAME: where the profiled steps' GPU time went (bench ... --profile=DIR),
+  # and what the constraints add to it (DIR/on against DIR/off)
+  local steps minus="" part raw room
   steps=$(tail -1 "$OUT/bench.jsonl" 2>/dev/null | python3 -c "import json,sys; r = json.load(sys.stdin)
 print(r['profiled_steps'] if r.get('profile_dir') == sys.argv[1] else 0)" "$1" 2>/dev/null)
   [ "${steps:-0}" -gt 0 ] || { echo "trace $2: the last benchmark did not profile into $1"; return; }
-  { echo "{\"trace\": \"$2\"}"; python3 benchmarks/trace_summary.py "$1" --steps="$steps"; } \
+  [ -d "$1/off" ] && minus="--minus=$1/off"
+  { echo "{\"trace\": \"$2\"}"; python3 benchmarks/trace_summary.py "$1/on" --steps="$steps" $minus; } \
     | tee -a "$OUT/traces.jsonl"
-  local raw
-  raw=$(ls -t "$1"/plugins/profile/*/*.trace.json.gz 2>/dev/null | head -1)
-  local room=$(( 15000000 - $(stat -c %s "$OUT/traces.tar" 2>/dev/null || echo 0) ))
-  if [ -n "$raw" ] && [ "$(stat -c %s "$raw")" -lt "$room" ]; then  # 16 MiB a file come back
-    cp "$raw" "/tmp/trace_$2.json.gz" && tar -C /tmp -rf "$OUT/traces.tar" "trace_$2.json.gz"
-  fi
+  for part in on off; do
+    raw=$(ls -t "$1/$part"/plugins/profile/*/*.trace.json.gz 2>/dev/null | head -1)
+    room=$(( 15000000 - $(stat -c %s "$OUT/traces.tar" 2>/dev/null || echo 0) ))
+    if [ -n "$raw" ] && [ "$(stat -c %s "$raw")" -lt "$room" ]; then  # 16 MiB a file come back
+      cp "$raw" "/tmp/trace_$2_$part.json.gz" && tar -C /tmp -rf "$OUT/traces.tar" "trace_$2_$part.json.gz"
+    fi
+  done
 }
 kernels() {  # kernels DUMP_DIR: what XLA launches, from the optimised HLO of the largest modules
   for f in $(ls -S "$1"/*after_optimizations.txt 2>/dev/null | head -3); do

@@ -1,7 +1,7 @@
 """Where a profiled training step's GPU time goes, from a ``jax.profiler`` trace.
 
     python -m experiments.benchmark --config=PATH --steps=100 --profile=/tmp/prof
-    python benchmarks/trace_summary.py /tmp/prof --steps=40 [--top=25]
+    python benchmarks/trace_summary.py /tmp/prof/on --steps=40 [--top=25] [--minus=/tmp/prof/off]
 
 Reads the newest ``*.trace.json.gz`` under the folder, takes the events on the GPU's streams
 (kernels, copies and memsets; not the trace's derived "XLA Ops" lines, which repeat them), and
@@ -10,6 +10,11 @@ time, the time the GPU was busy (overlaps merged) and the span from the first ev
 the last one's end; then the time per kind (convolutions, matrix products, Pallas kernels,
 reductions, other fusions, copies); then the ``--top`` events by time, with their launches per
 step. ``--steps``: the steps traced (``profiled_steps`` in the benchmark's JSON).
+
+``--minus=FOLDER``: then the difference from another trace of as many steps (the benchmark's
+``off``: the step without its constraints), per kind and per kernel name without its numbering
+(``loop_select_fusion_101`` → ``loop_select_fusion``; XLA numbers its fusions anew in each
+program): where a step's extra time goes.
 """
 
 from __future__ import annotations
@@ -67,42 +72,71 @@ def busy_us(kernels: list[dict]) -> float:
     return total
 
 
+def family(name: str) -> str:
+    """A kernel's name without XLA's numbering (``loop_add_fusion_3`` → ``loop_add_fusion``)."""
+    return re.sub(r"([._]\d+)+$", "", name)[:120]
+
+
+def load(folder: str) -> tuple[pathlib.Path, list[dict]]:
+    """The newest trace under ``folder`` and its GPU events."""
+    files = sorted(pathlib.Path(folder).glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"no *.trace.json.gz under {folder}: run the benchmark with --profile=")
+    with gzip.open(files[-1]) as f:
+        return files[-1], gpu_kernels(json.load(f))
+
+
+def per_step(kernels: list[dict], key, n: int) -> dict[str, tuple[float, float]]:
+    """``{key(event): (launches a step, µs a step)}``."""
+    out = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        out[key(e["name"])][0] += 1
+        out[key(e["name"])][1] += e["dur"]
+    return {k: (c / n, d / n) for k, (c, d) in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder")
     parser.add_argument("--steps", type=int, required=True, help="the steps the trace holds")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--minus", help="a trace folder of as many steps to subtract")
     args = parser.parse_args()
-    files = sorted(
-        pathlib.Path(args.folder).glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime
-    )
-    if not files:
-        raise SystemExit(
-            f"no *.trace.json.gz under {args.folder}: run the benchmark with --profile"
-        )
-    with gzip.open(files[-1]) as f:
-        kernels = gpu_kernels(json.load(f))
+    path, kernels = load(args.folder)
     if not kernels:
-        print(json.dumps({"trace": str(files[-1]), "error": "no GPU kernels in the trace"}))
+        print(json.dumps({"trace": str(path), "error": "no GPU kernels in the trace"}))
         return
     n = args.steps
     span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
     print(json.dumps({
-        "trace": str(files[-1]), "kernels_per_step": len(kernels) / n,
+        "trace": str(path), "kernels_per_step": len(kernels) / n,
         "kernel_us_per_step": sum(e["dur"] for e in kernels) / n,
         "busy_us_per_step": busy_us(kernels) / n, "span_us_per_step": span / n,
     }))  # fmt: skip
-    by_kind, by_name = collections.defaultdict(list), collections.defaultdict(list)
+    for k, (launches, us) in sorted(per_step(kernels, kind, n).items(), key=lambda kv: -kv[1][1]):
+        print(json.dumps({"kind": k, "launches_per_step": launches, "us_per_step": us}))
+    by_name = collections.defaultdict(list)
     for e in kernels:
-        by_kind[kind(e["name"])].append(e["dur"])
         by_name[e["name"]].append(e["dur"])
-    for k, durs in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
-        print(json.dumps({"kind": k, "launches_per_step": len(durs) / n,
-                          "us_per_step": sum(durs) / n}))  # fmt: skip
     for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
         print(json.dumps({"kernel": name[:160], "kind": kind(name),
                           "launches_per_step": len(durs) / n, "us_per_step": sum(durs) / n,
                           "us_each": sum(durs) / len(durs)}))  # fmt: skip
+    if not args.minus:
+        return
+    other_path, other = load(args.minus)
+    extra_busy = (busy_us(kernels) - busy_us(other)) / n
+    print(json.dumps({"minus": str(other_path), "extra_busy_us_per_step": extra_busy,
+                      "extra_kernels_per_step": (len(kernels) - len(other)) / n}))  # fmt: skip
+    for key, label in ((kind, "kind"), (family, "family")):
+        mine, theirs = per_step(kernels, key, n), per_step(other, key, n)
+        rows = []
+        for k in mine.keys() | theirs.keys():
+            (a, b), (c, d) = mine.get(k, (0.0, 0.0)), theirs.get(k, (0.0, 0.0))
+            rows.append({f"extra_{label}": k, "launches_per_step": a - c, "us_per_step": b - d})
+        rows.sort(key=lambda r: -abs(r["us_per_step"]))
+        for r in rows[: args.top if label == "family" else None]:
+            print(json.dumps(r))
 
 
 if __name__ == "__main__":

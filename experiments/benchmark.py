@@ -37,8 +37,9 @@ flags.DEFINE_integer("cpu_devices", None, "Split the CPU into this many JAX devi
 flags.DEFINE_string(
     "profile",
     None,
-    "After the timing, trace two more dispatches of the constrained step into this folder "
-    "(jax.profiler; summarised by benchmarks/trace_summary.py).",
+    "After the timing, trace two more dispatches of the step into DIR/on and, where the config "
+    "has constraints, of the step without them into DIR/off (jax.profiler; summarised and "
+    "compared by benchmarks/trace_summary.py).",
 )
 flags.mark_flags_as_required(["config"])
 
@@ -126,9 +127,10 @@ def benchmark(
     if profile:
         options = jax.profiler.ProfileOptions()
         options.python_tracer_level = 0  # the device's kernels, not the host's Python
-        with jax.profiler.trace(profile, profiler_options=options):
-            for _ in range(2):
-                timed_chunk(runs["on"])
+        for name, run in runs.items():
+            with jax.profiler.trace(os.path.join(profile, name), profiler_options=options):
+                for _ in range(2):
+                    timed_chunk(run)
     off_ms = ms.get("off", ms["on"])
     step_ms = float(np.mean(ms["on"]))
     unconstrained_ms = float(np.mean(off_ms))

@@ -272,7 +272,9 @@ def test_benchmark_json_profile_and_refusal(tmp_path):
     assert lo <= r["constraint_ms"] <= max(hi, 0.0)
     assert r["norm_method"] is None  # ResNet-D: no spectral norms
     assert r["profiled_steps"] == 4  # two dispatches of 2
-    summary = _run("benchmarks/trace_summary.py", prof, "--steps=4")
+    assert os.path.isdir(os.path.join(prof, "off"))  # ResNet-D: the step without constraints too
+    summary = _run("benchmarks/trace_summary.py", os.path.join(prof, "on"), "--steps=4",
+                   f"--minus={os.path.join(prof, 'off')}")  # fmt: skip
     assert summary.returncode == 0, summary.stderr[-2000:]
     first = json.loads(summary.stdout.splitlines()[0])
     assert first["trace"].endswith(".trace.json.gz")
