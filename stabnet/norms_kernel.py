@@ -2,10 +2,10 @@
 
 :func:`stabnet.norms.top_eigenvalue_upper` as XLA ops is ~45 small kernels per Gram size
 (a batched product, a trace and a division per squaring), each a few microseconds of launch
-for little arithmetic: on an H200, ResNet-S depth 20's 16 norms cost ~1 ms of a 6.7 ms step
-(benchmarks/RESULTS.md). Here one program holds one Gram matrix in registers through all its
-squarings, so each Gram size is one launch and the matrices never return to memory between
-squarings.
+for little arithmetic: on an H200, ResNet-S depth 20's constraint cost 1.18 ms of a 6.4 ms step
+that way. Here one program holds one Gram matrix through all its squarings, so each Gram size
+is one launch and the matrices never return to memory between squarings: the constraint cost
+0.39 ms of a 5.6 ms step, the three kernels 98 µs of it (benchmarks/RESULTS.md).
 
 A Hermitian ``G = A + iB`` (``A`` symmetric, ``B`` antisymmetric) squares in real products:
 ``G² = (A² − B²) + i(AB + BA)`` with ``BA = −(AB)ᵀ``, three real products per squaring. The
