@@ -8,7 +8,7 @@
 #                    --implementation cp --platform manylinux_2_17_x86_64 -d .whl \
 #                    ml_collections==1.1.0 tensorboardX==2.6.5
 #   device:      run(command="bash benchmarks/device_check.sh", carry=["device_data", ".whl"],
-#                    timeout_s=560)  # the default jobs took ~515 s on an H200
+#                    timeout_s=560)  # ~515 s of jobs on an H200, summed from their ninth-session times
 #
 # Writes to $OUT (or ./device_out), 8 files at most (the device tool's limit): log.txt (with
 # the kernel counts of the HLO dump and each job's wall time), bench.jsonl (one
