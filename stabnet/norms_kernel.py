@@ -82,8 +82,12 @@ def _squaring_kernel(
 
 def available() -> bool:
     """Whether the kernel runs here: on an NVIDIA GPU with TF32 tensor cores (compute capability
-    8.0 or later)."""
+    8.0 or later), with a jax that still has Pallas's Triton backend."""
     if jax.default_backend() != "gpu":
+        return False
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:  # deprecated from jax 0.11, to be removed
         return False
     try:  # CUDA devices name it "9.0"; others have none, or another form
         capability = tuple(int(x) for x in jax.devices()[0].compute_capability.split("."))
