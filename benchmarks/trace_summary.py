@@ -106,26 +106,23 @@ def main() -> None:
     if not kernels:
         print(json.dumps({"trace": str(path), "error": "no GPU kernels in the trace"}))
         return
-    n = args.steps
+    n, busy = args.steps, busy_us(kernels)
     span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
     print(json.dumps({
         "trace": str(path), "kernels_per_step": len(kernels) / n,
         "kernel_us_per_step": sum(e["dur"] for e in kernels) / n,
-        "busy_us_per_step": busy_us(kernels) / n, "span_us_per_step": span / n,
+        "busy_us_per_step": busy / n, "span_us_per_step": span / n,
     }))  # fmt: skip
     for k, (launches, us) in sorted(per_step(kernels, kind, n).items(), key=lambda kv: -kv[1][1]):
         print(json.dumps({"kind": k, "launches_per_step": launches, "us_per_step": us}))
-    by_name = collections.defaultdict(list)
-    for e in kernels:
-        by_name[e["name"]].append(e["dur"])
-    for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
-        print(json.dumps({"kernel": name[:160], "kind": kind(name),
-                          "launches_per_step": len(durs) / n, "us_per_step": sum(durs) / n,
-                          "us_each": sum(durs) / len(durs)}))  # fmt: skip
+    by_name = per_step(kernels, lambda name: name, n)
+    for name, (launches, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[: args.top]:
+        print(json.dumps({"kernel": name[:160], "kind": kind(name), "launches_per_step": launches,
+                          "us_per_step": us, "us_each": us / launches}))  # fmt: skip
     if not args.minus:
         return
     other_path, other = load(args.minus)
-    extra_busy = (busy_us(kernels) - busy_us(other)) / n
+    extra_busy = (busy - busy_us(other)) / n
     print(json.dumps({"minus": str(other_path), "extra_busy_us_per_step": extra_busy,
                       "extra_kernels_per_step": (len(kernels) - len(other)) / n}))  # fmt: skip
     for key, label in ((kind, "kind"), (family, "family")):

@@ -47,7 +47,7 @@ def conv(
     stride: int = 1,
     padding: Padding = "circular",
     fold_batch: bool | None = None,
-    crop: bool | None = None,
+    crop: bool = True,
 ) -> jax.Array:
     """``A_K x``: cross-correlation of ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co] (SPEC §1).
 
@@ -60,7 +60,7 @@ def conv(
     (:func:`_conv_side_by_side`) and convolved once; the outputs that straddle two images are
     dropped. XLA:CPU's convolution kernels take 1.8× less time in that form, a ResNet-D
     depth-18 training step 5–10 % less (benchmarks/RESULTS.md). Elsewhere, ``crop=True`` (the
-    default, ``_CROP``): a "SAME" convolution of the padded input cropped to its interior
+    default): a "SAME" convolution of the padded input cropped to its interior
     (XLA:CPU's filter gradient was 2× faster on that than on "VALID"); ``crop=False``: a
     "VALID" one, which computes no border outputs to discard (on a GPU 13 % fewer at 32×32;
     ``benchmarks/forms.py --op=crop`` times the two, not yet on a GPU). Zero padding at stride 1
@@ -75,16 +75,13 @@ def conv(
     if stride == 1 and padding == "zeros":
         return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
     xp = _pad_spatial(x, kh, kw, padding)
-    if stride == 1 and (_CROP if crop is None else crop):
+    if stride == 1 and crop:
         ph, pw = kh // 2, kw // 2
         y = lax.conv_general_dilated(xp, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
         return y[:, ph : y.shape[1] - ph, pw : y.shape[2] - pw, :]
     return lax.conv_general_dilated(
         xp, kernel, window_strides=(stride, stride), padding="VALID", dimension_numbers=_DIMS
     )
-
-
-_CROP = True  # conv(crop=None): stride-1 "SAME" + crop (True) or "VALID" (False) off CPUs
 
 
 def _side_by_side(x: jax.Array, g: int, kh: int, kw: int, padding: Padding) -> jax.Array:

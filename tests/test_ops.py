@@ -6,6 +6,8 @@ numpy pooling and BN formulas) are also imported by the other core test modules.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,7 +143,7 @@ def fold_batch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     if request.param == "side-by-side, padded correlation":
         monkeypatch.setattr(ops, "_RIGHT_PAD_MIN_MACS", 0)
     if request.param == "per-image, valid":
-        monkeypatch.setattr(ops, "_CROP", False)
+        monkeypatch.setattr(ops, "conv", functools.partial(ops.conv, crop=False))
     return not request.param.startswith("per-image")
 
 
