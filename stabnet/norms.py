@@ -110,7 +110,13 @@ def _gram(sym: jax.Array) -> jax.Array:
 
 
 def conv_gram(kernel: jax.Array, hw: Sequence[int]) -> jax.Array:
-    """``_gram(conv_symbol(kernel, hw))`` of a stride-1 filter without the symbol, in real products.
+    """``_gram(conv_symbol(kernel, hw))`` of a stride-1 filter without the symbol, in real products
+    (:func:`conv_gram_parts`)."""
+    return jax.lax.complex(*conv_gram_parts(kernel, hw))
+
+
+def conv_gram_parts(kernel: jax.Array, hw: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """The real and imaginary parts of :func:`conv_gram`, ``[F, m, m]`` each.
 
     With ``S(ω) = Σ_t e^{iω·o_t} K_tᵀ`` (taps ``t`` at offsets ``o_t``), the smaller Gram matrix
     is ``S Sᴴ = Σ_d e^{iω·d} M_d`` with ``M_d = Σ_{o_t − o_s = d} K_tᵀ K_s`` (or ``Sᴴ S`` with
@@ -139,7 +145,7 @@ def conv_gram(kernel: jax.Array, hw: Sequence[int]) -> jax.Array:
     lag = jnp.einsum("dts,tsop->dop", select, pairs, precision=_HI).reshape(len(lags), m * m)
     real = jnp.matmul(np.cos(angle).astype(np.float32), lag, precision=_HI)
     imag = jnp.matmul(np.sin(angle).astype(np.float32), lag, precision=_HI)
-    return jax.lax.complex(real, imag).reshape(-1, m, m)
+    return real.reshape(-1, m, m), imag.reshape(-1, m, m)
 
 
 NORM_METHODS = ("eigh", "screened", "squaring", "fused")
@@ -326,39 +332,44 @@ def fft_norms(
     if method not in NORM_METHODS:
         raise ValueError(f"norm method {method!r} is unknown; allowed: {', '.join(NORM_METHODS)}")
     units, maxima = zip(*(_unit_max(k) for k in kernels), strict=True)  # no overflow, see there
-    grams = [conv_gram(k, hw) for k, hw in zip(units, grids, strict=True)]
-    sizes = sorted({g.shape[-1] for g in grams})
-    groups = [[i for i, g in enumerate(grams) if g.shape[-1] == m] for m in sizes]
-    batches = [jnp.concatenate([grams[i] for i in members]) for members in groups]
+    parts = [conv_gram_parts(k, hw) for k, hw in zip(units, grids, strict=True)]
+    sizes = sorted({re.shape[-1] for re, _ in parts})
+    groups = [[i for i, (re, _) in enumerate(parts) if re.shape[-1] == m] for m in sizes]
+    # each size's Grams as one batch, real and imaginary parts
+    reals, imags = ([jnp.concatenate([parts[i][c] for i in g]) for g in groups] for c in (0, 1))
 
-    def layer_tops(j: int, batch: jax.Array) -> jax.Array:
-        counts = [grams[i].shape[0] for i in groups[j]]
+    def size_tops(j: int) -> jax.Array:
+        """``λ_max`` of each layer of Gram size ``sizes[j]``."""
+        counts = [parts[i][0].shape[0] for i in groups[j]]
+        if method == "fused" and norms_kernel.supports(reals[j]):
+            upper = norms_kernel.top_eigenvalue_upper_parts(
+                reals[j], imags[j], tolerance=FUSED_TOLERANCE
+            )
+            return _segment_max(upper, counts)
+        batch = jax.lax.complex(reals[j], imags[j])
         if method == "screened":
             return screened_top_eigenvalues(batch, counts)[0]
-        if method == "squaring" or (method == "fused" and not norms_kernel.supports(batch)):
-            return _segment_max(top_eigenvalue_upper(batch), counts)
-        if method == "fused":
-            upper = norms_kernel.top_eigenvalue_upper(batch, tolerance=FUSED_TOLERANCE)
-            return _segment_max(upper, counts)
-        return _segment_max(_eigh_top(batch), counts)
+        if method == "eigh":
+            return _segment_max(_eigh_top(batch), counts)
+        return _segment_max(top_eigenvalue_upper(batch), counts)  # squaring, or fused elsewhere
 
-    def top_of_group(j: int) -> Callable[[list[jax.Array]], jax.Array]:
-        def top(batches: list[jax.Array]) -> jax.Array:
-            out = jnp.zeros(len(grams), jnp.float32)
-            return out.at[jnp.asarray(groups[j])].set(layer_tops(j, batches[j]))
-
-        return top
-
-    branches = [top_of_group(j) for j in range(len(groups))]
+    order = [i for members in groups for i in members]  # the layers by Gram size
     if method in ("squaring", "fused"):  # no solver, nothing to serialise
-        tops = sum(branch(batches) for branch in branches)
-    else:
+        tops = jnp.concatenate([size_tops(j) for j in range(len(groups))])
+    else:  # one size at a time: each branch puts its layers' tops in place, zeros elsewhere
+        ends = np.cumsum([len(members) for members in groups])
+
+        def placed(j: int) -> Callable[[], jax.Array]:
+            return lambda: jnp.pad(size_tops(j), (ends[j] - len(groups[j]), len(order) - ends[j]))
+
+        branches = [placed(j) for j in range(len(groups))]
         tops = jax.lax.fori_loop(
             0,
             len(groups),
-            lambda j, acc: acc + jax.lax.switch(j, branches, batches),
-            jnp.zeros(len(grams), jnp.float32),
+            lambda j, acc: acc + jax.lax.switch(j, branches),
+            jnp.zeros(len(order), jnp.float32),
         )
+    tops = tops[np.argsort(order)]  # back in the layers' order
     return list(jnp.sqrt(jnp.maximum(tops, 0.0)) * jnp.stack(maxima))
 
 

@@ -49,7 +49,8 @@ def _squaring_kernel(
     """
     eye = eye_ref[...]
     a, b = re_ref[...], im_ref[...]
-    t0 = jnp.maximum(jnp.sum(a * eye), _TINY)
+    trace = jnp.sum(a * eye)
+    t0 = jnp.maximum(trace, _TINY)
     a, b = a / t0, b / t0
     a0, b0 = a, b
 
@@ -77,7 +78,8 @@ def _squaring_kernel(
             return (j < squarings - 1) & (log_bound(carry) - lower > np.log1p(tolerance))
 
         carry = jax.lax.while_loop(unsettled, square, carry)
-    out_ref[...] = jnp.full((1,), log_bound(carry))
+    # A zero Gram has λ_max = 0: log 0 = −inf; a NaN trace gives NaN (no norm hides it)
+    out_ref[...] = jnp.full((1,), jnp.where(trace > 0, log_bound(carry), jnp.log(0.0 * trace)))
 
 
 def available() -> bool:
@@ -106,27 +108,28 @@ def supports(gram: jax.Array) -> bool:
 @functools.partial(
     jax.jit, static_argnames=("squarings", "interpret", "precision", "tolerance", "num_warps")
 )
-def top_eigenvalue_upper(
-    gram: jax.Array,
+def top_eigenvalue_upper_parts(
+    re: jax.Array,
+    im: jax.Array,
     squarings: int = 16,
     interpret: bool = False,
     precision: str = "tf32x3",
     tolerance: float | None = None,
     num_warps: int | None = None,
 ) -> jax.Array:
-    """:func:`stabnet.norms.top_eigenvalue_upper` of ``gram`` ``[B, m, m]`` (complex Hermitian
-    PSD, ``m`` a power of two ≥ 16) by one Pallas kernel: the same bound to float32 rounding.
+    """:func:`stabnet.norms.top_eigenvalue_upper` of the Gram matrices ``re + i·im``
+    (``[B, m, m]`` each, Hermitian PSD, ``m`` a power of two ≥ 16) by one Pallas kernel: the
+    same bound to float32 rounding. Taking the real and imaginary parts as they are built
+    (:func:`stabnet.norms.conv_gram_parts`) spares the GPU a complex array to assemble and split.
     ``interpret=True`` runs the kernel's body as XLA ops (any backend, for tests);
     ``precision``, ``tolerance`` (see :func:`_squaring_kernel`) and ``num_warps`` (per program;
     default ``m/16``) are for benchmarks."""
-    count, m, _ = gram.shape
+    count, m, _ = re.shape
     if m < 16 or m & (m - 1):
         raise ValueError(f"Gram matrices of size {m}: the kernel takes powers of two from 16")
     if precision not in PRECISIONS or squarings < 1:
         raise ValueError(f"precision={precision!r} (one of {', '.join(PRECISIONS)}), "
                          f"squarings={squarings} (at least 1)")  # fmt: skip
-    re = jnp.real(gram).astype(jnp.float32)
-    im = jnp.imag(gram).astype(jnp.float32)
     matrix = pl.BlockSpec((None, m, m), lambda i: (i, 0, 0))
     params = {}
     if not interpret:
@@ -148,6 +151,10 @@ def top_eigenvalue_upper(
         interpret=interpret,
         name=f"gram_squarings_{m}",
         **params,
-    )(re, im, jnp.eye(m, dtype=jnp.float32))
-    trace = jnp.trace(re, axis1=-2, axis2=-1)
-    return jnp.where(trace > 0, jnp.exp(log_upper), 0.0 * trace)  # 0, or NaN from a NaN
+    )(re.astype(jnp.float32), im.astype(jnp.float32), jnp.eye(m, dtype=jnp.float32))
+    return jnp.exp(log_upper)  # 0 for a zero Gram, NaN for a NaN one (see the kernel)
+
+
+def top_eigenvalue_upper(gram: jax.Array, squarings: int = 16, **options) -> jax.Array:
+    """:func:`top_eigenvalue_upper_parts` of complex Gram matrices ``gram`` ``[B, m, m]``."""
+    return top_eigenvalue_upper_parts(jnp.real(gram), jnp.imag(gram), squarings, **options)

@@ -428,14 +428,14 @@ def test_fft_norms_fused_runs_the_kernel_where_it_can(monkeypatch):
     others, the same norms as ``eigh``."""
     kernels, grids = _some_kernels()
     calls = []
-    kernel = norms_kernel.top_eigenvalue_upper
+    kernel = norms_kernel.top_eigenvalue_upper_parts
 
-    def interpreted(gram, **kw):
-        calls.append(gram.shape[-1])
-        return kernel(gram, interpret=True, **kw)
+    def interpreted(re, im, **kw):
+        calls.append(re.shape[-1])
+        return kernel(re, im, interpret=True, **kw)
 
     monkeypatch.setattr(norms_kernel, "supports", lambda g: g.shape[-1] in (16, 32, 64))
-    monkeypatch.setattr(norms_kernel, "top_eigenvalue_upper", interpreted)
+    monkeypatch.setattr(norms_kernel, "top_eigenvalue_upper_parts", interpreted)
     got = np.asarray(jnp.stack(norms.fft_norms(kernels, grids, method="fused")))
     assert calls == [16]  # once, for both 16-channel layers; their grids differ
     want = np.asarray(jnp.stack(norms.fft_norms(kernels, grids, method="eigh")))
