@@ -335,8 +335,10 @@ def fft_norms(
     parts = [conv_gram_parts(k, hw) for k, hw in zip(units, grids, strict=True)]
     sizes = sorted({re.shape[-1] for re, _ in parts})
     groups = [[i for i, (re, _) in enumerate(parts) if re.shape[-1] == m] for m in sizes]
-    # each size's Grams as one batch, real and imaginary parts
+    # each size's Grams as one batch: real and imaginary parts, and as complex matrices (made
+    # here, outside the loop below; XLA drops them where the kernel takes the parts)
     reals, imags = ([jnp.concatenate([parts[i][c] for i in g]) for g in groups] for c in (0, 1))
+    batches = [jax.lax.complex(re, im) for re, im in zip(reals, imags, strict=True)]
 
     def size_tops(j: int) -> jax.Array:
         """``λ_max`` of each layer of Gram size ``sizes[j]``."""
@@ -346,7 +348,7 @@ def fft_norms(
                 reals[j], imags[j], tolerance=FUSED_TOLERANCE
             )
             return _segment_max(upper, counts)
-        batch = jax.lax.complex(reals[j], imags[j])
+        batch = batches[j]
         if method == "screened":
             return screened_top_eigenvalues(batch, counts)[0]
         if method == "eigh":
