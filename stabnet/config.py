@@ -54,7 +54,7 @@ _WIDTHS = Field(
 )  # fmt: skip
 
 SCHEMA: dict[str, Field] = {
-    "seed": _int(0),
+    "seed": _int(0, 2**63 - 1),  # jax.random.key takes 64-bit signed seeds
     "batch_size": _int(1),
     "num_train_steps": _int(1),
     "eval_every": _int(1),

@@ -122,7 +122,8 @@ def spectral_rescale(
     """Rescale so that ``‖A_K‖₂ ≤ max_norm`` for every filter ``K`` whose path matches ``pattern``.
 
     ``K ← K · min(1, max_norm/‖A_K‖₂)``, the norm of ``A_K`` on the layer's grid
-    (``grids[layer]``) computed once per step, exactly, by FFT, all layers together
+    (``grids[layer]``; for zero padding, :func:`stabnet.norms.zero_padding_grid`, whose circular
+    norm bounds the zero-padded one) computed once per step, exactly, by FFT, all layers together
     (:func:`stabnet.norms.fft_norms` with ``method``: ``eigh``, ``screened``, ``squaring`` or
     ``fused``).
     In training, ResNet-S's layer (4.2) is blind to the scale of ``K`` (BN₁ and the frozen BN₀
@@ -242,6 +243,9 @@ def build_optimizer(
             chain.append(nonnegative(path_mask(params, OUTER_FILTER)))
         if form.outer == "adjoint":
             method = norm_method(opt.get("norm_method", "auto"))  # absent in older workdirs
+            if config.model.padding == "zeros":  # bound the zero-padded maps from above
+                grids = {name: norms.zero_padding_grid(hw, params[name]["K"].shape[:2])
+                         for name, hw in grids.items() if "K" in params.get(name, {})}  # fmt: skip
             chain.append(spectral_rescale(SYMMETRIC_FILTER, grids, opt.max_operator_norm, method))
     return optax.chain(*chain), schedule
 

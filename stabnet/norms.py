@@ -83,6 +83,20 @@ def fft_norm(
     return jnp.sqrt(jnp.maximum(jnp.max(top), 0.0)) * size
 
 
+def zero_padding_grid(
+    hw: Sequence[int], kernel_hw: Sequence[int] = (3, 3), stride: int = 1
+) -> tuple[int, int]:
+    """The circular grid on which the exact FFT norm bounds a zero-padded convolution on ``hw``
+    from above: ``h' = h + 2·(k//2)`` rounded up to the stride (``(h+2)×(w+2)`` for 3×3 filters).
+
+    The zero-padded convolution is ``R A° Z`` with ``Z`` the embedding of the ``h×w`` image into
+    the ``h'×w'`` grid bordered by zeros, ``A°`` the circular convolution there and ``R`` the
+    restriction to the outputs that never wrap; ``‖Z‖ = ‖R‖ = 1``, so ``‖A‖₂ ≤ ‖A°‖₂``.
+    """
+    h, w = (-(-(g + 2 * (k // 2)) // stride) * stride for g, k in zip(hw, kernel_hw, strict=True))
+    return h, w
+
+
 def _unit_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(x / m, m)`` with ``m = max |x|`` (1 where ``x`` is zero), in float32. The norms are
     homogeneous (``‖A_{cK}‖ = c‖A_K‖``), and their Gram matrices hold squares of the entries:

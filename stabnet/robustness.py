@@ -394,19 +394,14 @@ _fft_norm = jax.jit(norms.fft_norm, static_argnames=("hw", "stride"))
 def conv_l2_bound(op: norms.EffectiveConv, padding: ops.Padding = "circular") -> float:
     """An upper bound of ``‖diag(s) A_K‖₂`` (exact for circular padding).
 
-    Circular: the exact FFT norm (:func:`stabnet.norms.fft_norm`). Zero padding: the
-    zero-padded convolution is ``R A° Z`` with ``Z`` the embedding of the ``h×w`` image into an
-    ``h'×w'`` circular grid (``h' = h + 2·(k//2)`` rounded up to the stride) bordered by zeros,
-    ``A°`` the circular convolution there and ``R`` the restriction to the outputs that never wrap;
-    ``‖Z‖ = ‖R‖ = 1``, so ``‖A‖₂ ≤ ‖A°‖₂``, again exact by FFT. (Power iteration would give a
-    lower estimate, which cannot certify.)
+    Circular: the exact FFT norm (:func:`stabnet.norms.fft_norm`). Zero padding: the exact FFT
+    norm on a larger circular grid (:func:`stabnet.norms.zero_padding_grid`), an upper bound.
+    (Power iteration would give a lower estimate, which cannot certify.)
     """
     if padding == "circular":  # = op.l2("circular"), jitted
         return float(_fft_norm(op.kernel, tuple(op.grid), scale=op.scale, stride=op.stride))
-    kh, kw = op.kernel.shape[:2]
-    s = op.stride
-    grid = tuple(-(-(g + 2 * (k // 2)) // s) * s for g, k in zip(op.grid, (kh, kw), strict=True))
-    return float(_fft_norm(op.kernel, grid, scale=op.scale, stride=s))
+    grid = norms.zero_padding_grid(op.grid, op.kernel.shape[:2], op.stride)
+    return float(_fft_norm(op.kernel, grid, scale=op.scale, stride=op.stride))
 
 
 @functools.lru_cache(maxsize=64)

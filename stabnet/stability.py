@@ -27,9 +27,8 @@ statistics) and in float32, whatever the training dtype.
 
 Zero padding. The exact FFT norm (Sedghi et al.) holds for circular padding. For zero padding the
 ℓ₂ norm is estimated by power iteration (a lower bound) and bounded rigorously from above by the
-FFT norm of the circular convolution on the ``(h+2)×(w+2)`` grid: with a 3×3 filter the
-zero-padded convolution is ``R A_circ E`` with ``E`` the zero embedding and ``R`` a restriction,
-both of norm 1. The rigorous bounds use the upper value.
+FFT norm of the circular convolution on the ``(h+2)×(w+2)`` grid
+(:func:`stabnet.norms.zero_padding_grid`). The rigorous bounds use the upper value.
 """
 
 from __future__ import annotations
@@ -154,8 +153,8 @@ def operator_norms(
     if padding == "circular":
         l2 = float(_fft_norm(op.kernel, tuple(op.grid), op.scale, op.stride))
         return {"l2": l2, "l2_upper": l2, "linf": linf, "l1": l1, "method": "exact (FFT)"}
-    h, w = op.grid
-    upper = float(_fft_norm(op.kernel, (h + 2, w + 2), op.scale, op.stride))
+    grid = norms.zero_padding_grid(op.grid, op.kernel.shape[:2], op.stride)
+    upper = float(_fft_norm(op.kernel, grid, op.scale, op.stride))
     lower = float(op.l2("zeros", key))
     return {
         "l2": lower,
@@ -655,7 +654,9 @@ def analyze(
             * (1 + p_n1)
             * (1 + p_2n1)
         )
-        # C_b (3.11): ‖b̃₀‖₂ over the h×w field + Σ_res ‖Aᵀσ(b_k)‖₂ + ‖b_fc‖₂.
+        # C_b (3.11): ‖b̃₀‖₂ over the h×w field + Σ_res ‖F_k(0)‖₂ + ‖b_fc‖₂, where the branch
+        # at 0 is F_k(0) = Aᵀσ(b_k) for the certified layer and BN₀(A_Kᵀσ(b̃₁)) = diag(s₂)A_Kᵀσ(b̃₁)
+        # − s₂μ₂ with ResNet-S's frozen outer BN (whose shift pushes outward too)
         cb = math.sqrt(h * w) * float(np.linalg.norm(b0)) + float(np.linalg.norm(b_fc))
         for s in res:
             p, st = params[s.name], stats.get(s.name, {})
@@ -663,8 +664,7 @@ def analyze(
             b1 = jnp.asarray(_bias(p, st, "1", form.inner_bn, lcfg, s.channels), jnp.float32)
             field = jnp.broadcast_to(jax.nn.relu(b1), (1, gh, gw, s.channels))
             v = ops.conv_transpose(field, p["K"], padding=padding)
-            scale2 = norms.bn_scale(p, st, "2", form.outer_bn, eps)
-            v = v if scale2 is None else v * scale2
+            v, _ = layers.normalize(p, st, v, "2", form.outer_bn, train=False, cfg=lcfg, used={})
             cb += float(jnp.linalg.norm(v))
         constants["C_b"] = cb
         constants["C_b_norm"] = "l2"

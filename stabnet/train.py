@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -240,6 +241,17 @@ class StepFns:
     diagnose: Callable[..., Any]  # (state, images, labels, mean) → nonfinite_summary of the step
 
 
+def step_counters_from(new: Any, old: Any) -> Any:
+    """``old`` optimiser state with its step counters (the ``count`` fields of optax's states,
+    which index the learning-rate schedule) taken from ``new``: a skipped step keeps the moments
+    and parameters but not the schedule's place, so the rate decays at the steps of SPEC §4."""
+
+    def pick(path, a, b):
+        return a if getattr(path[-1], "name", None) == "count" else b
+
+    return jax.tree_util.tree_map_with_path(pick, new, old)
+
+
 def make_step_fns(
     config: ml_collections.ConfigDict,
     model: networks.StableResNet,
@@ -301,8 +313,10 @@ def make_step_fns(
         new, loss, correct, where = train_step(state, images, labels, mean)
         finite = ~jnp.any(where)
         accept = finite & ~acc["halted"]
-        if skip:
-            fallback = state.replace(step=state.step + 1)
+        if skip:  # the step and the schedule count on: optax's step counters from `new`
+            fallback = state.replace(
+                step=state.step + 1, opt_state=step_counters_from(new.opt_state, state.opt_state)
+            )
         else:
             fallback = state
         out = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, fallback)
@@ -461,8 +475,9 @@ def check_workdir(workdir: str) -> None:
     """Refuse a workdir that cannot be created or written (before any work)."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
+        # a name no other process picks, on any host (hosts of a TPU VM can share a PID)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=workdir)
+        with os.fdopen(fd, "w") as f:
             f.write("ok")
         os.unlink(probe)
     except OSError as e:

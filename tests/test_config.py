@@ -85,6 +85,7 @@ def test_unknown_dataset_argument():
         ("model.widths", (16, 32), "three positive"),
         ("model.widths", (16, 17, 64), "even"),
         ("batch_size", 0, "batch_size"),
+        ("seed", 2**63, "seed"),
         ("optim.momentum", 1.5, "optim.momentum"),
         ("optim.learning_rate", math.nan, "optim.learning_rate"),
         ("data.augment_flip", 1, "true or false"),

@@ -362,3 +362,27 @@ def test_norm_method_auto_picks_by_backend_and_names_bad_values(monkeypatch):
     assert constraints.norm_method("squaring") == "squaring"
     with pytest.raises(ValueError, match="optim.norm_method='svd'"):
         constraints.norm_method("svd")
+
+
+def test_resnet_s_with_zero_padding_bounds_the_zero_padded_maps():
+    """With ``model.padding=zeros`` the rescaling bounds the zero-padded convolutions, whose norm
+    the circular FFT norm on the same grid does not bound (here a filter that the 2×2 circular
+    grid maps to 0: ``[10, 0, −10]`` wraps onto itself, the zero-padded map has norm 10)."""
+    from stabnet import ops
+
+    params, _ = random_variables("resnet_s", 3)
+    kernel = np.zeros(params["res6"]["K"].shape, np.float32)
+    kernel[1, 0, 0, 0], kernel[1, 2, 0, 0] = 10.0, -10.0
+    params["res6"]["K"] = jnp.asarray(kernel)
+    assert float(norms.fft_norm(params["res6"]["K"], (2, 2))) < 1e-4  # 0 to rounding
+    config = make_config("resnet_s")
+    config.model.padding = "zeros"
+    grads = [random_grads(params, 30 + s, 1e-3) for s in range(2)]
+    history, _ = run_steps(config, params, grads)
+    grids = networks.layer_grids(N, HW)
+    for layer in _res_layers():
+        k = history[-1][layer]["K"]
+        h, w = grids[layer]
+        dense = norms.as_matrix(lambda x: ops.conv(x[None], k, padding="zeros")[0],  # noqa: B023
+                                (h, w, k.shape[2]))  # fmt: skip
+        assert np.linalg.norm(dense, 2) <= SQRT2 * (1 + 1e-5), layer

@@ -210,3 +210,31 @@ def test_cli_exit_codes(trained_runs, reports, tmp_path, monkeypatch, capsys):
     assert code == analyze.EXIT_VIOLATION
     err = capsys.readouterr().err
     assert "STABILITY BOUND VIOLATED" in err and "injected" in err
+
+
+@pytest.mark.parametrize("variant", ["resnet_s", "resnet_s_certified"])
+def test_growth_constant_holds_each_residual_branch_at_zero(reports, variant):
+    """Theorem 4.2's ``C_b``: ``√(hw)‖b̃₀‖ + Σ_k ‖F_k(0)‖ + ‖b_fc‖``, with each branch ``F_k`` at 0
+    taken from the layer itself (``σ(F) − σ(−F)``, the layer with the branch's sign flipped and
+    not): for ResNet-S that includes the frozen outer BN's shift ``−s₂μ₂``."""
+    from stabnet import layers
+
+    report, _, run = reports[variant]
+    model, params = run.model, run.variables["params"]
+    stats = run.variables.get("batch_stats", {})
+    h, w, _ = run.dataset.image_shape
+    specs = networks.layer_specs(model.n, model.widths)
+    grids = networks.layer_grids(model.n, (h, w))
+    cfg = model.cfg
+    form = layers.RESIDUAL_FORMS[variant]
+    total = 0.0
+    for s in (s for s in specs if s.kind == "res"):
+        zero = jnp.zeros((1, *grids[s.name], s.channels), jnp.float32)
+        parts = [layers.residual_layer(params[s.name], zero, stats=stats.get(s.name, {}),
+                                       train=False, cfg=cfg, form=form._replace(sign=sign))[0]
+                 for sign in (1, -1)]  # fmt: skip
+        total += float(jnp.linalg.norm(parts[0] - parts[1]))
+    conv0, fc = specs[0].name, specs[-1].name
+    b0 = stability._bias(params[conv0], stats.get(conv0, {}), "", "trained", cfg, model.widths[0])
+    want = math.sqrt(h * w) * np.linalg.norm(b0) + total + np.linalg.norm(params[fc]["b"])
+    assert report["C_b"] == pytest.approx(want, rel=1e-5)

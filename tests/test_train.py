@@ -263,3 +263,35 @@ def test_bfloat16_keeps_accuracy_and_float32_state(trained_runs, tmp_path):
     variables = runs.load_run(workdir).variables
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(variables)}
     assert dtypes == {np.dtype("float32")}, dtypes
+
+
+def test_skipped_steps_keep_the_schedule_in_step():
+    """``on_nonfinite="skip"``: a skipped step keeps the parameters and moments but advances the
+    step and optax's step counters alike, so the learning rate decays at the configured steps."""
+    import jax.numpy as jnp
+    import optax
+
+    from stabnet import data, parallel
+
+    config = small_config("resnet_d", steps=30, on_nonfinite="skip")
+    ds = data.load_dataset("digits")
+    model = train.model_from_config(config, 10)
+    state, tx, schedule = train.create_train_state(config, model, ds.x_train.shape[1:])
+    mesh = parallel.make_mesh()
+    fns = train.make_step_fns(config, model, tx, mesh, len(ds.x_train))
+    x, y = parallel.put_replicated((ds.x_train, ds.y_train), mesh)
+    bad_mean = jnp.full_like(jnp.asarray(data.pixel_mean(ds.x_train)), jnp.nan)
+    acc, orders = fns.new_acc(), fns.no_orders()
+    before = jax.tree.map(np.copy, state.params)
+    state, acc, orders = fns.chunk(state, acc, orders, x, y, bad_mean, 1)
+    state, acc, orders = fns.chunk(state, acc, orders, x, y, bad_mean, 1)
+    assert int(state.step) == 2 and int(acc["skipped"]) == 2 and int(acc["steps"]) == 0
+    counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+    assert counts and all(int(c) == 2 for _, c in counts)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    mean = jnp.asarray(data.pixel_mean(ds.x_train))
+    state, acc, orders = fns.chunk(state, acc, orders, x, y, mean, 1)
+    assert int(acc["steps"]) == 1
+    counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+    assert all(int(c) == int(state.step) == 3 for _, c in counts)
