@@ -84,8 +84,8 @@ class Checkpointer:
                 theirs = self._record(step)["fingerprint"]
             except Exception:  # a damaged record is dealt with by restore()
                 continue
-            diff = {
-                k: (theirs.get(k), v) for k, v in self.fingerprint.items() if theirs.get(k) != v
+            diff = {  # keys a checkpoint lacks (older records) are not compared
+                k: (theirs[k], v) for k, v in self.fingerprint.items() if theirs.get(k, v) != v
             }
             if diff:
                 what = ", ".join(
@@ -93,7 +93,7 @@ class Checkpointer:
                 )
                 raise CheckpointError(
                     f"workdir {os.path.dirname(self.directory)} holds a checkpoint of a different "
-                    f"network ({what}); use a new --workdir or the matching config"
+                    f"network or optimiser ({what}); use a new --workdir or the matching config"
                 )
             return
 

@@ -487,11 +487,14 @@ def check_workdir(workdir: str) -> None:
 
 
 def fingerprint(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict[str, Any]:
-    """What makes two checkpoints the same network."""
-    m = config.model
+    """What makes two checkpoints the same network, with an optimiser state of the same form
+    (which transformations :func:`stabnet.constraints.build_optimizer` chains)."""
+    m, o = config.model, config.optim
     return {"variant": m.variant, "n": m.n, "widths": list(m.widths), "padding": m.padding,
             "use_bn": m.use_bn, "pool_window": m.pool_window, "data": ds.name,
-            "num_classes": ds.num_classes, "image_shape": list(ds.image_shape)}  # fmt: skip
+            "num_classes": ds.num_classes, "image_shape": list(ds.image_shape),
+            "optim.constraints": o.constraints, "optim.regularizers": o.regularizers,
+            "optim.weight_decay": "on" if o.weight_decay else "off"}  # fmt: skip
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str):
@@ -615,14 +618,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total = config.num_train_steps
     boundaries = (config.log_every, config.eval_every, config.checkpoint_every)
     step = start_step
-    interval = {"loss_sum": 0.0, "correct": 0.0, "steps": 0, "skipped": 0, "t0": time.time()}
-    last_train: dict[str, Any] = {}
     compile_seconds = None
     bar = None
     if primary and config.progress_bar and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
+
+    def new_interval() -> dict[str, Any]:
+        return {"loss_sum": 0.0, "correct": 0.0, "steps": 0, "skipped": 0, "t0": time.time()}
+
+    def log_interval(state: TrainState, interval: dict[str, Any]) -> dict[str, Any]:
+        """Write the training row of the steps since the last one; returns a fresh interval."""
+        step = int(parallel.to_host(state.step))
+        seen = max(interval["steps"], 1)
+        elapsed = time.time() - interval["t0"]
+        row = {
+            "train_loss": interval["loss_sum"] / seen,
+            "train_accuracy": interval["correct"] / (seen * config.batch_size),
+            "learning_rate": float(schedule(step - 1)),
+            "images_per_second": interval["steps"] * config.batch_size / elapsed,
+            **{k: float(v) for k, v in parallel.to_host(
+                constraints.constraint_metrics(state.params, state.opt_state)).items()},
+        }  # fmt: skip
+        if interval["skipped"]:
+            row["skipped_steps"] = int(interval["skipped"])
+        if primary:
+            rows.append(metrics_log.write(step, row))
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+        return new_interval()
+
+    interval = new_interval()
     with _StopSignal() as stop:
         while step < total:
             nxt = min([total] + [(step // b + 1) * b for b in boundaries])
@@ -650,29 +677,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if bar is not None:
                 bar.update(n)
             if step % config.log_every == 0 or step == total:
-                seen = max(interval["steps"], 1)
-                elapsed = time.time() - interval["t0"]
-                last_train = {
-                    "train_loss": interval["loss_sum"] / seen,
-                    "train_accuracy": interval["correct"] / (seen * config.batch_size),
-                    "learning_rate": float(schedule(step - 1)),
-                    "images_per_second": interval["steps"] * config.batch_size / elapsed,
-                    **{k: float(v) for k, v in parallel.to_host(
-                        constraints.constraint_metrics(state.params, state.opt_state)).items()},
-                }  # fmt: skip
-                if interval["skipped"]:
-                    last_train["skipped_steps"] = int(interval["skipped"])
-                if primary:
-                    rows.append(metrics_log.write(step, last_train))
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last_train['train_loss']:.3f}")
-                interval = {"loss_sum": 0.0, "correct": 0.0, "steps": 0, "skipped": 0,
-                            "t0": time.time()}  # fmt: skip
+                interval = log_interval(state, interval)
             if step % config.eval_every == 0 or step == total:
                 run_evaluation(step)
             if step % config.checkpoint_every == 0 or step == total:
                 ckpt.save(step, state)
             if step < total and stop.requested():
+                if interval["steps"] or interval["skipped"]:  # the steps since the last row
+                    interval = log_interval(state, interval)
                 if step not in ckpt.steps():
                     ckpt.save(step, state)
                 metrics_log.close()

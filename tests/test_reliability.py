@@ -354,6 +354,7 @@ def finished(tmp_path_factory):
         (["--config.optim.learning_rate=-1"], "optim.learning_rate"),
         (["--config.model.variant=resnet_x"], "model.variant"),
         (["--config.model.n=2"], "different network"),
+        (["--config.optim.constraints=false"], "optim.constraints: checkpoint True vs config"),
         (["--config.data.source=local", "--config.data.local_dir=/nonexistent"], "digits.npz"),
         (["--config.batch_size=5000"], "batch_size"),
     ],

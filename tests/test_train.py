@@ -295,3 +295,16 @@ def test_skipped_steps_keep_the_schedule_in_step():
     assert int(acc["steps"]) == 1
     counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
     assert all(int(c) == int(state.step) == 3 for _, c in counts)
+
+
+def test_preemption_logs_the_steps_since_the_last_row(tmp_path, monkeypatch):
+    """A stop between two training rows writes the steps since the last one (their loss would
+    otherwise be missing from metrics.jsonl after the resume)."""
+    config = small_config("resnet_d", steps=30, steps_per_dispatch=3)
+    assert config.log_every == 30
+    monkeypatch.setattr(train._StopSignal, "requested", lambda self: True)  # after a dispatch
+    workdir = os.fspath(tmp_path / "w")
+    with pytest.raises(train.Preempted):
+        train.train_and_evaluate(config, workdir)
+    rows = logbook.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in rows if "train_loss" in r] == [3]
