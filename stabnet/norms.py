@@ -71,7 +71,8 @@ def fft_norm(
     """Exact ``‖diag(scale) A_K‖₂`` of a circular convolution on an ``h×w`` grid (see module doc).
 
     The largest singular value of each frequency's symbol is the square root of the largest
-    eigenvalue of its (smaller) Gram matrix, computed with ``eigh`` in float32.
+    eigenvalue of its (smaller) Gram matrix, computed with ``eigh`` in float32 (where the solver
+    fails, the upper bound ``‖K̂(ω)‖_F``, as in :func:`fft_norms`).
     """
     kernel, size = _unit_max(kernel)
     sym = conv_symbol(kernel, hw, stride=stride)
@@ -79,7 +80,7 @@ def fft_norm(
         scale, scale_size = _unit_max(scale)
         sym = sym * scale[:, None]
         size = size * scale_size
-    top = jnp.linalg.eigvalsh(_gram(sym))[..., -1]
+    top = _eigh_top(_gram(sym))
     return jnp.sqrt(jnp.maximum(jnp.max(top), 0.0)) * size
 
 

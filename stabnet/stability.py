@@ -411,12 +411,16 @@ def check_bound(
 ) -> dict[str, Any]:
     """Compare a measured value with a bound: ``{"name", "measured", "bound", "applies",
     "rigorous", "ratio", "ok"}``. ``ok`` is ``False`` only when the bound applies (its hypotheses
-    hold) and ``measured > bound·(1 + rtol) + atol``; such a check is a violation
-    (:func:`violations_of`)."""
-    applies = bool(applies) and bound is not None and math.isfinite(bound)
+    hold) and ``measured > bound·(1 + rtol) + atol``, or when a rigorous bound whose hypotheses
+    hold is NaN (a norm failed); such a check is a violation (:func:`violations_of`). An infinite
+    bound does not apply."""
+    holds = bool(applies) and bound is not None
+    applies = holds and math.isfinite(bound)  # an infinite bound says nothing
     ok = True
     if applies:
         ok = bool(measured <= bound * (1.0 + rtol) + atol)
+    elif holds and rigorous and math.isnan(bound):  # a bound that could not be computed
+        ok = False
     return {
         "name": name,
         "measured": float(measured),
@@ -431,7 +435,10 @@ def check_bound(
 def violations_of(checks: Sequence[Mapping[str, Any]]) -> list[str]:
     """One loud line per failed check: a measured value above a bound that holds."""
     return [
-        f"VIOLATION: {c['name']}: measured {c['measured']:.6g} > bound {c['bound']:.6g} "
+        f"VIOLATION: {c['name']}: the bound is NaN (a norm could not be computed) while its "
+        f"hypotheses hold; measured {c['measured']:.6g}"
+        if math.isnan(c["bound"])
+        else f"VIOLATION: {c['name']}: measured {c['measured']:.6g} > bound {c['bound']:.6g} "
         f"(×{c['ratio'] or math.inf:.4f}); the bound's hypotheses hold, so this is a bug"
         for c in checks
         if not c["ok"]

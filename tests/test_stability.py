@@ -238,3 +238,15 @@ def test_growth_constant_holds_each_residual_branch_at_zero(reports, variant):
     b0 = stability._bias(params[conv0], stats.get(conv0, {}), "", "trained", cfg, model.widths[0])
     want = math.sqrt(h * w) * np.linalg.norm(b0) + total + np.linalg.norm(params[fc]["b"])
     assert report["C_b"] == pytest.approx(want, rel=1e-5)
+
+
+def test_a_nan_bound_is_a_violation_and_an_infinite_one_does_not_apply():
+    """A rigorous bound that could not be computed (NaN) fails loudly where its hypotheses hold;
+    an infinite one (overflowed product) says nothing; neither fails without its hypotheses."""
+    nan = stability.check_bound("growth", 1.0, math.nan)
+    assert not nan["ok"] and "bound is NaN" in stability.violations_of([nan])[0]
+    assert stability.check_bound("growth", 1.0, math.nan, applies=False)["ok"]
+    assert stability.check_bound("growth", 1.0, math.nan, rigorous=False)["ok"]
+    inf = stability.check_bound("growth", 1.0, math.inf)
+    assert inf["ok"] and not inf["applies"]
+    assert not stability.check_bound("growth", 2.0, 1.0)["ok"]
