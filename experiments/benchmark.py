@@ -24,12 +24,13 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path of a config file (PATH or PATH:ARG).")
-flags.DEFINE_integer("steps", 50, "Timed steps (after one warm-up chunk).")
+flags.DEFINE_integer("steps", 50, "Timed steps (after one warm-up chunk).", lower_bound=1)
 flags.DEFINE_integer(
     "warmup",
     0,
     "Untimed steps after the first chunk, e.g. for ResNet-S's screened norms, which "
     "solve more eigenproblems in the first ~30 steps (flat spectra at initialisation).",
+    lower_bound=0,
 )
 flags.DEFINE_bool("json", False, "Print one JSON object.")
 flags.DEFINE_bool("synthetic", False, "Random images of the data set's shape, not the data.")

@@ -115,8 +115,14 @@ def read_json(path: str) -> dict[str, Any] | None:
     """The JSON object in ``path``, or ``None`` when it is absent."""
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read as JSON ({e}); rerun that training") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} holds no JSON object; rerun that training")
+    return out
 
 
 def run_info(workdir: str) -> dict[str, Any]:
@@ -128,6 +134,9 @@ def run_info(workdir: str) -> dict[str, Any]:
     results = read_json(os.path.join(workdir, "results.json"))
     model, d = config.get("model", {}), config.get("data", {})
     variant, n = model.get("variant", "?"), model.get("n", 0)
+    if variant not in networks.VARIANTS:
+        raise ValueError(f"{workdir}/config.json names no stabnet network (model.variant="
+                         f"{variant!r}); is {workdir} a stabnet workdir?")  # fmt: skip
     depth = results["depth"] if results else networks.paper_depth(variant, n)
     return {
         "workdir": workdir,
@@ -633,22 +642,23 @@ def _main(argv: list[str]) -> int:
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every restore at INFO
     f = flags.FLAGS
-    try:
-        workdirs = find_workdirs(f.workdirs)
-    except ValueError as e:
-        cli.fail(str(e))
-    written = make_all(
-        workdirs,
-        f.out,
-        image_indices=[int(i) for i in f.image_indices],
-        eps=f.eps,
-        delta=f.delta,
-        structured_index=f.structured_index,
-        feature_image=f.feature_image,
-        max_channels=f.max_channels,
-        seed=f.seed,
-        per_run=f.per_run,
-    )
+    with cli.exit_codes():
+        try:
+            workdirs = find_workdirs(f.workdirs)
+            written = make_all(
+                workdirs,
+                f.out,
+                image_indices=[int(i) for i in f.image_indices],
+                eps=f.eps,
+                delta=f.delta,
+                structured_index=f.structured_index,
+                feature_image=f.feature_image,
+                max_channels=f.max_channels,
+                seed=f.seed,
+                per_run=f.per_run,
+            )
+        except ValueError as e:
+            cli.fail(str(e))
     print(f"figures: {len(workdirs)} run(s); wrote {f.out}/figures.md, accuracy_vs_step.png, "
           f"table_5_3.md and {2 * len(written['per_run'])} per-run figure(s)")  # fmt: skip
     return 0
@@ -660,6 +670,11 @@ def _define_flags() -> None:
     flags.DEFINE_list("workdirs", None, "Workdirs, globs or sweep roots (comma-separated).")
     flags.DEFINE_string("out", None, "Output folder.")
     flags.DEFINE_list("image_indices", ["0", "1", "2"], "Test images of Figures 5.3–5.4.")
+    flags.register_validator(
+        "image_indices",
+        lambda v: all(re.fullmatch(r"-?\d+", i) for i in v),
+        "--image_indices takes test-image indices, e.g. 0,1,2",
+    )
     flags.DEFINE_float("eps", 0.05, "Unstructured noise level ε (pixels in [0, 1]).")
     flags.DEFINE_float("delta", 0.2, "Structured noise level δ (pixels in [0, 1]).")
     flags.DEFINE_integer("structured_index", -1, "Test image used as x_s (−1: the last).")
@@ -673,5 +688,7 @@ def _define_flags() -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from stabnet.cli import parse_flags
+
     _define_flags()
-    app.run(_main)
+    app.run(_main, flags_parser=parse_flags)

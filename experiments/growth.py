@@ -353,22 +353,29 @@ def _define_flags() -> None:
 
     flags.DEFINE_string("out", None, "Output folder.")
     flags.DEFINE_string("data", "digits", "Data set (digits is embedded).")
-    flags.DEFINE_integer("n", 4, "Depth parameter n.")
-    flags.DEFINE_integer("steps", 300, "Training steps (0: initialisation only).")
+    flags.DEFINE_integer("n", 4, "Depth parameter n.", lower_bound=1)
+    flags.DEFINE_integer("steps", 300, "Training steps (0: initialisation only).", lower_bound=0)
     flags.DEFINE_float(
         "learning_rate",
         None,
         "One learning rate for every variant (default: "
         "each variant's LEARNING_RATES; without BN a shared one suits none).",
     )
-    flags.DEFINE_integer("batch", 256, "Test images the norms are averaged over.")
+    flags.DEFINE_integer("batch", 256, "Test images the norms are averaged over.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed of the initialisation and training.")
     flags.DEFINE_list("variants", list(VARIANTS), "Variants to compare.")
+    flags.register_validator(
+        "variants",
+        lambda v: bool(v) and set(v) <= set(VARIANTS),
+        f"--variants takes some of {','.join(VARIANTS)}",
+    )
     flags.mark_flags_as_required(["out"])
 
 
 if __name__ == "__main__":
     from absl import app
 
+    from stabnet.cli import parse_flags
+
     _define_flags()
-    app.run(_main)
+    app.run(_main, flags_parser=parse_flags)

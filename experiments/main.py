@@ -40,8 +40,13 @@ def main(argv: list[str]) -> int:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     from stabnet import cli, parallel, train  # after flag parsing: JAX not touched before
 
-    if FLAGS.distributed or FLAGS.coordinator_address:
-        parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    multi = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.distributed or any(flag is not None for flag in multi):
+        try:
+            parallel.initialize(*multi)
+        except Exception as e:  # noqa: BLE001  (jax.distributed raises many kinds)
+            cli.fail(f"jax.distributed did not start ({type(e).__name__}: {e}); check "
+                     "--coordinator_address, --num_processes and --process_id")  # fmt: skip
     with cli.exit_codes():
         results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
         acc = results["final_test_accuracy"]

@@ -114,15 +114,16 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         cli.fail(str(e))
     outdir = FLAGS.outdir or os.path.join(workdir, "analysis")
-    try:
-        os.makedirs(outdir, exist_ok=True)
-    except OSError as e:
-        cli.fail(f"--outdir={outdir} cannot be created ({e.strerror}); choose a writable folder")
 
     from stabnet import robustness, runs
 
     with cli.exit_codes():
-        run = runs.load_run(workdir)
+        run = runs.load_run(workdir)  # before the output folder: a bad workdir leaves nothing
+        try:
+            os.makedirs(outdir, exist_ok=True)
+        except OSError as e:
+            cli.fail(f"--outdir={outdir} cannot be created ({e.strerror}); choose a writable "
+                     "folder")  # fmt: skip
         n_test = len(run.dataset.x_test)
         if kwargs["structured_index"] >= n_test:
             cli.fail(
@@ -150,4 +151,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from stabnet.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

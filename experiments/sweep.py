@@ -73,8 +73,11 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location("_sweep_base_config", path)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # a config file can raise anything; name it in one line
+        raise SweepError(f"--base_config={spec} does not load ({type(e).__name__}: {e})") from None
 
 
 def depth_to_n(variant: str, depth: int) -> int | None:
@@ -158,6 +161,8 @@ def parse_sets(sets: Sequence[str], base: ml_collections.ConfigDict) -> dict[str
         values = [parse_value(key, v, flat[key]) for v in split_values(text)]
         if not values:
             raise SweepError(f"--set={item}: no value")
+        if key in out:
+            raise SweepError(f"--set={item}: {key} is set twice; list its values in one --set")
         out[key] = values
     return out
 
@@ -437,6 +442,8 @@ def _main(argv: list[str]) -> int:
     root = f.root
     specs: list[RunSpec] = []
     status: dict[str, dict[str, Any]] = {}
+    if f.collect_only and not os.path.isdir(root):
+        cli.fail(f"--root={root} is not a folder; --collect_only reads the runs of a sweep there")
     try:
         if not f.collect_only:
             specs = build_grid(
@@ -489,6 +496,11 @@ def _define_flags() -> None:
     flags.DEFINE_string("python", "python", "Interpreter named in --print_commands' output.")
     flags.DEFINE_bool("per_run_figures", True, "Figures 5.3–5.4 and 4.3–4.4 for every run.")
     flags.DEFINE_list("image_indices", ["0", "1", "2"], "Test images of Figures 5.3–5.4.")
+    flags.register_validator(
+        "image_indices",
+        lambda v: all(re.fullmatch(r"-?\d+", i) for i in v),
+        "--image_indices takes test-image indices, e.g. 0,1,2",
+    )
     flags.DEFINE_float("eps", 0.05, "Unstructured noise level ε of Figures 5.3–5.4.")
     flags.DEFINE_float("delta", 0.2, "Structured noise level δ of Figures 5.3–5.4.")
     flags.mark_flags_as_required(["root"])
@@ -497,5 +509,7 @@ def _define_flags() -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from stabnet.cli import parse_flags
+
     _define_flags()
-    app.run(_main)
+    app.run(_main, flags_parser=parse_flags)

@@ -35,10 +35,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise checkpoints.CheckpointError(f"{path} is missing; is {workdir} a stabnet workdir?")
-    with open(path) as f:
-        raw = json.load(f)
-    raw["model"]["widths"] = tuple(raw["model"]["widths"])
-    return ml_collections.ConfigDict(raw)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        raw["model"]["widths"] = tuple(raw["model"]["widths"])
+        return ml_collections.ConfigDict(raw)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise checkpoints.CheckpointError(
+            f"{path} is not a stabnet config.json ({type(e).__name__}: {e}); rerun the training "
+            "into a new --workdir"
+        ) from None
 
 
 def load_run(workdir: str, dataset: data.Dataset | None = None) -> Run:

@@ -493,7 +493,8 @@ def fingerprint(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict[str
     return {"variant": m.variant, "n": m.n, "widths": list(m.widths), "padding": m.padding,
             "use_bn": m.use_bn, "pool_window": m.pool_window, "data": ds.name,
             "num_classes": ds.num_classes, "image_shape": list(ds.image_shape),
-            "optim.constraints": o.constraints, "optim.regularizers": o.regularizers,
+            "optim.constraints": o.get("constraints", True),  # absent in older workdirs
+            "optim.regularizers": o.get("regularizers", "paper"),
             "optim.weight_decay": "on" if o.weight_decay else "off"}  # fmt: skip
 
 

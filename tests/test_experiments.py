@@ -164,6 +164,8 @@ def test_sweep_grid_by_depth_and_refusals():
         ({"ns": [1], "sets": ["batch_size=x"]}, "not a valid int"),
         ({"ns": [1], "sets": ["batch_size=0"]}, "batch_size"),
         ({"ns": [1], "sets": ["model.n=2"]}, "--n"),
+        ({"ns": [1], "sets": ["seed=0", "seed=1"]}, "set twice"),
+        ({"ns": [1], "base_config": "experiments/configs/d_depth54.py:cifar1000"}, "does not load"),
     ]:
         with pytest.raises(sweep.SweepError, match=words):
             sweep.build_grid(variants=["resnet_d"], **kwargs)
@@ -283,3 +285,42 @@ def test_benchmark_json_profile_and_refusal(tmp_path):
                "--config.optim.norm_method=fast")  # fmt: skip
     assert bad.returncode != 0
     assert "optim.norm_method" in bad.stderr.strip().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input to the tools: one line, exit code 2, nothing written.
+# --------------------------------------------------------------------------------------------
+
+
+def test_malformed_workdir_files_are_named(tmp_path):
+    from experiments import figures
+    from stabnet import checkpoints, runs
+
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(checkpoints.CheckpointError, match="not a stabnet config.json"):
+        runs.load_config(os.fspath(tmp_path))
+    with pytest.raises(ValueError, match="cannot be read as JSON"):
+        figures.run_info(os.fspath(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(checkpoints.CheckpointError, match="KeyError"):
+        runs.load_config(os.fspath(tmp_path))
+    with pytest.raises(ValueError, match="names no stabnet network"):
+        figures.run_info(os.fspath(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["experiments.analyze", "--workdir=WORK", "--n_images=abc"], "--n_images=abc"),
+        (["experiments.robustness", "--workdir=WORK"], "not a stabnet config.json"),
+        (["experiments.sweep", "--root=WORK/typo", "--collect_only"], "is not a folder"),
+    ],
+)
+def test_tools_refuse_bad_input_in_one_line(tmp_path, args, words):
+    (tmp_path / "config.json").write_text("{")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = _run("-m", *(a.replace("WORK", os.fspath(tmp_path)) for a in args), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert words in proc.stderr.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no analysis/, no typo/
