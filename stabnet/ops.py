@@ -187,7 +187,9 @@ def batch_norm(
     ``E[y]`` and ``E[y²]`` of ``y = z − c``, two reductions of the same input that XLA can fuse
     into one kernel, with ``c`` the running ``mean`` so that ``v = E[y²] − E[y]²`` does not
     cancel where ``|μ| ≫ √v`` (once the running mean has followed the batches); ``dot`` the same
-    two means as one matrix product with a vector of ones. ``one_pass`` made the ResNet-D
+    two means as matrix products with a vector of ones (per image, then averaged: XLA:CPU sums
+    a product's rows one after another, which in one product over all ``N·H·W`` rows lost ~100×
+    more digits than ``jnp.mean``). ``one_pass`` made the ResNet-D
     depth-18 step 4–7 % faster than ``two_pass`` on a 2-core CPU, and it launches fewer kernels
     where every reduction is a kernel (GPUs); ``python benchmarks/forms.py --op=bn`` compares
     the three (benchmarks/RESULTS.md).
@@ -204,11 +206,12 @@ def batch_norm(
             v = jnp.mean(jnp.square(xf - mu), axis=(0, 1, 2))
         else:
             shifted = xf - lax.stop_gradient(mean)  # the running mean, against cancellation
-            if stats == "dot":
-                rows = shifted.reshape(-1, xf.shape[-1])
+            if stats == "dot":  # per image, then over images: one long serial sum loses digits
+                rows = shifted.reshape(xf.shape[0], -1, xf.shape[-1])
                 both = jnp.concatenate([rows, jnp.square(rows)], axis=-1)
-                ones = jnp.full((rows.shape[0],), 1.0 / rows.shape[0], jnp.float32)
-                m1, m2 = jnp.split(jnp.dot(ones, both, precision=lax.Precision.HIGHEST), 2)
+                ones = jnp.full((rows.shape[1],), 1.0 / rows.shape[1], jnp.float32)
+                per_image = jnp.einsum("m,bmc->bc", ones, both, precision=lax.Precision.HIGHEST)
+                m1, m2 = jnp.split(jnp.mean(per_image, axis=0), 2)
             else:
                 m1 = jnp.mean(shifted, axis=(0, 1, 2))
                 m2 = jnp.mean(jnp.square(shifted), axis=(0, 1, 2))
@@ -219,7 +222,9 @@ def batch_norm(
     if gamma is not None:
         s = gamma * s
     shift = -mu * s if beta is None else beta - mu * s
-    y = x * s.astype(x.dtype) + shift.astype(x.dtype)
+    # in float32, rounded once: x·s and the shift cancel where |μ| ≫ √v, which in bfloat16
+    # would cost (|μ|/√v)·2⁻⁸ of the output
+    y = (x.astype(jnp.float32) * s + shift).astype(x.dtype)
     return y, s, BNStats(mu, v)
 
 

@@ -384,6 +384,37 @@ def test_batch_norm_bf16_statistics_in_float32(bn_inputs):
     assert stats.mean.dtype == jnp.float32 and stats.var.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_batch_norm_bf16_output_rounded_once(train):
+    """Features far from zero (|μ|/σ = 6.5, ResNet-D's outer BN₀ at initialisation): the bfloat16
+    output is the exact BN of the bfloat16 input, rounded once, not a sum of two large rounded
+    terms."""
+    rng = np.random.default_rng(4)
+    z = jnp.asarray(6.5 + rng.normal(size=(16, 8, 8, 8)), jnp.bfloat16)
+    z64 = np.asarray(z, np.float64)
+    mean, var = z64.mean(axis=(0, 1, 2)), z64.var(axis=(0, 1, 2))
+    y, _, _ = ops.batch_norm(z, mean=jnp.asarray(mean, jnp.float32), gamma=None, beta=None,
+                             var=jnp.asarray(var, jnp.float32), train=train)  # fmt: skip
+    exact = (z64 - mean) / np.sqrt(var + 1e-5)
+    floor = np.sqrt(
+        np.mean((np.asarray(jnp.asarray(exact, jnp.bfloat16), np.float64) - exact) ** 2)
+    )
+    err = np.sqrt(np.mean((np.asarray(y, np.float64) - exact) ** 2))
+    assert err <= 1.5 * floor, (err, floor)
+
+
+@pytest.mark.parametrize("how", ["one_pass", "dot"])
+def test_statistics_forms_keep_float32_accuracy_from_a_zero_running_mean(how):
+    """Step 0 (running mean 0) at |μ|/σ = 6.5 over 128×32×32 pixels: the variance to 1e-4 (one
+    serial sum of all 131,072 rows in the ``dot`` form was off by 1e-3)."""
+    rng = np.random.default_rng(5)
+    z = (6.5 + rng.normal(size=(128, 32, 32, 2))).astype(np.float32)
+    _, _, batch = ops.batch_norm(jnp.asarray(z), mean=jnp.zeros(2), var=jnp.ones(2), gamma=None,
+                                 beta=None, train=True, stats=how)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(batch.var), z.astype(np.float64).var(axis=(0, 1, 2)),
+                               rtol=1e-4)  # fmt: skip
+
+
 def test_update_running():
     run = ops.BNStats(jnp.asarray([1.0, 2.0]), jnp.asarray([3.0, 4.0]))
     batch = ops.BNStats(jnp.asarray([5.0, -1.0]), jnp.asarray([0.5, 2.0]))
