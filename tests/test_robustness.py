@@ -55,10 +55,7 @@ def _images(run: runs.Run, n: int = N_IMAGES) -> tuple[np.ndarray, np.ndarray]:
 def test_zero_noise_is_clean_accuracy(evaluated):
     for variant, e in evaluated.items():
         x, y = _images(e["run"])
-        if variant == "resnet":  # the training code's own path: data.normalize, model.apply
-            logits = jax.jit(e["run"].logits)(x)
-        else:
-            logits = robustness.forward_logits(e["jitted"], x, batch_size=BATCH)
+        logits = jax.jit(e["run"].logits)(x)  # the training code's path: normalize, model.apply
         clean = np.asarray(jnp.argmax(logits, -1)) == y
         right = robustness.corrupted_correct(
             e["jitted"], x, y, [(0.0, 0.0), (0.0, 0.0)], batch_size=BATCH
@@ -182,8 +179,13 @@ def test_pgd_does_not_flip_a_certified_image(evaluated):
     )  # fmt: skip
     assert not below[:, best].any()
     assert np.array_equal(below[0], ~cert["correct"] | below[0])  # wrong ones count as fooled
-    # The certificate formula itself: no logit gap can move by more than √2·L·‖δ‖.
-    assert np.all(cert["margin"] >= 0)
+    # The certificate formula itself, from the training path's logits: margin/(√2·L) where the
+    # prediction is right (no logit gap moves by more than √2·L·‖δ‖), 0 where it is wrong.
+    z = np.sort(np.asarray(jax.jit(e["run"].logits)(x), np.float64), axis=-1)
+    right = np.argmax(np.asarray(jax.jit(e["run"].logits)(x)), -1) == y
+    np.testing.assert_array_equal(cert["correct"], right)
+    want = np.where(right, (z[:, -1] - z[:, -2]) / (math.sqrt(2.0) * lip), 0.0)
+    np.testing.assert_allclose(cert["radius"], want, rtol=1e-4, atol=1e-7)
 
 
 def test_violation_is_detected_and_loud(capsys):
@@ -257,3 +259,41 @@ def test_cli(trained_runs, tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("stabnet: error: --eps=a,b")
+
+
+def test_corruptions_are_the_formula_of_table_5_4(evaluated):
+    """``clip(x + ε·η_i + δ·x_s, 0, 1)`` with ``η_i`` drawn from ``fold_in(PRNGKey(seed), i)``, in
+    [0, 1] pixel units: the logits equal those of the training path on images built here."""
+    e = evaluated["resnet_d"]
+    x, _ = _images(e["run"], 16)
+    u, x_s = x.astype(np.float64) / 255.0, x[-1].astype(np.float64) / 255.0
+    seed, eps, delta = 3, 0.3, 0.2
+    got = robustness.forward_logits(e["jitted"], x, eps=eps, delta=delta, x_s=x_s, seed=seed,
+                                    batch_size=BATCH)  # fmt: skip
+    key = jax.random.PRNGKey(seed)
+    eta = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), x.shape[1:]))
+                    for i in range(len(x))])  # fmt: skip
+    corrupted = np.clip(u + eps * eta + delta * x_s, 0.0, 1.0)
+    want = np.asarray(jax.jit(e["run"].logits)(jnp.asarray(255.0 * corrupted, jnp.float32)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pgd_stays_in_its_ball_and_the_box(evaluated):
+    """Every PGD iterate is a perturbation the certificate covers: ``‖δ‖₂ ≤ r`` and
+    ``x + δ ∈ [0, 1]``, from the random start on; radii are rounded down, never up."""
+    e = evaluated["resnet"]
+    j = e["jitted"]
+    x, y = _images(e["run"], 16)
+    u = jnp.asarray(x, jnp.float32) / 255.0
+    radius = jnp.asarray(np.linspace(0.05, 2.0, len(x)), jnp.float32)
+    d = j.pgd_start(u, jnp.arange(len(x), dtype=jnp.uint32), jax.random.PRNGKey(0), radius)
+    fooled = jnp.zeros(len(x), bool)
+    for _ in range(3):
+        norms_ = np.sqrt(np.sum(np.square(np.asarray(d, np.float64)), axis=(1, 2, 3)))
+        assert np.all(norms_ <= np.asarray(radius, np.float64) * (1 + 1e-6))
+        assert np.all((np.asarray(u + d) >= 0.0) & (np.asarray(u + d) <= 1.0))
+        d, fooled = j.pgd_step(j.clf.variables, j.clf.mean, u, jnp.asarray(y), d, fooled,
+                               radius, 0.5 * radius)  # fmt: skip
+    r = np.asarray([0.1, 1 / 3, 1.0, math.pi], np.float64)
+    down = robustness._float32_down(r)
+    assert down.dtype == np.float32 and np.all(down.astype(np.float64) <= r)
