@@ -250,3 +250,38 @@ def test_a_nan_bound_is_a_violation_and_an_infinite_one_does_not_apply():
     inf = stability.check_bound("growth", 1.0, math.inf)
     assert inf["ok"] and not inf["applies"]
     assert not stability.check_bound("growth", 2.0, 1.0)["ok"]
+
+
+def test_theorem_constants_from_the_weights(reports):
+    """Theorem 4.2's ``C = ‖W‖₂‖Ã₀‖₂(1 + ‖Ãp_{n+1}‖₂)(1 + ‖Ãp_{2n+1}‖₂)`` with every norm from a
+    dense SVD, and Theorem 4.1's ``C_b = ‖b̃₀‖_∞ + Σ_res ‖(s₂μ₂)⁺‖_∞ + ‖b_fc‖_∞`` from the BN
+    parameters and running statistics."""
+    report, _, run = reports["resnet_s_certified"]
+    h, w, c = run.dataset.image_shape
+    eps = float(run.config.model.bn_eps)
+    ops_ = norms.effective_operators(run.variables, "resnet_s_certified", (h, w), eps=eps)
+
+    def dense_norm(op, shape):
+        return np.linalg.norm(norms.as_matrix(lambda x: op.apply(x[None], "circular")[0], shape), 2)
+
+    pools = sorted(k for k in ops_ if k.startswith("pool"))
+    assert len(pools) == 2
+    a0 = dense_norm(ops_["conv0/A0"], (h, w, c))
+    ap = [dense_norm(ops_[k], (*ops_[k].grid, ops_[k].kernel.shape[2])) for k in pools]
+    fc = next(k for k in ops_ if k.startswith("fc"))
+    want = np.linalg.norm(np.asarray(ops_[fc], np.float64), 2) * a0 * (1 + ap[0]) * (1 + ap[1])
+    assert report["C"] == pytest.approx(want, rel=1e-4)
+
+    report, _, run = reports["resnet_d"]
+    params, stats = run.variables["params"], run.variables["batch_stats"]
+    eps = float(run.config.model.bn_eps)
+    p0, s0 = params["conv0"], stats["conv0"]
+    b0 = np.asarray(p0["beta"]) - np.asarray(p0["gamma"]) * np.asarray(s0["mean"]) / np.sqrt(
+        np.asarray(s0["var"], np.float64) + eps)  # fmt: skip
+    outward = sum(
+        max(0.0, float(np.max(np.asarray(st["mean2"]) / np.sqrt(np.asarray(st["var2"]) + eps))))
+        for name, st in stats.items() if name.startswith("res")
+    )  # fmt: skip
+    fc = next(k for k in params if k.startswith("fc"))
+    want = np.abs(b0).max() + outward + np.abs(np.asarray(params[fc]["b"])).max()
+    assert report["C_b"] == pytest.approx(want, rel=1e-5)
