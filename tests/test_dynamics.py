@@ -288,3 +288,25 @@ def test_experiment_run_and_flags():
         assert p.returncode == 2, (flag, p.stderr)
         lines = [ln for ln in p.stderr.splitlines() if ln.startswith("stabnet: error:")]
         assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+
+
+def test_bound_values_in_closed_form():
+    """The bounds' values, not only their direction, on constant problems: (3.11)
+    ``‖x₀‖ + T‖Aᵀσ(b)‖`` (``A = I``: ``‖σ(b)‖``, the ReLU included), (3.9) ``‖x₀‖ + T‖(−b₂)⁺‖``,
+    and (3.6) ``B ← e^{τa}(B + τc)`` with ``a = ‖A₁‖‖A₂‖``, ``c = ‖A₂‖‖b₁‖ + ‖b₂‖``."""
+    x0, y0 = jnp.array([1.0, 2.0, 0.5]), jnp.array([0.5, 1.0, 2.0])
+    b = jnp.array([1.0, -2.0, 0.5])
+    T, N = 1.0, 16
+    s = dyn.check_bounds(dyn.resnet_s(jnp.eye(3), b), x0, y0, T, N)["3.11"]
+    norm0 = float(jnp.linalg.norm(x0))
+    assert s["final_bound"] == pytest.approx(norm0 + T * np.sqrt(1.0 + 0.25), rel=1e-6)
+    d = dyn.check_bounds(dyn.resnet_d(jnp.eye(3), jnp.eye(3), b2=b), x0, y0, T, N)["3.9"]
+    assert d["final_bound"] == pytest.approx(norm0 + T * 2.0, rel=1e-6)
+    a, b1, b2 = 0.7, jnp.array([0.3, -0.4, 0.0]), jnp.array([-1.0, 0.0, 2.0])
+    system = dyn.standard(a * jnp.eye(3), 2.0 * jnp.eye(3), b1, b2)
+    got = dyn.check_bounds(system, x0, y0, T, N)["3.6"]["final_bound"]
+    tau, rate, c = T / N, a * 2.0, 2.0 * 0.5 + np.sqrt(5.0)
+    want = norm0
+    for _ in range(N):
+        want = np.exp(tau * rate) * (want + tau * c)
+    assert got == pytest.approx(want, rel=1e-6)
