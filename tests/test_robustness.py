@@ -297,3 +297,17 @@ def test_pgd_stays_in_its_ball_and_the_box(evaluated):
     r = np.asarray([0.1, 1 / 3, 1.0, math.pi], np.float64)
     down = robustness._float32_down(r)
     assert down.dtype == np.float32 and np.all(down.astype(np.float64) <= r)
+
+
+def test_lipschitz_bound_agrees_with_the_stability_analysis(evaluated):
+    """Two implementations of the product of layer bounds (robustness: dense ``‖P‖`` and the
+    certified layer's Lemma A.1 form; stability: per-layer constants of SPEC §6) give the same
+    end-to-end bound for circular padding."""
+    from stabnet import stability
+
+    for variant in ("resnet_d", "resnet_s_certified"):
+        run = evaluated[variant]["run"]
+        report = stability.analyze(run, n_images=8, ascent_steps=0, seed=0, magnitudes=(1e-2,))
+        assert evaluated[variant]["report"]["lipschitz"]["bound"] == pytest.approx(
+            report["sensitivity_bound"], rel=1e-6
+        ), variant
