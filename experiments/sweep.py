@@ -323,9 +323,11 @@ def config_mismatch(workdir: str, config: ml_collections.ConfigDict) -> str:
     return ""
 
 
-def _last_error(log_path: str) -> str:
+def _last_error(log_path: str, start: int = 0) -> str:
+    """The last error line the run wrote to ``log_path`` from byte ``start`` on (this attempt)."""
     try:
         with open(log_path, errors="replace") as f:
+            f.seek(start)
             lines = [ln.strip() for ln in f if ln.strip()]
     except OSError:
         return ""
@@ -368,8 +370,9 @@ def run_grid(
         cmd.append("--config.progress_bar=false")
         log(f"{prefix} running")
         t0 = time.time()
-        with open(log_path, "w") as f:
-            f.write(shlex.join(cmd) + "\n")
+        start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        with open(log_path, "a") as f:  # a retry keeps the log of the attempts before it
+            f.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
             f.flush()
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         seconds = time.time() - t0
@@ -379,7 +382,7 @@ def run_grid(
             log(f"{prefix} done in {seconds:.0f} s")
         else:
             entry["status"] = "failed"
-            entry["error"] = _last_error(log_path)
+            entry["error"] = _last_error(log_path, start)
             log(f"{prefix} FAILED (exit code {proc.returncode}) in {seconds:.0f} s: "
                 f"{entry['error']} — see {log_path}")  # fmt: skip
         status[spec.name] = entry

@@ -208,6 +208,12 @@ def test_sweep_end_to_end(tmp_path):
     proc = _run(*args, timeout=200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("skipped (results.json exists)") == 2
+    # a failed run tried again: its log keeps the first attempt, the error named is the new one
+    args = [a.replace("=digits", "=mnist").replace("resnet,resnet_d", "resnet") for a in args]
+    proc = _run(*args, timeout=200)
+    assert proc.returncode == 1 and "1 run(s) failed" in proc.stderr, proc.stderr
+    again = open(os.path.join(root, "logs", "resnet-n1-mnist-seed0.log")).read()
+    assert again.startswith(log) and again.count("stabnet: error:") == 2
 
 
 # --------------------------------------------------------------------------------------------
