@@ -17,7 +17,7 @@ Lipschitz bound of the network in its own input is one of the map ``[0,1]``-imag
    (4.11)); pooling layer (4.4) ``‖P‖₂ + ‖Ã_p‖₂``; global pooling (4.5) ``(hw)^{-1/2}``; fully
    connected (4.6) ``‖W‖₂``. For an image classified correctly with logit margin ``m`` (top minus
    runner-up), no ``δ`` with ``‖δ‖₂ < m/(√2 L)`` changes the prediction (:func:`certify`).
-3. **PGD** in ℓ₂ (:func:`pgd_accuracy`): projected gradient ascent on the cross-entropy (4.6)
+3. **PGD** in ℓ₂ (:func:`pgd_fooled`): projected gradient ascent on the cross-entropy (4.6)
    with ``δ`` in the ℓ₂ ball of radius ``r`` and ``x + δ`` clipped to ``[0, 1]``, random start.
    Since every PGD iterate is a perturbation the certificate covers, *certified accuracy ≤ PGD
    accuracy* at every radius, per image; a violation is a bug and is reported loudly

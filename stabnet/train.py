@@ -2,8 +2,9 @@
 
 The fast path, on by default: the data set lives on the devices, each step draws its batch by
 index from its epoch's order (drawn once per epoch, :class:`EpochOrders`) and augments it there
-from a key derived from ``(seed, step)``, and ``steps_per_dispatch`` steps run inside one
-``lax.scan`` with metrics summed on the device, so the host touches the device once per chunk.
+from a key derived from ``(seed, step)``, and on accelerators ``steps_per_dispatch`` steps run
+inside one ``lax.scan`` with metrics summed on the device, so the host touches the device once
+per chunk (CPUs dispatch one fused step at a time, asynchronously: :func:`run_on_device`).
 The straightforward path (``data.on_device=False``) draws the same indices, gathers each batch
 on the host, feeds it with :func:`parallel.put_global_batch` and runs one jitted step per call;
 both paths share :func:`guarded_step` and give the same run.

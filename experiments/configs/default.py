@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 5_000
     config.keep_checkpoints = 3
     config.final_average_steps = 5_000  # reported accuracy: mean of the evals in the last 5K steps
-    config.steps_per_dispatch = 20  # train steps fused into one device call (lax.scan)
+    config.steps_per_dispatch = 20  # train steps in one device call (lax.scan; 1 on CPUs)
     config.on_nonfinite = "stop"  # NaN/Inf in loss, gradients or parameters: "stop" or "skip"
     config.progress_bar = True  # only shown when stderr is a terminal
 
