@@ -32,6 +32,8 @@ import importlib.util
 import io
 import os
 import pathlib
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,6 +57,7 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {
 DIGITS_TEST = 360  # the embedded digits: 1,797 images, a fixed stratified 1,437 / 360 split
 DIGITS_SEED = 0
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")
+MAX_CLASSES = 65_536
 # shared/data/materialize.py beside the repository (absent in an installed package).
 _MATERIALIZE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "materialize.py"
 _MATERIALIZABLE = ("cifar10", "fashion_mnist")
@@ -135,6 +138,9 @@ def validate_arrays(arrays: Mapping[str, Any], *, where: str) -> int:
     if shape_train != shape_test:
         raise bad("x_test", f"has images {shape_test}", f"the (H, W, C) of x_train, {shape_train}")
     top = {s: int(np.max(arrays["y_" + s])) for s in ("train", "test")}
+    for split, label in top.items():
+        if label >= MAX_CLASSES:  # a missing-value marker or garbage, not a class
+            raise bad(f"y_{split}", f"holds label {label}", f"class labels < {MAX_CLASSES:,}")
     names = arrays.get("label_names")
     if names is None:
         return max(top.values()) + 1
@@ -149,8 +155,15 @@ def validate_arrays(arrays: Mapping[str, Any], *, where: str) -> int:
 
 
 def _dataset(name: str, arrays: Mapping[str, Any], source: str, where: str) -> Dataset:
-    """Validate ``arrays`` and pack them (labels as int32) into a :class:`Dataset`."""
+    """Validate ``arrays`` and pack them (labels as int32) into a :class:`Dataset`. A known data
+    set may come with fewer classes (small stand-ins, as in the tests), never with more."""
     classes = validate_arrays(arrays, where=where)
+    known = SHAPES.get(name)
+    if known is not None and classes > known[3]:
+        raise DataError(_one_line(
+            f"{where}: y_train/y_test hold {classes} classes (labels up to {classes - 1}) but "
+            f"{name} has {known[3]}; fix the labels or give the file another data set's name", 400
+        ))  # fmt: skip
     names = arrays.get("label_names")
     names = tuple(str(s) for s in names) if names is not None else tuple(map(str, range(classes)))
     return Dataset(
@@ -178,9 +191,12 @@ def load_local(path: str, name: str) -> Dataset:
     """
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single array (.npy), not an .npz archive of named arrays")
+        with loaded as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         reason = _one_line(e, 160)
         raise DataError(
             f"{path}: cannot be read as .npz of plain arrays ({reason}); rewrite it with "

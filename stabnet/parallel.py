@@ -74,11 +74,15 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     )
 
 
-def process_rows(global_rows: int) -> slice:
-    """The rows of a global batch that this process feeds (processes own contiguous slices)."""
-    per = global_rows // jax.process_count()
-    start = jax.process_index() * per
-    return slice(start, start + per)
+def process_rows(global_rows: int, mesh: Mesh) -> np.ndarray:
+    """The rows of a global batch that this process feeds, in the order
+    :func:`jax.make_array_from_process_local_data` places them: its devices' slices of
+    :func:`batch_sharded`, sorted (contiguous where the mesh lists each process's devices
+    together, as on GPUs and CPUs; not necessarily on TPU pods)."""
+    slices = batch_sharded(mesh).addressable_devices_indices_map((global_rows,)).values()
+    bounds = sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop)
+                     for s in slices})  # fmt: skip
+    return np.concatenate([np.arange(a, b) for a, b in bounds])
 
 
 def put_global_batch(local: Any, mesh: Mesh) -> Any:

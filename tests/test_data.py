@@ -398,3 +398,30 @@ def test_augment_draws_cover_every_offset():
     assert 0.4 < float(np.mean(mirror)) < 0.6
     _, no_mirror = data.augment_draws(jax.random.key(0), 8, pad=1, flip=False)
     assert not np.asarray(no_mirror).any()
+
+
+def test_damaged_or_implausible_files_are_refused_in_one_line(tmp_path):
+    """A truncated archive, a bare .npy under the .npz name, a missing-value marker (255) as a
+    label of a 10-class data set, and labels no classifier has: one-line DataErrors."""
+    arrays = tiny_arrays()
+    np.savez(tmp_path / "good.npz", **arrays)
+    raw = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    np.save(tmp_path / "bare.npy", arrays["x_train"])
+    os.replace(tmp_path / "bare.npy", tmp_path / "bare.npz")
+    for name in ("cut.npz", "bare.npz"):
+        with pytest.raises(data.DataError) as e:
+            data.load_local(str(tmp_path / name), "cifar10")
+        assert_one_line(str(e.value), name, "numpy.savez")
+    del arrays["label_names"]
+    marker = {**arrays, "y_train": np.where(np.arange(6) == 0, 255, arrays["y_train"])}
+    np.savez(tmp_path / "marker.npz", **marker)
+    with pytest.raises(data.DataError) as e:
+        data.load_local(str(tmp_path / "marker.npz"), "cifar10")
+    assert_one_line(str(e.value), "256 classes", "cifar10 has 10")
+    assert data.load_local(str(tmp_path / "marker.npz"), "other").num_classes == 256
+    huge = {**arrays, "y_test": np.full(4, 10**7)}
+    np.savez(tmp_path / "huge.npz", **huge)
+    with pytest.raises(data.DataError) as e:
+        data.load_local(str(tmp_path / "huge.npz"), "other")
+    assert_one_line(str(e.value), "y_test", "10000000", "65,536")

@@ -417,3 +417,22 @@ def test_final_log_has_no_torn_lines_after_repair(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == json.dumps(
         {"step": 10, "train_loss": 1.0}
     ) + "\n"
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+    """A checkpoint remembers its training data (labels and a sample of the images): resuming
+    it on another copy of the data set (here digits with other pixels) is refused in one line."""
+    from stabnet import data
+
+    workdir = os.fspath(tmp_path / "w")
+    first = run_main(workdir, *short_overrides(5), "--config.data.source=embedded")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ds = data.load_digits()
+    np.savez(tmp_path / "digits.npz", x_train=255 - ds.x_train, y_train=ds.y_train,
+             x_test=ds.x_test, y_test=ds.y_test)  # fmt: skip
+    before = snapshot(pathlib.Path(workdir))
+    proc = run_main(workdir, *short_overrides(10), "--config.data.source=local",
+                    f"--config.data.local_dir={tmp_path}")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "data_digest" in error_line(proc)
+    assert snapshot(pathlib.Path(workdir)) == before

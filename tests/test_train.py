@@ -211,15 +211,18 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    """Multi-host start-up: 2 processes × 2 CPU devices (gloo) == 1 process, 1 device."""
+@pytest.mark.parametrize("on_device", ["true", "false"])
+def test_two_processes_match_one(tmp_path, on_device):
+    """Multi-host start-up: 2 processes × 2 CPU devices (gloo) == 1 process, 1 device, with the
+    data on the devices or fed by each process (its rows of every global batch)."""
     single = os.fspath(tmp_path / "single")
     assert run_main(single, *short_overrides(20)).returncode == 0
     multi = os.fspath(tmp_path / "multi")
     port = _free_port()
     cmd = [sys.executable, "-m", "experiments.main", f"--config={REPO}/experiments/configs/"
            "quickstart.py", f"--workdir={multi}", *short_overrides(20), "--cpu_devices=2",
-           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]  # fmt: skip
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+           f"--config.data.on_device={on_device}"]  # fmt: skip
     procs = [
         subprocess.Popen(
             cmd + [f"--process_id={i}"],
