@@ -285,3 +285,23 @@ def test_theorem_constants_from_the_weights(reports):
     fc = next(k for k in params if k.startswith("fc"))
     want = np.abs(b0).max() + outward + np.abs(np.asarray(params[fc]["b"])).max()
     assert report["C_b"] == pytest.approx(want, rel=1e-5)
+
+
+def test_theorem_4_2_checks_apply_where_its_hypotheses_hold(reports):
+    """The certified network with ``Ã₀`` and ``W`` rescaled to norm ≤ 1 (its residual filters
+    keep ``‖A‖₂ ≤ √2`` by the constraint) meets every hypothesis of Theorem 4.2: its sensitivity
+    and growth checks then apply, and hold."""
+    import dataclasses
+
+    report, _, run = reports["resnet_s_certified"]
+    hyp = report["hypotheses"]
+    params = {k: dict(v) for k, v in run.variables["params"].items()}
+    fc = next(k for k in params if k.startswith("fc"))
+    params["conv0"]["K0"] = params["conv0"]["K0"] / (1.01 * hyp["conv0_l2_le_1"]["value"])
+    params[fc]["W"] = params[fc]["W"] / (1.01 * hyp["fc_l2_le_1"]["value"])
+    scaled = dataclasses.replace(run, variables={**run.variables, "params": params})
+    got = stability.analyze(scaled, n_images=8, ascent_steps=5, seed=0, magnitudes=(1e-2,))
+    assert got["hypotheses_hold"] is True, got["hypotheses"]
+    theorem = [c for c in got["checks"] if "Thm 4.2" in c["name"]]
+    assert len(theorem) == 2 and all(c["applies"] and c["ok"] for c in theorem), theorem
+    assert got["violations"] == []
