@@ -287,21 +287,25 @@ def test_theorem_constants_from_the_weights(reports):
     assert report["C_b"] == pytest.approx(want, rel=1e-5)
 
 
-def test_theorem_4_2_checks_apply_where_its_hypotheses_hold(reports):
-    """The certified network with ``Ã₀`` and ``W`` rescaled to norm ≤ 1 (its residual filters
-    keep ``‖A‖₂ ≤ √2`` by the constraint) meets every hypothesis of Theorem 4.2: its sensitivity
-    and growth checks then apply, and hold."""
+@pytest.mark.parametrize(
+    ("variant", "theorem", "norm", "count"),
+    [("resnet_s_certified", "4.2", "l2", 2), ("resnet_d", "4.1", "linf", 3)],
+)
+def test_theorem_checks_apply_where_their_hypotheses_hold(reports, variant, theorem, norm, count):
+    """The trained network with ``Ã₀`` and ``W`` rescaled to norm ≤ 1 (in the theorem's norm;
+    the residual layers keep their hypothesis by the constraints: ``‖A‖₂ ≤ √2``, ``K₂ ≥ 0``) meets
+    every hypothesis of its theorem: the theorem's checks then apply, and hold."""
     import dataclasses
 
-    report, _, run = reports["resnet_s_certified"]
+    report, _, run = reports[variant]
     hyp = report["hypotheses"]
     params = {k: dict(v) for k, v in run.variables["params"].items()}
     fc = next(k for k in params if k.startswith("fc"))
-    params["conv0"]["K0"] = params["conv0"]["K0"] / (1.01 * hyp["conv0_l2_le_1"]["value"])
-    params[fc]["W"] = params[fc]["W"] / (1.01 * hyp["fc_l2_le_1"]["value"])
+    params["conv0"]["K0"] = params["conv0"]["K0"] / (1.01 * hyp[f"conv0_{norm}_le_1"]["value"])
+    params[fc]["W"] = params[fc]["W"] / (1.01 * hyp[f"fc_{norm}_le_1"]["value"])
     scaled = dataclasses.replace(run, variables={**run.variables, "params": params})
     got = stability.analyze(scaled, n_images=8, ascent_steps=5, seed=0, magnitudes=(1e-2,))
-    assert got["hypotheses_hold"] is True, got["hypotheses"]
-    theorem = [c for c in got["checks"] if "Thm 4.2" in c["name"]]
-    assert len(theorem) == 2 and all(c["applies"] and c["ok"] for c in theorem), theorem
+    assert got["theorem"] == theorem and got["hypotheses_hold"] is True, got["hypotheses"]
+    checks = [c for c in got["checks"] if f"Thm {theorem}" in c["name"]]
+    assert len(checks) == count and all(c["applies"] and c["ok"] for c in checks), checks
     assert got["violations"] == []
