@@ -664,17 +664,25 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _define_flags() -> None:
+def define_image_indices_flag() -> None:
+    """``--image_indices``, the test images of Figures 5.3–5.4 (here and in the sweep), checked
+    when the flags are parsed."""
     from absl import flags
 
-    flags.DEFINE_list("workdirs", None, "Workdirs, globs or sweep roots (comma-separated).")
-    flags.DEFINE_string("out", None, "Output folder.")
     flags.DEFINE_list("image_indices", ["0", "1", "2"], "Test images of Figures 5.3–5.4.")
     flags.register_validator(
         "image_indices",
         lambda v: all(re.fullmatch(r"-?\d+", i) for i in v),
         "--image_indices takes test-image indices, e.g. 0,1,2",
     )
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_list("workdirs", None, "Workdirs, globs or sweep roots (comma-separated).")
+    flags.DEFINE_string("out", None, "Output folder.")
+    define_image_indices_flag()
     flags.DEFINE_float("eps", 0.05, "Unstructured noise level ε (pixels in [0, 1]).")
     flags.DEFINE_float("delta", 0.2, "Structured noise level δ (pixels in [0, 1]).")
     flags.DEFINE_integer("structured_index", -1, "Test image used as x_s (−1: the last).")

@@ -487,6 +487,8 @@ def _main(argv: list[str]) -> int:
 def _define_flags() -> None:
     from absl import flags
 
+    from experiments import figures
+
     flags.DEFINE_string("root", None, "Folder of the sweep's workdirs (ROOT/<run-name>).")
     flags.DEFINE_list("variants", ["resnet", "resnet_d", "resnet_s"], "Variants of the grid.")
     flags.DEFINE_list("n", None, "Depth parameters n (or give --depths).")
@@ -498,12 +500,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool("collect_only", False, "Only collect ROOT's finished runs into a summary.")
     flags.DEFINE_string("python", "python", "Interpreter named in --print_commands' output.")
     flags.DEFINE_bool("per_run_figures", True, "Figures 5.3–5.4 and 4.3–4.4 for every run.")
-    flags.DEFINE_list("image_indices", ["0", "1", "2"], "Test images of Figures 5.3–5.4.")
-    flags.register_validator(
-        "image_indices",
-        lambda v: all(re.fullmatch(r"-?\d+", i) for i in v),
-        "--image_indices takes test-image indices, e.g. 0,1,2",
-    )
+    figures.define_image_indices_flag()
     flags.DEFINE_float("eps", 0.05, "Unstructured noise level ε of Figures 5.3–5.4.")
     flags.DEFINE_float("delta", 0.2, "Structured noise level δ of Figures 5.3–5.4.")
     flags.mark_flags_as_required(["root"])

@@ -84,6 +84,11 @@ def fft_norm(
     return jnp.sqrt(jnp.maximum(jnp.max(top), 0.0)) * size
 
 
+# fft_norm compiled once per kernel shape, grid and stride (eager, its many small complex ops
+# recompile far more often): EffectiveConv.l2_upper, for the analyses' many operators
+_fft_norm_jit = jax.jit(fft_norm, static_argnames=("hw", "stride"))
+
+
 def zero_padding_grid(
     hw: Sequence[int], kernel_hw: Sequence[int] = (3, 3), stride: int = 1
 ) -> tuple[int, int]:
@@ -456,6 +461,13 @@ class EffectiveConv(NamedTuple):
         shape = (1, *self.grid, self.kernel.shape[2])
         key = jax.random.key(0) if key is None else key
         return power_iteration_norm(lambda x: self.apply(x, padding), shape, key)
+
+    def l2_upper(self, padding: ops.Padding = "circular") -> jax.Array:
+        """``‖A‖₂`` from above, by the exact FFT norm (compiled once per shape): of this circular
+        convolution, or for zero padding of the circular one on :func:`zero_padding_grid`."""
+        grid = (tuple(self.grid) if padding == "circular"
+                else zero_padding_grid(self.grid, self.kernel.shape[:2], self.stride))  # fmt: skip
+        return _fft_norm_jit(self.kernel, grid, scale=self.scale, stride=self.stride)
 
     def linf(self) -> jax.Array:
         return linf_norm(self.kernel, self.scale)

@@ -386,11 +386,6 @@ def cifar10c_accuracies(
 # --------------------------------------------------------------------------------------------
 
 
-# stabnet.norms.fft_norm, what EffectiveConv.l2() computes, compiled once per kernel shape, grid
-# and stride (eager, its many small complex ops recompile far more often).
-_fft_norm = jax.jit(norms.fft_norm, static_argnames=("hw", "stride"))
-
-
 def conv_l2_bound(op: norms.EffectiveConv, padding: ops.Padding = "circular") -> float:
     """An upper bound of ``‖diag(s) A_K‖₂`` (exact for circular padding).
 
@@ -398,10 +393,7 @@ def conv_l2_bound(op: norms.EffectiveConv, padding: ops.Padding = "circular") ->
     norm on a larger circular grid (:func:`stabnet.norms.zero_padding_grid`), an upper bound.
     (Power iteration would give a lower estimate, which cannot certify.)
     """
-    if padding == "circular":  # = op.l2("circular"), jitted
-        return float(_fft_norm(op.kernel, tuple(op.grid), scale=op.scale, stride=op.stride))
-    grid = norms.zero_padding_grid(op.grid, op.kernel.shape[:2], op.stride)
-    return float(_fft_norm(op.kernel, grid, scale=op.scale, stride=op.stride))
+    return float(op.l2_upper(padding))
 
 
 @functools.lru_cache(maxsize=64)

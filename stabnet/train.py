@@ -642,9 +642,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def new_interval() -> dict[str, Any]:
         return {"loss_sum": 0.0, "correct": 0.0, "steps": 0, "skipped": 0, "t0": time.time()}
 
-    def log_interval(state: TrainState, interval: dict[str, Any]) -> dict[str, Any]:
-        """Write the training row of the steps since the last one; returns a fresh interval."""
-        step = int(parallel.to_host(state.step))
+    def log_interval(step: int, state: TrainState, interval: dict[str, Any]) -> dict[str, Any]:
+        """Write the training row of the steps up to ``step`` (``state``'s) since the last one;
+        returns a fresh interval."""
         seen = max(interval["steps"], 1)
         elapsed = time.time() - interval["t0"]
         row = {
@@ -691,14 +691,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if bar is not None:
                 bar.update(n)
             if step % config.log_every == 0 or step == total:
-                interval = log_interval(state, interval)
+                interval = log_interval(step, state, interval)
             if step % config.eval_every == 0 or step == total:
                 run_evaluation(step)
             if step % config.checkpoint_every == 0 or step == total:
                 ckpt.save(step, state)
             if step < total and stop.requested():
                 if interval["steps"] or interval["skipped"]:  # the steps since the last row
-                    interval = log_interval(state, interval)
+                    interval = log_interval(step, state, interval)
                 if step not in ckpt.steps():
                     ckpt.save(step, state)
                 metrics_log.close()
