@@ -90,7 +90,7 @@ def benchmark(
 
     def prepare(config) -> list:
         """``[state, step functions, data-order cache]`` of ``config``, on the mesh."""
-        model = train.model_from_config(config, classes)
+        model = train.model_from_config(config, classes, training=True)
         state, tx, _ = train.create_train_state(config, model, (h, w, c))
         return [
             parallel.put_replicated(state, mesh),
@@ -147,6 +147,7 @@ def benchmark(
         "machine": machine(),
         "backend": jax.default_backend(),
         "dtype": config.model.dtype,
+        "conv_impl": train.training_conv_impl(config),
         "batch_size": config.batch_size,
         "steps_per_dispatch": config.steps_per_dispatch,
         "data": source,

@@ -83,6 +83,7 @@ SCHEMA: dict[str, Field] = {
     "model.bn_eps": _float(0.0, 1.0, open_lo=True),
     "model.bn_stats": _choice(*ops.BN_STATS_FORMS),
     "model.dtype": _choice("float32", "bfloat16"),
+    "model.conv_impl": _choice("auto", *ops.CONV_IMPLS),
     "optim.learning_rate": _float(0.0, 100.0, open_lo=True),
     "optim.momentum": _float(0.0, 1.0),
     "optim.nesterov": _BOOL,

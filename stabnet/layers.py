@@ -46,6 +46,8 @@ class LayerConfig:
       pool_window: window of the average pooling ``P`` in (4.4); 1 is plain subsampling.
       dtype: compute dtype of convolutions and features (parameters and BN statistics stay
         float32).
+      conv_impl: ``xla`` or ``onednn`` (:func:`stabnet.ops.conv`; the latter has no
+        forward-mode derivative, so only the training step asks for it).
     """
 
     padding: ops.Padding = "circular"
@@ -55,6 +57,7 @@ class LayerConfig:
     bn_stats: ops.BNStatsForm = "one_pass"
     pool_window: int = 3
     dtype: Any = jnp.float32
+    conv_impl: ops.ConvImpl = "xla"
 
 
 BNMode = Literal["trained", "frozen", "bias", "none"]
@@ -106,7 +109,7 @@ def conv_layer(
     z, _ = normalize(
         params,
         stats,
-        ops.conv(x, params["K0"], padding=cfg.padding),
+        ops.conv(x, params["K0"], padding=cfg.padding, impl=cfg.conv_impl),
         "",
         "trained",
         train=train,
@@ -171,7 +174,7 @@ def residual_layer(
     z, _ = normalize(
         params,
         stats,
-        ops.conv(x, inner, padding=cfg.padding),
+        ops.conv(x, inner, padding=cfg.padding, impl=cfg.conv_impl),
         "1",
         form.inner_bn,
         train=train,
@@ -180,9 +183,9 @@ def residual_layer(
     )
     z = jax.nn.relu(z)
     if form.outer == "K2":
-        v = ops.conv(z, params["K2"], padding=cfg.padding)
+        v = ops.conv(z, params["K2"], padding=cfg.padding, impl=cfg.conv_impl)
     else:
-        v = ops.conv_transpose(z, inner, padding=cfg.padding)
+        v = ops.conv_transpose(z, inner, padding=cfg.padding, impl=cfg.conv_impl)
     v, _ = normalize(params, stats, v, "2", form.outer_bn, train=train, cfg=cfg, used=used)
     return jax.nn.relu(x + form.sign * v), used
 
@@ -201,7 +204,7 @@ def pooling_layer(
     z, _ = normalize(
         params,
         stats,
-        ops.conv(x, kp, stride=2, padding=cfg.padding),
+        ops.conv(x, kp, stride=2, padding=cfg.padding, impl=cfg.conv_impl),
         "",
         "trained",
         train=train,

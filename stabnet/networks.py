@@ -164,6 +164,7 @@ def build_model(
     bn_eps: float = 1e-5,
     bn_stats: str = "one_pass",
     dtype: Any = jnp.float32,
+    conv_impl: str = "xla",
 ) -> StableResNet:
     """Construct :class:`StableResNet`, validating every argument first (``ValueError``)."""
     if padding not in ops.PADDINGS:
@@ -172,6 +173,9 @@ def build_model(
     if bn_stats not in ops.BN_STATS_FORMS:
         allowed = ", ".join(ops.BN_STATS_FORMS)
         raise ValueError(f"model.bn_stats={bn_stats!r} is unknown; allowed: {allowed}")
+    if conv_impl not in ops.CONV_IMPLS:
+        allowed = ", ".join(ops.CONV_IMPLS)
+        raise ValueError(f"conv_impl={conv_impl!r} is unknown; allowed: {allowed}")
     if not isinstance(pool_window, int) or pool_window < 1 or pool_window % 2 == 0:
         raise ValueError(f"model.pool_window={pool_window!r} is invalid; allowed: 1, 3, 5, …")
     check_architecture(variant, n, (4, 4, 1), num_classes, widths)
@@ -183,6 +187,7 @@ def build_model(
         bn_stats=bn_stats,
         pool_window=pool_window,
         dtype=dtype,
+        conv_impl=conv_impl,
     )
     return StableResNet(variant, n, num_classes, tuple(widths), cfg)
 

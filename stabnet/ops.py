@@ -26,6 +26,8 @@ from jax import lax
 
 Padding = Literal["circular", "zeros"]
 BNStatsForm = Literal["one_pass", "two_pass", "dot"]
+ConvImpl = Literal["xla", "onednn"]
+CONV_IMPLS: tuple[str, ...] = typing.get_args(ConvImpl)
 BN_STATS_FORMS: tuple[str, ...] = typing.get_args(BNStatsForm)
 PADDINGS: tuple[str, ...] = ("circular", "zeros")
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -48,6 +50,7 @@ def conv(
     padding: Padding = "circular",
     fold_batch: bool | None = None,
     crop: bool = True,
+    impl: ConvImpl = "xla",
 ) -> jax.Array:
     """``A_K x``: cross-correlation of ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co] (SPEC §1).
 
@@ -55,7 +58,10 @@ def conv(
     correlation is taken with the given stride, so stride 1 keeps ``H×W`` and stride 2 gives
     ``⌈H/2⌉×⌈W/2⌉``. The operation runs in the dtype of ``x`` (the caller casts ``kernel``).
 
-    Implementation (the same numbers either way, to float32 rounding): at stride 1 on CPUs
+    Implementation (the same numbers either way, to float32 rounding): ``impl="onednn"`` (the
+    training step's choice on single-device CPUs, ``model.conv_impl``) pads ``x`` and calls
+    oneDNN's "VALID" correlation (:func:`stabnet.onednn.conv_valid`: reverse mode only) at
+    stride 1 in float32; other cases fall back to XLA. With ``impl="xla"``, at stride 1 on CPUs
     (``fold_batch=None``), the padded images are laid side by side in wide images
     (:func:`_conv_side_by_side`) and convolved once; the outputs that straddle two images are
     dropped. XLA:CPU's convolution kernels take 1.8× less time in that form, a ResNet-D
@@ -68,6 +74,10 @@ def conv(
     """
     kernel = kernel.astype(x.dtype)
     kh, kw = kernel.shape[:2]
+    if impl == "onednn" and stride == 1 and x.dtype == jnp.float32:
+        from stabnet import onednn  # builds the library on first use
+
+        return onednn.conv_valid(_pad_spatial(x, kh, kw, padding), kernel)
     if fold_batch is None:
         fold_batch = jax.default_backend() == "cpu"
     if stride == 1 and fold_batch:
@@ -148,14 +158,16 @@ def adjoint_kernel(kernel: jax.Array) -> jax.Array:
     return jnp.flip(kernel, axis=(0, 1)).transpose(0, 1, 3, 2)
 
 
-def conv_transpose(y: jax.Array, kernel: jax.Array, *, padding: Padding = "circular") -> jax.Array:
+def conv_transpose(
+    y: jax.Array, kernel: jax.Array, *, padding: Padding = "circular", impl: ConvImpl = "xla"
+) -> jax.Array:
     """``A_K^T y`` for the stride-1 :func:`conv` with ``kernel`` [kh,kw,Ci,Co]; ``y`` is [N,H,W,Co].
 
     ``⟨A_K x, y⟩ = ⟨x, A_K^T y⟩`` holds exactly for circular padding (``A_K`` is block-circulant)
     and for zero padding at stride 1 (the boundary terms vanish); both are tested against the
     dense matrix. For strided maps use :func:`jax.linear_transpose` or :func:`jax.vjp`.
     """
-    return conv(y, adjoint_kernel(kernel), stride=1, padding=padding)
+    return conv(y, adjoint_kernel(kernel), stride=1, padding=padding, impl=impl)
 
 
 class BNStats(NamedTuple):

@@ -1,0 +1,149 @@
+// Stride-1 "VALID" 2-D cross-correlation of NHWC features with an HWIO filter, and its two
+// gradients, computed by oneDNN; exported as XLA FFI handlers for XLA:CPU (stabnet/onednn.py).
+//
+//   StabnetConvForward(x[N,H,W,Ci], w[kh,kw,Ci,Co])     -> y[N,H-kh+1,W-kw+1,Co]
+//   StabnetConvBackwardData(dy[N,Ho,Wo,Co], w)          -> dx[N,H,W,Ci]
+//   StabnetConvBackwardWeights(x, dy)                   -> dw[kh,kw,Ci,Co]
+//
+// XLA:CPU's own convolutions (Eigen; YNNPACK refuses 16-channel layers) run the CIFAR networks'
+// 3x3 layers at about half the speed of oneDNN's on a 2-core AVX-512 CPU (benchmarks/RESULTS.md).
+// The primitives are created once per shape and reused; calls are serialised (each one uses
+// every core through oneDNN's OpenMP threads).
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+
+namespace {
+
+enum Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One pass of one convolution shape: the primitive and, where the primitive keeps the filter
+// in a blocked layout, the reorder between it and HWIO.
+struct Plan {
+  memory::desc x, y, w_hwio, w_blocked;
+  dnnl::primitive conv;
+  bool blocked = false;
+  dnnl::reorder to_blocked, from_blocked;
+};
+
+using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+std::mutex mutex;
+std::map<Key, std::unique_ptr<Plan>> plans;
+
+Plan& GetPlan(Pass pass, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t kh, int64_t kw,
+              int64_t co) {
+  Key key{pass, n, h, w, ci, kh, kw, co};
+  auto found = plans.find(key);
+  if (found != plans.end()) return *found->second;
+  using tag = memory::format_tag;
+  using dt = memory::data_type;
+  auto p = std::make_unique<Plan>();
+  // oneDNN's logical dimensions are NCHW / OIHW; the tags give the memory layouts.
+  p->x = memory::desc({n, ci, h, w}, dt::f32, tag::nhwc);
+  p->y = memory::desc({n, co, h - kh + 1, w - kw + 1}, dt::f32, tag::nhwc);
+  p->w_hwio = memory::desc({co, ci, kh, kw}, dt::f32, tag::hwio);
+  memory::desc w_any({co, ci, kh, kw}, dt::f32, tag::any);
+  const memory::dims stride{1, 1}, no_pad{0, 0};
+  const auto direct = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training,
+                                                direct, p->x, w_any, p->y, stride, no_pad, no_pad);
+  if (pass == kForward) {
+    p->w_blocked = fwd.weights_desc();
+    p->conv = dnnl::convolution_forward(fwd);
+  } else if (pass == kBackwardData) {
+    dnnl::convolution_backward_data::primitive_desc pd(Engine(), direct, p->x, w_any, p->y,
+                                                       stride, no_pad, no_pad, fwd);
+    p->w_blocked = pd.weights_desc();
+    p->conv = dnnl::convolution_backward_data(pd);
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc pd(Engine(), direct, p->x, w_any, p->y,
+                                                          stride, no_pad, no_pad, fwd);
+    p->w_blocked = pd.diff_weights_desc();
+    p->conv = dnnl::convolution_backward_weights(pd);
+  }
+  p->blocked = p->w_blocked != p->w_hwio;
+  if (p->blocked) {
+    p->to_blocked = dnnl::reorder(
+        dnnl::reorder::primitive_desc(Engine(), p->w_hwio, Engine(), p->w_blocked));
+    p->from_blocked = dnnl::reorder(
+        dnnl::reorder::primitive_desc(Engine(), p->w_blocked, Engine(), p->w_hwio));
+  }
+  Plan& plan = *p;
+  plans.emplace(key, std::move(p));
+  return plan;
+}
+
+// x: [N,H,W,Ci] (dx for kBackwardData), w: HWIO (dw for kBackwardWeights), y: [N,Ho,Wo,Co]
+// (dy for both backward passes).
+ffi::Error Run(Pass pass, float* x, float* w, float* y, ffi::Span<const int64_t> x_dims,
+               ffi::Span<const int64_t> w_dims) {
+  if (x_dims.size() != 4 || w_dims.size() != 4 || x_dims[3] != w_dims[2] ||
+      x_dims[1] < w_dims[0] || x_dims[2] < w_dims[1]) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "stabnet oneDNN convolution: expected x [N,H,W,Ci] and w [kh,kw,Ci,Co] "
+                      "with kh <= H and kw <= W");
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  try {
+    Plan& p = GetPlan(pass, x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1],
+                      w_dims[3]);
+    dnnl::stream stream(Engine());
+    memory xm(p.x, Engine(), x), ym(p.y, Engine(), y), w_user(p.w_hwio, Engine(), w);
+    memory wm = p.blocked ? memory(p.w_blocked, Engine()) : w_user;
+    if (p.blocked && pass != kBackwardWeights) p.to_blocked.execute(stream, w_user, wm);
+    if (pass == kForward) {
+      p.conv.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
+    } else if (pass == kBackwardData) {
+      p.conv.execute(stream,
+                     {{DNNL_ARG_DIFF_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_DST, ym}});
+    } else {
+      p.conv.execute(stream,
+                     {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_WEIGHTS, wm}, {DNNL_ARG_DIFF_DST, ym}});
+      if (p.blocked) p.from_blocked.execute(stream, wm, w_user);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+
+ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y) {
+  return Run(kForward, x.typed_data(), w.typed_data(), y->typed_data(), x.dimensions(),
+             w.dimensions());
+}
+
+ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx) {
+  return Run(kBackwardData, dx->typed_data(), w.typed_data(), dy.typed_data(), dx->dimensions(),
+             w.dimensions());
+}
+
+ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw) {
+  return Run(kBackwardWeights, x.typed_data(), dw->typed_data(), dy.typed_data(), x.dimensions(),
+             dw->dimensions());
+}
+
+}  // namespace
+
+#define STABNET_BINARY_HANDLER(name, impl) \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl, \
+                                ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>());
+
+STABNET_BINARY_HANDLER(StabnetConvForward, Forward)
+STABNET_BINARY_HANDLER(StabnetConvBackwardData, BackwardData)
+STABNET_BINARY_HANDLER(StabnetConvBackwardWeights, BackwardWeights)

@@ -1,0 +1,170 @@
+"""oneDNN convolutions for XLA:CPU, as XLA FFI calls (the training step's fast path on CPUs).
+
+XLA:CPU runs the CIFAR networks' 3×3 convolutions in Eigen (its YNNPACK path refuses layers of
+16 channels), at about half the speed of oneDNN's kernels on a 2-core AVX-512 CPU; a ResNet-D
+depth-18 training step is ~1.5× faster with these (benchmarks/RESULTS.md, eleventh session).
+
+:func:`conv_valid` is the stride-1 "VALID" cross-correlation of ``x`` [N,H,W,Ci] (float32) with
+``kernel`` [kh,kw,Ci,Co], differentiable in reverse mode (a ``custom_vjp`` over oneDNN's
+backward-data and backward-weights passes). It has no forward-mode or batching rule, so
+:func:`stabnet.ops.conv` uses it only where asked to (``impl="onednn"``), which the training
+step does on single-device CPUs (``model.conv_impl``); analysis code keeps XLA's convolutions.
+
+The library is compiled on first use from ``csrc/onednn_conv.cc`` against the installed jaxlib's
+FFI headers and the ``onednn-cpu-gomp`` wheels (dependencies on x86-64 Linux) with the C++
+compiler ``$CXX`` (default ``g++``), into ``$STABNET_CACHE`` (default ``~/.cache/stabnet``),
+once per source, jaxlib and oneDNN version. Where any of that is missing, :func:`available` is
+``False`` and :func:`unavailable_reason` says why; ``STABNET_ONEDNN=0`` turns the path off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "onednn_conv.cc"
+_TARGETS = {
+    "forward": "StabnetConvForward",
+    "backward_data": "StabnetConvBackwardData",
+    "backward_weights": "StabnetConvBackwardWeights",
+}
+_FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
+class Unavailable(RuntimeError):
+    """oneDNN convolutions cannot be used here; the message says why and what to do."""
+
+
+def _prefixes() -> list[pathlib.Path]:
+    """Where pip puts a wheel's ``data`` files (``lib/``, ``include/``): the environment, then
+    the user's site."""
+    found = [sysconfig.get_paths()["data"], sys.prefix]
+    user = sysconfig.get_paths("posix_user")["data"] if os.name == "posix" else None
+    return [pathlib.Path(p) for p in dict.fromkeys(p for p in [*found, user] if p)]
+
+
+def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
+    """``(include dir, lib dir)`` of an installed oneDNN with OpenMP threading."""
+    for prefix in _prefixes():
+        include, lib = prefix / "include", prefix / "lib"
+        if (include / "oneapi/dnnl/dnnl.hpp").is_file() and (lib / "libdnnl.so").exists():
+            return include, lib
+    raise Unavailable(
+        "oneDNN is not installed; pip install onednn-cpu-gomp onednn-devel-cpu-gomp "
+        "(dependencies of stabnet on x86-64 Linux)"
+    )
+
+
+def _build() -> pathlib.Path:
+    """Path of the compiled library, building it into the cache if needed."""
+    if os.environ.get("STABNET_ONEDNN", "1") == "0":
+        raise Unavailable("turned off by STABNET_ONEDNN=0")
+    if sys.platform != "linux":
+        raise Unavailable(f"built on Linux only, not {sys.platform}")
+    include, lib = _find_onednn()
+    compiler = os.environ.get("CXX", "g++")
+    cxx = shutil.which(compiler)
+    if cxx is None:
+        raise Unavailable(f"no C++ compiler {compiler!r}; install g++ or set CXX")
+    key = [
+        SOURCE.read_bytes(),
+        (include / "oneapi/dnnl/dnnl_version.h").read_bytes(),
+        importlib.metadata.version("jaxlib").encode(),
+        " ".join([cxx, *_FLAGS]).encode(),
+    ]
+    digest = hashlib.sha256(b"\0".join(key)).hexdigest()[:16]
+    cache = pathlib.Path(os.environ.get("STABNET_CACHE", "~/.cache/stabnet")).expanduser()
+    target = cache / f"libstabnet_onednn-{digest}.so"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # built aside, then renamed: atomic
+    os.close(fd)
+    command = [
+        cxx,
+        *_FLAGS,
+        f"-I{jax.ffi.include_dir()}",
+        f"-I{include}",
+        str(SOURCE),
+        f"-L{lib}",
+        "-ldnnl",
+        f"-Wl,-rpath,{lib}",
+        "-o",
+        tmp,
+    ]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            first = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr)
+            raise Unavailable(f"compiling {SOURCE.name} failed: {first.strip()[:300]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds, loads and registers the FFI targets once; ``None`` if that worked, else why not."""
+    try:
+        library = ctypes.CDLL(str(_build()))
+        for name in _TARGETS.values():
+            capsule = jax.ffi.pycapsule(getattr(library, name))
+            jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    except (Unavailable, OSError, AttributeError) as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    """Whether :func:`conv_valid` can run here (builds the library on the first call)."""
+    return _load() is None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is ``False`` (empty when it is ``True``)."""
+    return _load() or ""
+
+
+def _call(target: str, shape: tuple[int, ...], *args: jax.Array) -> jax.Array:
+    result = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS[target], result)(*args)
+
+
+@jax.custom_vjp
+def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 "VALID" cross-correlation ``y[n,i,j,o] = Σ_{a,b,c} x[n,i+a,j+b,c] K[a,b,c,o]``
+    of float32 ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co]: ``[N, H−kh+1, W−kw+1, Co]``.
+    The linear map ``A_K`` of SPEC §1 once ``x`` is padded (:func:`stabnet.ops.conv`)."""
+    if _load() is not None:
+        raise Unavailable(f"oneDNN convolutions are unavailable: {_load()}")
+    n, h, w, _ = x.shape
+    kh, kw, _, co = kernel.shape
+    return _call("forward", (n, h - kh + 1, w - kw + 1, co), x, kernel)
+
+
+def _conv_valid_fwd(x, kernel):
+    return conv_valid(x, kernel), (x, kernel)
+
+
+def _conv_valid_bwd(residuals, dy):
+    x, kernel = residuals
+    dx = _call("backward_data", x.shape, dy, kernel)
+    dkernel = _call("backward_weights", kernel.shape, x, dy)
+    return dx, dkernel
+
+
+conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)

@@ -1,0 +1,142 @@
+"""oneDNN convolutions (issue 5): the same maps and gradients as XLA's, chosen where they run."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from stabnet import config as config_lib
+from stabnet import onednn, ops, train
+from tests.conftest import small_config
+
+needs_onednn = pytest.mark.skipif(
+    not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}"
+)
+
+
+def _arrays(seed, x_shape, k_shape):
+    kx, kk, ky = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(kx, x_shape)
+    kernel = jax.random.normal(kk, k_shape) / np.sqrt(np.prod(k_shape[:3]))
+    return x, kernel, ky
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "x_shape, k_shape",
+    [
+        ((2, 5, 7, 3), (3, 3, 3, 4)),  # odd grid, c_in ≠ c_out
+        ((3, 8, 8, 16), (3, 3, 16, 16)),
+        ((1, 6, 9, 2), (3, 1, 2, 5)),  # kh ≠ kw
+        ((2, 4, 4, 8), (1, 1, 8, 3)),
+        ((2, 3, 3, 1), (3, 3, 1, 1)),  # filter as large as the image
+    ],
+)
+def test_valid_correlation_and_its_gradients_match_xla(x_shape, k_shape):
+    x, kernel, ky = _arrays(0, x_shape, k_shape)
+
+    def xla(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=ops._DIMS)
+
+    y, vjp = jax.vjp(jax.jit(onednn.conv_valid), x, kernel)
+    y0, vjp0 = jax.vjp(xla, x, kernel)
+    assert y.shape == y0.shape
+    dy = jax.random.normal(ky, y.shape)
+    for a, b in zip((y, *vjp(dy)), (y0, *vjp0(dy)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("padding", ops.PADDINGS)
+def test_conv_and_its_adjoint_match_xla(padding):
+    """``A_K x`` and ``A_K^T y`` (and their gradients) with either boundary condition; stride 2
+    goes to XLA in both."""
+    x, kernel, ky = _arrays(1, (4, 8, 6, 5), (3, 3, 5, 7))
+    y = jax.random.normal(ky, (4, 8, 6, 7))
+    for fn, arg in ((ops.conv, x), (ops.conv_transpose, y)):
+
+        def loss(a, k, impl, fn=fn):
+            return jnp.sum(jnp.sin(fn(a, k, padding=padding, impl=impl)))
+
+        ref = jax.value_and_grad(loss, argnums=(0, 1))(arg, kernel, "xla")
+        got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(
+            arg, kernel, "onednn"
+        )
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+    strided = ops.conv(x, kernel, stride=2, padding=padding, impl="onednn")
+    np.testing.assert_array_equal(strided, ops.conv(x, kernel, stride=2, padding=padding))
+
+
+@needs_onednn
+@pytest.mark.parametrize("variant", ["resnet", "resnet_d", "resnet_s"])
+def test_training_with_onednn_matches_xla(variant, tmp_path):
+    """Four steps with either convolution give the same loss and weights to float32 rounding
+    (the gradients agree to ~1e-5; over tens of steps ResNet-D's training amplifies that)."""
+    results = {}
+    for impl in ops.CONV_IMPLS:
+        config = small_config(variant, steps=4, **{"model.conv_impl": impl})
+        results[impl] = train.train_and_evaluate(config, os.fspath(tmp_path / impl))
+        assert results[impl]["conv_impl"] == impl
+    a, b = results["onednn"], results["xla"]
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert a["params_norm"] == pytest.approx(b["params_norm"], rel=1e-5)
+
+
+@needs_onednn
+def test_auto_picks_onednn_for_one_float32_cpu_device_only():
+    config = small_config()
+    assert jax.device_count() == 1 and jax.default_backend() == "cpu"
+    assert train.training_conv_impl(config) == "onednn"
+    model = train.model_from_config(config, 10, training=True)
+    assert model.cfg.conv_impl == "onednn"
+    # Analysis code needs forward mode and vmap: it always gets XLA's convolutions.
+    assert train.model_from_config(config, 10).cfg.conv_impl == "xla"
+    config.model.dtype = "bfloat16"
+    assert train.training_conv_impl(config) == "xla"
+    config.model.conv_impl = "onednn"
+    with pytest.raises(config_lib.ConfigError, match="model.conv_impl='onednn' needs .*float32"):
+        train.training_conv_impl(config)
+
+
+def test_unavailable_onednn_falls_back_or_is_refused(monkeypatch):
+    monkeypatch.setattr(onednn, "_load", lambda: "oneDNN is not installed; pip install …")
+    config = small_config()
+    assert train.training_conv_impl(config) == "xla"
+    config.model.conv_impl = "onednn"
+    with pytest.raises(config_lib.ConfigError, match="model.conv_impl='onednn': oneDNN is not"):
+        train.training_conv_impl(config)
+    with pytest.raises(onednn.Unavailable, match="unavailable: oneDNN is not installed"):
+        onednn.conv_valid(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)))
+
+
+def test_build_says_why_it_cannot(monkeypatch, tmp_path):
+    """No compiler, a source that does not compile, or the opt-out: one reason each, no library
+    left behind."""
+    monkeypatch.setenv("STABNET_CACHE", os.fspath(tmp_path))
+    monkeypatch.setenv("STABNET_ONEDNN", "0")
+    with pytest.raises(onednn.Unavailable, match="STABNET_ONEDNN=0"):
+        onednn._build()
+    monkeypatch.delenv("STABNET_ONEDNN")
+    try:
+        onednn._find_onednn()
+    except onednn.Unavailable as e:
+        assert "pip install onednn-cpu-gomp" in str(e)
+        return
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(onednn.Unavailable, match="no C\\+\\+ compiler 'no-such-compiler-xyz'"):
+        onednn._build()
+    if onednn.shutil.which("g++") is None:
+        return
+    monkeypatch.setenv("CXX", "g++")
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++;\n")
+    monkeypatch.setattr(onednn, "SOURCE", broken)
+    with pytest.raises(onednn.Unavailable, match="compiling broken.cc failed: .*error"):
+        onednn._build()
+    assert [p.name for p in tmp_path.iterdir()] == ["broken.cc"]
