@@ -116,6 +116,18 @@ def _build() -> pathlib.Path:
     return target
 
 
+def _single_threaded_blas() -> None:
+    """Limits OpenBLAS to one thread. jaxlib's CPU eigensolvers (ResNet-S's exact norms) call
+    LAPACK through SciPy's OpenBLAS, whose idle threads spin after each call and take the cores
+    from oneDNN's OpenMP team: traced, s_depth11's convolutions ran 49 ms a step longer with the
+    constraints than without, and 16 ms shorter with OpenBLAS on one thread
+    (benchmarks/RESULTS.md, eleventh session). The solves are of matrices of at most 64×64."""
+    import scipy.linalg  # noqa: F401  (loads the OpenBLAS that jaxlib's LAPACK kernels use)
+    import threadpoolctl
+
+    threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
 @functools.cache
 def _load() -> str | None:
     """Builds, loads and registers the FFI targets once; ``None`` if that worked, else why not."""
@@ -126,6 +138,7 @@ def _load() -> str | None:
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     except (Unavailable, OSError, AttributeError) as e:
         return str(e)
+    _single_threaded_blas()
     return None
 
 

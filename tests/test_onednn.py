@@ -140,3 +140,15 @@ def test_build_says_why_it_cannot(monkeypatch, tmp_path):
     with pytest.raises(onednn.Unavailable, match="compiling broken.cc failed: .*error"):
         onednn._build()
     assert [p.name for p in tmp_path.iterdir()] == ["broken.cc"]
+
+
+@needs_onednn
+def test_loading_limits_openblas_to_one_thread():
+    """jaxlib's eigensolvers run in SciPy's OpenBLAS, whose spinning threads slowed oneDNN's
+    convolutions beside them; loading the library limits every BLAS to one thread."""
+    import threadpoolctl
+
+    jnp.linalg.eigvalsh(jnp.eye(8)).block_until_ready()  # jaxlib's LAPACK: SciPy's OpenBLAS
+    onednn._single_threaded_blas()
+    blas = [i for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert blas and all(i["num_threads"] == 1 for i in blas)
