@@ -31,12 +31,13 @@ dnnl::engine& Engine() {
 }
 
 // One pass of one convolution shape: the primitive and, where the primitive keeps the filter
-// in a blocked layout, the reorder between it and HWIO.
+// in a blocked layout, the reorder between it and HWIO (into the blocked layout for the passes
+// that read the filter, out of it for the one that writes its gradient).
 struct Plan {
   memory::desc x, y, w_hwio, w_blocked;
   dnnl::primitive conv;
   bool blocked = false;
-  dnnl::reorder to_blocked, from_blocked;
+  dnnl::reorder reorder;
 };
 
 using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
@@ -76,10 +77,9 @@ Plan& GetPlan(Pass pass, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t kh
   }
   p->blocked = p->w_blocked != p->w_hwio;
   if (p->blocked) {
-    p->to_blocked = dnnl::reorder(
-        dnnl::reorder::primitive_desc(Engine(), p->w_hwio, Engine(), p->w_blocked));
-    p->from_blocked = dnnl::reorder(
-        dnnl::reorder::primitive_desc(Engine(), p->w_blocked, Engine(), p->w_hwio));
+    const bool out = pass == kBackwardWeights;
+    p->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+        Engine(), out ? p->w_blocked : p->w_hwio, Engine(), out ? p->w_hwio : p->w_blocked));
   }
   Plan& plan = *p;
   plans.emplace(key, std::move(p));
@@ -103,7 +103,7 @@ ffi::Error Run(Pass pass, float* x, float* w, float* y, ffi::Span<const int64_t>
     dnnl::stream stream(Engine());
     memory xm(p.x, Engine(), x), ym(p.y, Engine(), y), w_user(p.w_hwio, Engine(), w);
     memory wm = p.blocked ? memory(p.w_blocked, Engine()) : w_user;
-    if (p.blocked && pass != kBackwardWeights) p.to_blocked.execute(stream, w_user, wm);
+    if (p.blocked && pass != kBackwardWeights) p.reorder.execute(stream, w_user, wm);
     if (pass == kForward) {
       p.conv.execute(stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
     } else if (pass == kBackwardData) {
@@ -112,7 +112,7 @@ ffi::Error Run(Pass pass, float* x, float* w, float* y, ffi::Span<const int64_t>
     } else {
       p.conv.execute(stream,
                      {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_WEIGHTS, wm}, {DNNL_ARG_DIFF_DST, ym}});
-      if (p.blocked) p.from_blocked.execute(stream, wm, w_user);
+      if (p.blocked) p.reorder.execute(stream, wm, w_user);
     }
     stream.wait();
   } catch (const dnnl::error& e) {
