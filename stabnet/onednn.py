@@ -4,11 +4,12 @@ XLA:CPU runs the CIFAR networks' 3×3 convolutions in Eigen (its YNNPACK path re
 16 channels), at about half the speed of oneDNN's kernels on a 2-core AVX-512 CPU; a ResNet-D
 depth-18 training step is ~1.5× faster with these (benchmarks/RESULTS.md, eleventh session).
 
-:func:`conv_valid` is the stride-1 "VALID" cross-correlation of ``x`` [N,H,W,Ci] (float32) with
-``kernel`` [kh,kw,Ci,Co], differentiable in reverse mode (a ``custom_vjp`` over oneDNN's
-backward-data and backward-weights passes). It has no forward-mode or batching rule, so
-:func:`stabnet.ops.conv` uses it only where asked to (``impl="onednn"``), which the training
-step does on single-device CPUs (``model.conv_impl``); analysis code keeps XLA's convolutions.
+:func:`conv_valid` is the "VALID" cross-correlation of ``x`` [N,H,W,Ci] (float32) with
+``kernel`` [kh,kw,Ci,Co] at a given stride, differentiable in reverse mode (a ``custom_vjp``
+over oneDNN's backward-data and backward-weights passes). It has no forward-mode or batching
+rule, so :func:`stabnet.ops.conv` uses it only where asked to (``impl="onednn"``), which the
+training step does on single-device CPUs (``model.conv_impl``); analysis code keeps XLA's
+convolutions.
 
 The library is compiled on first use from ``csrc/onednn_conv.cc`` against the installed jaxlib's
 FFI headers and the ``onednn-cpu-gomp`` wheels (dependencies on x86-64 Linux) with the C++
@@ -33,6 +34,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "onednn_conv.cc"
 _TARGETS = {
@@ -152,31 +154,33 @@ def unavailable_reason() -> str:
     return _load() or ""
 
 
-def _call(target: str, shape: tuple[int, ...], *args: jax.Array) -> jax.Array:
+def _call(target: str, shape: tuple[int, ...], stride: int, *args: jax.Array) -> jax.Array:
     result = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS[target], result)(*args)
+    return jax.ffi.ffi_call(_TARGETS[target], result)(*args, stride=np.int64(stride))
 
 
-@jax.custom_vjp
-def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-1 "VALID" cross-correlation ``y[n,i,j,o] = Σ_{a,b,c} x[n,i+a,j+b,c] K[a,b,c,o]``
-    of float32 ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co]: ``[N, H−kh+1, W−kw+1, Co]``.
-    The linear map ``A_K`` of SPEC §1 once ``x`` is padded (:func:`stabnet.ops.conv`)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_valid(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """The "VALID" cross-correlation ``y[n,i,j,o] = Σ_{a,b,c} x[n,s·i+a,s·j+b,c] K[a,b,c,o]`` of
+    float32 ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co] at stride ``s``:
+    ``[N, (H−kh)//s + 1, (W−kw)//s + 1, Co]``. The linear map ``A_K`` of SPEC §1 once ``x`` is
+    padded (:func:`stabnet.ops.conv`)."""
     if _load() is not None:
         raise Unavailable(f"oneDNN convolutions are unavailable: {_load()}")
     n, h, w, _ = x.shape
     kh, kw, _, co = kernel.shape
-    return _call("forward", (n, h - kh + 1, w - kw + 1, co), x, kernel)
+    return _call("forward", (n, (h - kh) // stride + 1, (w - kw) // stride + 1, co), stride,
+                 x, kernel)  # fmt: skip
 
 
-def _conv_valid_fwd(x, kernel):
-    return conv_valid(x, kernel), (x, kernel)
+def _conv_valid_fwd(x, kernel, stride):
+    return conv_valid(x, kernel, stride), (x, kernel)
 
 
-def _conv_valid_bwd(residuals, dy):
+def _conv_valid_bwd(stride, residuals, dy):
     x, kernel = residuals
-    dx = _call("backward_data", x.shape, dy, kernel)
-    dkernel = _call("backward_weights", kernel.shape, x, dy)
+    dx = _call("backward_data", x.shape, stride, dy, kernel)
+    dkernel = _call("backward_weights", kernel.shape, stride, x, dy)
     return dx, dkernel
 
 

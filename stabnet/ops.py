@@ -60,8 +60,8 @@ def conv(
 
     Implementation (the same numbers either way, to float32 rounding): ``impl="onednn"`` (the
     training step's choice on single-device CPUs, ``model.conv_impl``) pads ``x`` and calls
-    oneDNN's "VALID" correlation (:func:`stabnet.onednn.conv_valid`: reverse mode only) at
-    stride 1 in float32; other cases fall back to XLA. With ``impl="xla"``, at stride 1 on CPUs
+    oneDNN's "VALID" correlation (:func:`stabnet.onednn.conv_valid`: reverse mode only) in
+    float32; other dtypes fall back to XLA. With ``impl="xla"``, at stride 1 on CPUs
     (``fold_batch=None``), the padded images are laid side by side in wide images
     (:func:`_conv_side_by_side`) and convolved once; the outputs that straddle two images are
     dropped. XLA:CPU's convolution kernels take 1.8× less time in that form, a ResNet-D
@@ -74,10 +74,10 @@ def conv(
     """
     kernel = kernel.astype(x.dtype)
     kh, kw = kernel.shape[:2]
-    if impl == "onednn" and stride == 1 and x.dtype == jnp.float32:
+    if impl == "onednn" and x.dtype == jnp.float32:
         from stabnet import onednn  # builds the library on first use
 
-        return onednn.conv_valid(_pad_spatial(x, kh, kw, padding), kernel)
+        return onednn.conv_valid(_pad_spatial(x, kh, kw, padding), kernel, stride)
     if fold_batch is None:
         fold_batch = jax.default_backend() == "cpu"
     if stride == 1 and fold_batch:

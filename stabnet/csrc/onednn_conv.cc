@@ -1,7 +1,8 @@
-// Stride-1 "VALID" 2-D cross-correlation of NHWC features with an HWIO filter, and its two
-// gradients, computed by oneDNN; exported as XLA FFI handlers for XLA:CPU (stabnet/onednn.py).
+// "VALID" 2-D cross-correlation of NHWC features with an HWIO filter at stride s (the FFI
+// attribute "stride"), and its two gradients, computed by oneDNN; exported as XLA FFI handlers
+// for XLA:CPU (stabnet/onednn.py).
 //
-//   StabnetConvForward(x[N,H,W,Ci], w[kh,kw,Ci,Co])     -> y[N,H-kh+1,W-kw+1,Co]
+//   StabnetConvForward(x[N,H,W,Ci], w[kh,kw,Ci,Co])     -> y[N,Ho,Wo,Co], Ho = (H-kh)/s+1
 //   StabnetConvBackwardData(dy[N,Ho,Wo,Co], w)          -> dx[N,H,W,Ci]
 //   StabnetConvBackwardWeights(x, dy)                   -> dw[kh,kw,Ci,Co]
 //
@@ -40,13 +41,13 @@ struct Plan {
   dnnl::reorder reorder;
 };
 
-using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 std::mutex mutex;
 std::map<Key, std::unique_ptr<Plan>> plans;
 
 Plan& GetPlan(Pass pass, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t kh, int64_t kw,
-              int64_t co) {
-  Key key{pass, n, h, w, ci, kh, kw, co};
+              int64_t co, int64_t s) {
+  Key key{pass, n, h, w, ci, kh, kw, co, s};
   auto found = plans.find(key);
   if (found != plans.end()) return *found->second;
   using tag = memory::format_tag;
@@ -54,10 +55,10 @@ Plan& GetPlan(Pass pass, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t kh
   auto p = std::make_unique<Plan>();
   // oneDNN's logical dimensions are NCHW / OIHW; the tags give the memory layouts.
   p->x = memory::desc({n, ci, h, w}, dt::f32, tag::nhwc);
-  p->y = memory::desc({n, co, h - kh + 1, w - kw + 1}, dt::f32, tag::nhwc);
+  p->y = memory::desc({n, co, (h - kh) / s + 1, (w - kw) / s + 1}, dt::f32, tag::nhwc);
   p->w_hwio = memory::desc({co, ci, kh, kw}, dt::f32, tag::hwio);
   memory::desc w_any({co, ci, kh, kw}, dt::f32, tag::any);
-  const memory::dims stride{1, 1}, no_pad{0, 0};
+  const memory::dims stride{s, s}, no_pad{0, 0};
   const auto direct = dnnl::algorithm::convolution_direct;
   dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training,
                                                 direct, p->x, w_any, p->y, stride, no_pad, no_pad);
@@ -89,17 +90,19 @@ Plan& GetPlan(Pass pass, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t kh
 // x: [N,H,W,Ci] (dx for kBackwardData), w: HWIO (dw for kBackwardWeights), y: [N,Ho,Wo,Co]
 // (dy for both backward passes).
 ffi::Error Run(Pass pass, float* x, float* w, float* y, ffi::Span<const int64_t> x_dims,
-               ffi::Span<const int64_t> w_dims) {
-  if (x_dims.size() != 4 || w_dims.size() != 4 || x_dims[3] != w_dims[2] ||
-      x_dims[1] < w_dims[0] || x_dims[2] < w_dims[1]) {
+               ffi::Span<const int64_t> w_dims, ffi::Span<const int64_t> y_dims, int64_t s) {
+  if (x_dims.size() != 4 || w_dims.size() != 4 || y_dims.size() != 4 || s < 1 ||
+      x_dims[3] != w_dims[2] || x_dims[1] < w_dims[0] || x_dims[2] < w_dims[1] ||
+      y_dims[0] != x_dims[0] || y_dims[1] != (x_dims[1] - w_dims[0]) / s + 1 ||
+      y_dims[2] != (x_dims[2] - w_dims[1]) / s + 1 || y_dims[3] != w_dims[3]) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "stabnet oneDNN convolution: expected x [N,H,W,Ci] and w [kh,kw,Ci,Co] "
-                      "with kh <= H and kw <= W");
+                      "stabnet oneDNN convolution: expected x [N,H,W,Ci], w [kh,kw,Ci,Co] with "
+                      "kh <= H, kw <= W, and y [N,(H-kh)/s+1,(W-kw)/s+1,Co], stride s >= 1");
   }
   std::lock_guard<std::mutex> lock(mutex);
   try {
     Plan& p = GetPlan(pass, x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1],
-                      w_dims[3]);
+                      w_dims[3], s);
     dnnl::stream stream(Engine());
     memory xm(p.x, Engine(), x), ym(p.y, Engine(), y), w_user(p.w_hwio, Engine(), w);
     memory wm = p.blocked ? memory(p.w_blocked, Engine()) : w_user;
@@ -123,26 +126,26 @@ ffi::Error Run(Pass pass, float* x, float* w, float* y, ffi::Span<const int64_t>
 
 using F32 = ffi::Buffer<ffi::F32>;
 
-ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t stride) {
   return Run(kForward, x.typed_data(), w.typed_data(), y->typed_data(), x.dimensions(),
-             w.dimensions());
+             w.dimensions(), y->dimensions(), stride);
 }
 
-ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx) {
+ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, int64_t stride) {
   return Run(kBackwardData, dx->typed_data(), w.typed_data(), dy.typed_data(), dx->dimensions(),
-             w.dimensions());
+             w.dimensions(), dy.dimensions(), stride);
 }
 
-ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw) {
+ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, int64_t stride) {
   return Run(kBackwardWeights, x.typed_data(), dw->typed_data(), dy.typed_data(), x.dimensions(),
-             dw->dimensions());
+             dw->dimensions(), dy.dimensions(), stride);
 }
 
 }  // namespace
 
-#define STABNET_BINARY_HANDLER(name, impl) \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl, \
-                                ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>());
+#define STABNET_BINARY_HANDLER(name, impl)                                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                        \
+      name, impl, ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("stride"));
 
 STABNET_BINARY_HANDLER(StabnetConvForward, Forward)
 STABNET_BINARY_HANDLER(StabnetConvBackwardData, BackwardData)
