@@ -4,12 +4,12 @@ XLA:CPU runs the CIFAR networks' 3×3 convolutions in Eigen (its YNNPACK path re
 16 channels), at about half the speed of oneDNN's kernels on a 2-core AVX-512 CPU; a ResNet-D
 depth-18 training step is ~1.5× faster with these (benchmarks/RESULTS.md, eleventh session).
 
-:func:`conv_valid` is the "VALID" cross-correlation of ``x`` [N,H,W,Ci] (float32) with
-``kernel`` [kh,kw,Ci,Co] at a given stride, differentiable in reverse mode (a ``custom_vjp``
-over oneDNN's backward-data and backward-weights passes). It has no forward-mode or batching
-rule, so :func:`stabnet.ops.conv` uses it only where asked to (``impl="onednn"``), which the
-training step does on single-device CPUs (``model.conv_impl``); analysis code keeps XLA's
-convolutions.
+:func:`conv_valid` is the "VALID" cross-correlation of ``x`` [N,H,W,Ci] with ``kernel``
+[kh,kw,Ci,Co] at a given stride, in float32 or (where :func:`bfloat16_supported`) bfloat16,
+differentiable in reverse mode (a ``custom_vjp`` over oneDNN's backward-data and
+backward-weights passes). It has no forward-mode or batching rule, so :func:`stabnet.ops.conv`
+uses it only where asked to (``impl="onednn"``), which the training step does on single-device
+CPUs (``model.conv_impl``); analysis code keeps XLA's convolutions.
 
 The library is compiled on first use from ``csrc/onednn_conv.cc`` against the installed jaxlib's
 FFI headers and the ``onednn-cpu-gomp`` wheels (dependencies on x86-64 Linux) with the C++
@@ -131,8 +131,8 @@ def _single_threaded_blas() -> None:
 
 
 @functools.cache
-def _load() -> str | None:
-    """Builds, loads and registers the FFI targets once; ``None`` if that worked, else why not."""
+def _library() -> ctypes.CDLL | str:
+    """Builds, loads and registers the FFI targets once: the library, or why it cannot."""
     try:
         library = ctypes.CDLL(str(_build()))
         for name in _TARGETS.values():
@@ -141,7 +141,13 @@ def _load() -> str | None:
     except (Unavailable, OSError, AttributeError) as e:
         return str(e)
     _single_threaded_blas()
-    return None
+    return library
+
+
+def _load() -> str | None:
+    """``None`` where the library loaded, else why not."""
+    library = _library()
+    return library if isinstance(library, str) else None
 
 
 def available() -> bool:
@@ -154,19 +160,31 @@ def unavailable_reason() -> str:
     return _load() or ""
 
 
+def bfloat16_supported() -> bool:
+    """Whether :func:`conv_valid` runs in bfloat16 here: oneDNN needs AVX-512 for it (native
+    bfloat16 products with AVX512-BF16 or AMX)."""
+    return available() and bool(_library().StabnetBf16Supported())
+
+
 def _call(target: str, shape: tuple[int, ...], stride: int, *args: jax.Array) -> jax.Array:
-    result = jax.ShapeDtypeStruct(shape, jnp.float32)
+    result = jax.ShapeDtypeStruct(shape, args[0].dtype)
     return jax.ffi.ffi_call(_TARGETS[target], result)(*args, stride=np.int64(stride))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_valid(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     """The "VALID" cross-correlation ``y[n,i,j,o] = Σ_{a,b,c} x[n,s·i+a,s·j+b,c] K[a,b,c,o]`` of
-    float32 ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co] at stride ``s``:
-    ``[N, (H−kh)//s + 1, (W−kw)//s + 1, Co]``. The linear map ``A_K`` of SPEC §1 once ``x`` is
-    padded (:func:`stabnet.ops.conv`)."""
+    ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co] at stride ``s``:
+    ``[N, (H−kh)//s + 1, (W−kw)//s + 1, Co]``, in the dtype of both (float32, or bfloat16 with
+    float32 accumulation). The linear map ``A_K`` of SPEC §1 once ``x`` is padded
+    (:func:`stabnet.ops.conv`)."""
     if _load() is not None:
         raise Unavailable(f"oneDNN convolutions are unavailable: {_load()}")
+    if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise TypeError(f"conv_valid: x and kernel must both be float32 or bfloat16, not "
+                        f"{x.dtype} and {kernel.dtype}")  # fmt: skip
+    if x.dtype == jnp.bfloat16 and not bfloat16_supported():
+        raise Unavailable("oneDNN's bfloat16 convolutions need AVX-512 on this CPU")
     n, h, w, _ = x.shape
     kh, kw, _, co = kernel.shape
     return _call("forward", (n, (h - kh) // stride + 1, (w - kw) // stride + 1, co), stride,

@@ -58,26 +58,27 @@ def conv(
     correlation is taken with the given stride, so stride 1 keeps ``H×W`` and stride 2 gives
     ``⌈H/2⌉×⌈W/2⌉``. The operation runs in the dtype of ``x`` (the caller casts ``kernel``).
 
-    Implementation (the same numbers either way, to float32 rounding): ``impl="onednn"`` (the
-    training step's choice on single-device CPUs, ``model.conv_impl``) pads ``x`` and calls
+    Implementation (the same numbers either way, to the dtype's rounding): ``impl="onednn"``
+    (the training step's choice on single-device CPUs, ``model.conv_impl``) pads ``x`` and calls
     oneDNN's "VALID" correlation (:func:`stabnet.onednn.conv_valid`: reverse mode only) in
-    float32; other dtypes fall back to XLA. With ``impl="xla"``, at stride 1 on CPUs
-    (``fold_batch=None``), the padded images are laid side by side in wide images
-    (:func:`_conv_side_by_side`) and convolved once; the outputs that straddle two images are
-    dropped. XLA:CPU's convolution kernels take 1.8× less time in that form, a ResNet-D
-    depth-18 training step 5–10 % less (benchmarks/RESULTS.md). Elsewhere, ``crop=True`` (the
-    default): a "SAME" convolution of the padded input cropped to its interior
-    (XLA:CPU's filter gradient was 2× faster on that than on "VALID"); ``crop=False``: a
+    float32, or in bfloat16 where the CPU runs it; other cases fall back to XLA. With
+    ``impl="xla"``, at stride 1 on CPUs (``fold_batch=None``), the padded images are laid side
+    by side in wide images (:func:`_conv_side_by_side`) and convolved once; the outputs that
+    straddle two images are dropped. XLA:CPU's convolution kernels take 1.8× less time in that
+    form, a ResNet-D depth-18 training step 5–10 % less (benchmarks/RESULTS.md). Elsewhere,
+    ``crop=True`` (the default): a "SAME" convolution of the padded input cropped to its
+    interior (XLA:CPU's filter gradient was 2× faster on that than on "VALID"); ``crop=False``: a
     "VALID" one, which computes no border outputs to discard (on a GPU 13 % fewer at 32×32;
     ``benchmarks/forms.py --op=crop`` times the two, not yet on a GPU). Zero padding at stride 1
     is plain "SAME".
     """
     kernel = kernel.astype(x.dtype)
     kh, kw = kernel.shape[:2]
-    if impl == "onednn" and x.dtype == jnp.float32:
+    if impl == "onednn":
         from stabnet import onednn  # builds the library on first use
 
-        return onednn.conv_valid(_pad_spatial(x, kh, kw, padding), kernel, stride)
+        if x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and onednn.bfloat16_supported()):
+            return onednn.conv_valid(_pad_spatial(x, kh, kw, padding), kernel, stride)
     if fold_batch is None:
         fold_batch = jax.default_backend() == "cpu"
     if stride == 1 and fold_batch:

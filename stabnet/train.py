@@ -76,26 +76,33 @@ def training_conv_impl(config: ml_collections.ConfigDict) -> str:
     """``model.conv_impl`` resolved for the training step (:func:`stabnet.ops.conv`).
 
     ``auto``: oneDNN's convolutions (:mod:`stabnet.onednn`, ~1.5× faster steps on a 2-core CPU)
-    where the step runs on one CPU device in float32 and the library builds, XLA's elsewhere
-    (accelerators; several devices, where a custom call would not be partitioned; bfloat16).
-    ``onednn`` insists and raises :class:`~stabnet.config.ConfigError` where it cannot run.
+    where the step runs on one CPU device and the library builds (in bfloat16: where the CPU
+    runs oneDNN's bfloat16 convolutions), XLA's elsewhere (accelerators; several devices, where
+    a custom call would not be partitioned). ``onednn`` insists and raises
+    :class:`~stabnet.config.ConfigError` where it cannot run.
     """
     choice = config.model.get("conv_impl", "auto")
     if choice == "xla":
         return "xla"
     fits = jax.default_backend() == "cpu" and jax.device_count() == 1
-    fits = fits and config.model.dtype == "float32"
     if choice == "auto":
-        return "onednn" if fits and onednn.available() else "xla"
+        if fits and onednn.available():
+            bf16 = config.model.dtype == "bfloat16"
+            return "onednn" if not bf16 or onednn.bfloat16_supported() else "xla"
+        return "xla"
     if not fits:
         raise config_lib.ConfigError(
-            "config field model.conv_impl='onednn' needs one CPU device and model.dtype="
-            f"'float32' (here {jax.device_count()} {jax.default_backend()} device(s), "
-            f"{config.model.dtype}); use auto or xla"
+            "config field model.conv_impl='onednn' needs one CPU device (here "
+            f"{jax.device_count()} {jax.default_backend()} device(s)); use auto or xla"
         )
     if not onednn.available():
         raise config_lib.ConfigError(
             f"config field model.conv_impl='onednn': {onednn.unavailable_reason()}; use auto or xla"
+        )
+    if config.model.dtype == "bfloat16" and not onednn.bfloat16_supported():
+        raise config_lib.ConfigError(
+            "config field model.conv_impl='onednn' with model.dtype='bfloat16' needs a CPU "
+            "with AVX-512 (oneDNN's bfloat16 convolutions); use auto or xla, or float32"
         )
     return "onednn"
 

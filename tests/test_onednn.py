@@ -58,6 +58,36 @@ def test_valid_correlation_and_its_gradients_match_xla(x_shape, k_shape, stride)
 
 
 @needs_onednn
+@pytest.mark.skipif(
+    not onednn.available() or not onednn.bfloat16_supported(),
+    reason="oneDNN's bfloat16 convolutions do not run on this CPU",
+)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bfloat16_correlation_matches_float32_on_the_same_values(stride):
+    """In bfloat16 the output and both gradients are the float32 results of the same bfloat16
+    numbers, rounded once (oneDNN accumulates in float32)."""
+    x, kernel, ky = _arrays(2, (4, 9, 9, 16), (3, 3, 16, 8))
+    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    conv = jax.jit(functools.partial(onednn.conv_valid, stride=stride))
+    y, vjp = jax.vjp(conv, x, kernel)
+    dy = jax.random.normal(ky, y.shape).astype(jnp.bfloat16)
+
+    def xla(x, k):
+        s = (stride, stride)
+        return lax.conv_general_dilated(x, k, s, "VALID", dimension_numbers=ops._DIMS)
+
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    y0, vjp0 = jax.vjp(xla, f32(x), f32(kernel))
+    for a, b in zip((y, *vjp(dy)), (y0, *vjp0(f32(dy))), strict=True):
+        assert a.dtype == jnp.bfloat16 and a.shape == b.shape
+        b = np.asarray(b)
+        # one rounding to bfloat16 (8 significant bits), plus float32 summation order
+        np.testing.assert_allclose(np.asarray(f32(a)), b, rtol=2**-8, atol=1e-3 * abs(b).max())
+    with pytest.raises(TypeError, match="both be float32 or bfloat16"):
+        onednn.conv_valid(x, f32(kernel))
+
+
+@needs_onednn
 @pytest.mark.parametrize("padding", ops.PADDINGS)
 def test_conv_and_its_adjoint_match_xla(padding):
     """``A_K x``, its stride-2 form and ``A_K^T y``, and their gradients, with either boundary
@@ -94,7 +124,25 @@ def test_training_with_onednn_matches_xla(variant, tmp_path):
 
 
 @needs_onednn
-def test_auto_picks_onednn_for_one_float32_cpu_device_only():
+@pytest.mark.skipif(
+    not onednn.available() or not onednn.bfloat16_supported(),
+    reason="oneDNN's bfloat16 convolutions do not run on this CPU",
+)
+def test_bfloat16_training_with_onednn_matches_xla(tmp_path):
+    """Mixed precision: four steps of ResNet-D with either bfloat16 convolution agree to
+    bfloat16's rounding, and the state stays float32."""
+    results = {}
+    for impl in ops.CONV_IMPLS:
+        config = small_config(steps=4, **{"model.conv_impl": impl, "model.dtype": "bfloat16"})
+        results[impl] = train.train_and_evaluate(config, os.fspath(tmp_path / impl))
+        assert results[impl]["conv_impl"] == impl
+    a, b = results["onednn"], results["xla"]
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
+    assert a["params_norm"] == pytest.approx(b["params_norm"], rel=1e-3)
+
+
+@needs_onednn
+def test_auto_picks_onednn_for_one_cpu_device(monkeypatch):
     config = small_config()
     assert jax.device_count() == 1 and jax.default_backend() == "cpu"
     assert train.training_conv_impl(config) == "onednn"
@@ -102,11 +150,17 @@ def test_auto_picks_onednn_for_one_float32_cpu_device_only():
     assert model.cfg.conv_impl == "onednn"
     # Analysis code needs forward mode and vmap: it always gets XLA's convolutions.
     assert train.model_from_config(config, 10).cfg.conv_impl == "xla"
+    # bfloat16: where this CPU runs oneDNN's bfloat16 convolutions
     config.model.dtype = "bfloat16"
+    expected = "onednn" if onednn.bfloat16_supported() else "xla"
+    assert train.training_conv_impl(config) == expected
+    monkeypatch.setattr(onednn, "bfloat16_supported", lambda: False)
     assert train.training_conv_impl(config) == "xla"
     config.model.conv_impl = "onednn"
-    with pytest.raises(config_lib.ConfigError, match="model.conv_impl='onednn' needs .*float32"):
+    with pytest.raises(config_lib.ConfigError, match="'onednn' with model.dtype='bfloat16' needs"):
         train.training_conv_impl(config)
+    config.model.dtype = "float32"
+    assert train.training_conv_impl(config) == "onednn"
 
 
 def test_unavailable_onednn_falls_back_or_is_refused(monkeypatch):

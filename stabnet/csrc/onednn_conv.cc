@@ -1,6 +1,7 @@
 // "VALID" 2-D cross-correlation of NHWC features with an HWIO filter at stride s (the FFI
 // attribute "stride"), and its two gradients, computed by oneDNN; exported as XLA FFI handlers
-// for XLA:CPU (stabnet/onednn.py).
+// for XLA:CPU (stabnet/onednn.py). All three arrays of a call are float32, or all bfloat16
+// (oneDNN accumulates in float32 and rounds each output once).
 //
 //   StabnetConvForward(x[N,H,W,Ci], w[kh,kw,Ci,Co])     -> y[N,Ho,Wo,Co], Ho = (H-kh)/s+1
 //   StabnetConvBackwardData(dy[N,Ho,Wo,Co], w)          -> dx[N,H,W,Ci]
@@ -41,23 +42,23 @@ struct Plan {
   dnnl::reorder reorder;
 };
 
-using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+using Key = std::tuple<int, memory::data_type, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, int64_t>;
 std::mutex mutex;
 std::map<Key, std::unique_ptr<Plan>> plans;
 
-Plan& GetPlan(Pass pass, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t kh, int64_t kw,
-              int64_t co, int64_t s) {
-  Key key{pass, n, h, w, ci, kh, kw, co, s};
+Plan& GetPlan(Pass pass, memory::data_type dt, int64_t n, int64_t h, int64_t w, int64_t ci,
+              int64_t kh, int64_t kw, int64_t co, int64_t s) {
+  Key key{pass, dt, n, h, w, ci, kh, kw, co, s};
   auto found = plans.find(key);
   if (found != plans.end()) return *found->second;
   using tag = memory::format_tag;
-  using dt = memory::data_type;
   auto p = std::make_unique<Plan>();
   // oneDNN's logical dimensions are NCHW / OIHW; the tags give the memory layouts.
-  p->x = memory::desc({n, ci, h, w}, dt::f32, tag::nhwc);
-  p->y = memory::desc({n, co, (h - kh) / s + 1, (w - kw) / s + 1}, dt::f32, tag::nhwc);
-  p->w_hwio = memory::desc({co, ci, kh, kw}, dt::f32, tag::hwio);
-  memory::desc w_any({co, ci, kh, kw}, dt::f32, tag::any);
+  p->x = memory::desc({n, ci, h, w}, dt, tag::nhwc);
+  p->y = memory::desc({n, co, (h - kh) / s + 1, (w - kw) / s + 1}, dt, tag::nhwc);
+  p->w_hwio = memory::desc({co, ci, kh, kw}, dt, tag::hwio);
+  memory::desc w_any({co, ci, kh, kw}, dt, tag::any);
   const memory::dims stride{s, s}, no_pad{0, 0};
   const auto direct = dnnl::algorithm::convolution_direct;
   dnnl::convolution_forward::primitive_desc fwd(Engine(), dnnl::prop_kind::forward_training,
@@ -89,8 +90,9 @@ Plan& GetPlan(Pass pass, int64_t n, int64_t h, int64_t w, int64_t ci, int64_t kh
 
 // x: [N,H,W,Ci] (dx for kBackwardData), w: HWIO (dw for kBackwardWeights), y: [N,Ho,Wo,Co]
 // (dy for both backward passes).
-ffi::Error Run(Pass pass, float* x, float* w, float* y, ffi::Span<const int64_t> x_dims,
-               ffi::Span<const int64_t> w_dims, ffi::Span<const int64_t> y_dims, int64_t s) {
+ffi::Error Run(Pass pass, const ffi::AnyBuffer& x, const ffi::AnyBuffer& w,
+               const ffi::AnyBuffer& y, int64_t s) {
+  auto x_dims = x.dimensions(), w_dims = w.dimensions(), y_dims = y.dimensions();
   if (x_dims.size() != 4 || w_dims.size() != 4 || y_dims.size() != 4 || s < 1 ||
       x_dims[3] != w_dims[2] || x_dims[1] < w_dims[0] || x_dims[2] < w_dims[1] ||
       y_dims[0] != x_dims[0] || y_dims[1] != (x_dims[1] - w_dims[0]) / s + 1 ||
@@ -99,12 +101,21 @@ ffi::Error Run(Pass pass, float* x, float* w, float* y, ffi::Span<const int64_t>
                       "stabnet oneDNN convolution: expected x [N,H,W,Ci], w [kh,kw,Ci,Co] with "
                       "kh <= H, kw <= W, and y [N,(H-kh)/s+1,(W-kw)/s+1,Co], stride s >= 1");
   }
+  const ffi::DataType type = x.element_type();
+  if (w.element_type() != type || y.element_type() != type ||
+      (type != ffi::DataType::F32 && type != ffi::DataType::BF16)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "stabnet oneDNN convolution: x, w and y must all be float32 or all "
+                      "bfloat16");
+  }
+  const auto dt = type == ffi::DataType::F32 ? memory::data_type::f32 : memory::data_type::bf16;
   std::lock_guard<std::mutex> lock(mutex);
   try {
-    Plan& p = GetPlan(pass, x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0], w_dims[1],
-                      w_dims[3], s);
+    Plan& p = GetPlan(pass, dt, x_dims[0], x_dims[1], x_dims[2], x_dims[3], w_dims[0],
+                      w_dims[1], w_dims[3], s);
     dnnl::stream stream(Engine());
-    memory xm(p.x, Engine(), x), ym(p.y, Engine(), y), w_user(p.w_hwio, Engine(), w);
+    memory xm(p.x, Engine(), x.untyped_data()), ym(p.y, Engine(), y.untyped_data());
+    memory w_user(p.w_hwio, Engine(), w.untyped_data());
     memory wm = p.blocked ? memory(p.w_blocked, Engine()) : w_user;
     if (p.blocked && pass != kBackwardWeights) p.reorder.execute(stream, w_user, wm);
     if (pass == kForward) {
@@ -124,28 +135,41 @@ ffi::Error Run(Pass pass, float* x, float* w, float* y, ffi::Span<const int64_t>
   return ffi::Error::Success();
 }
 
-using F32 = ffi::Buffer<ffi::F32>;
+using Out = ffi::Result<ffi::AnyBuffer>;
 
-ffi::Error Forward(F32 x, F32 w, ffi::ResultBuffer<ffi::F32> y, int64_t stride) {
-  return Run(kForward, x.typed_data(), w.typed_data(), y->typed_data(), x.dimensions(),
-             w.dimensions(), y->dimensions(), stride);
+ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer w, Out y, int64_t stride) {
+  return Run(kForward, x, w, *y, stride);
 }
 
-ffi::Error BackwardData(F32 dy, F32 w, ffi::ResultBuffer<ffi::F32> dx, int64_t stride) {
-  return Run(kBackwardData, dx->typed_data(), w.typed_data(), dy.typed_data(), dx->dimensions(),
-             w.dimensions(), dy.dimensions(), stride);
+ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer w, Out dx, int64_t stride) {
+  return Run(kBackwardData, *dx, w, dy, stride);
 }
 
-ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, int64_t stride) {
-  return Run(kBackwardWeights, x.typed_data(), dw->typed_data(), dy.typed_data(), x.dimensions(),
-             dw->dimensions(), dy.dimensions(), stride);
+ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, Out dw, int64_t stride) {
+  return Run(kBackwardWeights, x, *dw, dy, stride);
 }
 
 }  // namespace
 
-#define STABNET_BINARY_HANDLER(name, impl)                                              \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                        \
-      name, impl, ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("stride"));
+// Whether this CPU runs oneDNN's bfloat16 convolutions (AVX-512 at least; natively with
+// AVX512-BF16 or AMX): creating a small primitive descriptor fails where it does not.
+extern "C" int StabnetBf16Supported() {
+  try {
+    std::lock_guard<std::mutex> lock(mutex);
+    GetPlan(kBackwardWeights, memory::data_type::bf16, 1, 4, 4, 16, 3, 3, 16, 1);
+    return 1;
+  } catch (const dnnl::error&) {
+    return 0;
+  }
+}
+
+#define STABNET_BINARY_HANDLER(name, impl)                                        \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                       \
+                                ffi::Ffi::Bind()                                  \
+                                    .Arg<ffi::AnyBuffer>()                        \
+                                    .Arg<ffi::AnyBuffer>()                        \
+                                    .Ret<ffi::AnyBuffer>()                        \
+                                    .Attr<int64_t>("stride"));
 
 STABNET_BINARY_HANDLER(StabnetConvForward, Forward)
 STABNET_BINARY_HANDLER(StabnetConvBackwardData, BackwardData)
