@@ -44,8 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.bn_eps = 1e-5
     config.model.bn_stats = "one_pass"  # one_pass | two_pass | dot (ops.batch_norm)
     config.model.dtype = "float32"  # float32 | bfloat16 (compute; parameters stay float32)
-    # Convolutions of the training step: auto (oneDNN on one CPU device in float32, else XLA) |
-    # xla | onednn (train.training_conv_impl).
+    # Convolutions of the training step: auto (oneDNN on one CPU device, in bfloat16 where the
+    # CPU has AVX-512; else XLA) | xla | onednn (train.training_conv_impl).
     config.model.conv_impl = "auto"
 
     config.optim = ml_collections.ConfigDict()
