@@ -40,6 +40,12 @@ flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
 flags.DEFINE_integer("n_images", None, "Use the first N test images (default: all).")
 flags.DEFINE_integer("n_attack", None, "Images for certificates and PGD (default: n_images).")
 flags.DEFINE_integer("seed", 0, "Seed of the noise and of the PGD starts.")
+flags.DEFINE_bool(
+    "clip_corruptions",
+    True,
+    "Clip Table 5.4's corrupted images to the pixel range [0, 1] (--noclip_corruptions: feed "
+    "x + ε·η and x + δ·x_s as they are). Certificates and PGD always stay in [0, 1].",
+)
 flags.DEFINE_integer("batch_size", 1024, "Evaluation batch size.")
 flags.DEFINE_bool("cifar10c", True, "Evaluate CIFAR-10-C (cifar10 runs; needs a TFDS copy).")
 flags.DEFINE_string("cifar10c_severities", "1,3,5", "CIFAR-10-C severities, comma-separated.")
@@ -95,6 +101,7 @@ def check_flags() -> dict:
         "batch_size": FLAGS.batch_size,
         "cifar10c": FLAGS.cifar10c,
         "cifar10c_severities": tuple(int(s) for s in severities),
+        "clip_corruptions": FLAGS.clip_corruptions,
     }
 
 

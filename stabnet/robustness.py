@@ -172,13 +172,14 @@ _static_model = functools.partial(jax.jit, static_argnums=0)
 
 
 @_static_model
-def _jit_forward(model, variables, mean, u, idx, key, eps, delta, x_s, radius):
-    """Logits of ``clip(u + ε·η + δ·x_s + r·η/‖η‖₂, 0, 1)`` per job, ``η`` i.i.d. ``N(0, 1)`` from
-    ``fold_in(key, idx)``: clean (all zero), Table 5.4's noises, or random noise of norm ``r``."""
+def _jit_forward(model, variables, mean, u, idx, key, eps, delta, x_s, radius, box):
+    """Logits of ``clip(u + ε·η + δ·x_s + r·η/‖η‖₂, box[0], box[1])`` per job, ``η`` i.i.d.
+    ``N(0, 1)`` from ``fold_in(key, idx)``: clean (all zero), Table 5.4's noises, or random noise
+    of norm ``r``. ``box`` is ``(0, 1)``, the pixel range, or ``(−∞, ∞)``: no clipping."""
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
     eta = jax.vmap(lambda k: jax.random.normal(k, u.shape[1:], jnp.float32))(keys)
     noise = _col(eps) * eta + _col(radius) * eta / jnp.maximum(_norms(eta), 1e-12)
-    return _logits(model, variables, mean, jnp.clip(u + noise + _col(delta) * x_s, 0.0, 1.0))
+    return _logits(model, variables, mean, jnp.clip(u + noise + _col(delta) * x_s, *box))
 
 
 @jax.jit
@@ -237,6 +238,7 @@ def forward_logits(
     key_index: np.ndarray | None = None,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
+    clip: bool = True,
 ) -> np.ndarray:
     """Logits ``[jobs, K]`` (float64) of ``clip(x + ε·η + δ·x_s + r·η/‖η‖₂, 0, 1)`` per job.
 
@@ -244,7 +246,8 @@ def forward_logits(
     (arrays per job or scalars); ``η`` is drawn from ``fold_in(PRNGKey(seed), key_index)``
     (default: the image index, so the noise of an image does not depend on the batching).
     ``images`` are uint8 (``x = img/255``) or floats in [0, 1]. All jobs run in fixed-size
-    batches through one compiled forward pass.
+    batches through one compiled forward pass. ``clip=False``: the corrupted images as they are,
+    outside [0, 1] too (the same compiled pass).
     """
     j = _jitted(clf)
     u01 = as_unit(images)
@@ -254,12 +257,14 @@ def forward_logits(
     keys = img_all if key_index is None else np.asarray(key_index)
     xs = jnp.zeros(u01.shape[1:], jnp.float32) if x_s is None else jnp.asarray(x_s, jnp.float32)
     key = jax.random.PRNGKey(seed)
+    box = jnp.asarray((0.0, 1.0) if clip else (-np.inf, np.inf), jnp.float32)
     out: np.ndarray | None = None
     for jobs, mask in _batches(count, batch_size):
         img = img_all[jobs]
         z = j.forward(
             j.clf.variables, j.clf.mean, jnp.asarray(u01[img]), jnp.asarray(keys[jobs], jnp.uint32),
             key, *(jnp.asarray(v[jobs]) for v in per_job[:2]), xs, jnp.asarray(per_job[2][jobs]),
+            (box[0], box[1]),
         )  # fmt: skip
         z = np.asarray(z, np.float64)
         if out is None:
@@ -282,6 +287,7 @@ def corrupted_correct(
     x_s: Any | None = None,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
+    clip: bool = True,
 ) -> np.ndarray:
     """Per level ``(ε, δ)`` and image, whether ``clip(x + ε·η + δ·x_s, 0, 1)`` is classified
     correctly (Table 5.4); ``x = images/255``. Returns bool ``[len(levels), n]``.
@@ -289,13 +295,14 @@ def corrupted_correct(
     ``η`` is i.i.d. ``N(0, 1)``, drawn per image from ``fold_in(PRNGKey(seed), i)`` (``i`` the
     image's position in ``images``): deterministic, independent of ``batch_size``, the same for
     every level. ``ε = δ = 0`` is exactly the clean prediction. All levels run in shared batches.
+    ``clip=False``: ``x + ε·η + δ·x_s`` unclipped (:func:`forward_logits`).
     """
     n, count = len(images), len(levels)
     lv = np.repeat(np.asarray(levels, np.float32).reshape(count, 2), n, axis=0)
     img = np.tile(np.arange(n), count)
     z = forward_logits(
         clf, images, image_of_job=img, eps=lv[:, 0], delta=lv[:, 1], x_s=x_s, seed=seed,
-        batch_size=batch_size,
+        batch_size=batch_size, clip=clip,
     )  # fmt: skip
     return (np.argmax(z, -1) == np.asarray(labels)[img]).reshape(count, n)
 
@@ -328,15 +335,24 @@ def noise_accuracies(
     structured_image: Any,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
+    clip: bool = True,
 ) -> dict[str, Any]:
     """The row of Table 5.4 for one network: clean, unstructured ``ε…``, structured ``δ…``.
 
-    ``structured_image`` is ``x_s`` in [0, 1] units ``[H, W, C]``. Returns
+    ``structured_image`` is ``x_s`` in [0, 1] units ``[H, W, C]``; ``clip``: the corrupted
+    images clipped to [0, 1] (the default), or not. Returns
     ``{"clean", "unstructured": {"eps", "accuracy"}, "structured": {"deltas", "accuracy"}}``.
     """
     levels = [(0.0, 0.0), *((float(e), 0.0) for e in eps), *((0.0, float(d)) for d in deltas)]
     acc = corrupted_correct(
-        clf, images, labels, levels, x_s=structured_image, seed=seed, batch_size=batch_size
+        clf,
+        images,
+        labels,
+        levels,
+        x_s=structured_image,
+        seed=seed,
+        batch_size=batch_size,
+        clip=clip,
     ).mean(axis=1)
     acc = [float(a) for a in acc]
     return {
@@ -686,6 +702,7 @@ def robustness_report(
     cifar10c_corruptions: Sequence[str] | None = None,
     cifar10c_severities: Sequence[int] = DEFAULT_CIFAR10C_SEVERITIES,
     tfds_data_dir: str | None = None,
+    clip_corruptions: bool = True,
 ) -> dict[str, Any]:
     """Table 5.4 (corrupted test images), certified ℓ₂ accuracy and PGD accuracy of one run.
 
@@ -701,6 +718,8 @@ def robustness_report(
         ``n_images``).
       seed: of the noise and the PGD starts.
       cifar10c: try CIFAR-10-C (only for ``cifar10`` runs; reported "unavailable" offline).
+      clip_corruptions: Table 5.4's corrupted images clipped to the pixel range [0, 1] (the
+        default), or fed as they are. Certificates, PGD and random noise always stay in [0, 1].
 
     Returns:
       A JSON-able dict (see :func:`write_report`); ``report["violation"]`` is True (and a
@@ -731,7 +750,7 @@ def robustness_report(
 
     noise = noise_accuracies(
         j, x[:n_img], y[:n_img], eps=eps, deltas=deltas, structured_image=x_s, seed=seed,
-        batch_size=batch_size,
+        batch_size=batch_size, clip=clip_corruptions,
     )  # fmt: skip
     noise["structured"].update(index=structured_index, label=int(y[structured_index]))
 
@@ -763,6 +782,7 @@ def robustness_report(
         "data": ds.name,
         "step": int(getattr(run, "step", -1)),
         "seed": seed,
+        "corruptions_clipped": bool(clip_corruptions),
         "n_images": n_img,
         "n_attack": n_att,
         "clean_accuracy": noise["clean"],
@@ -870,7 +890,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"{report['n_images']} test images; unstructured `x + ε·η`, η ~ N(0, 1) (seed "
         f"{report['seed']}); structured `x + δ·x_s`, x_s = test image {s['index']} (label "
-        f"{s['label']}); pixels in [0, 1], clipped, then the mean is subtracted. Accuracy in %.",
+        f"{s['label']}); pixels in [0, 1], "
+        f"{'clipped' if report.get('corruptions_clipped', True) else 'not clipped'}, then the "
+        "mean is subtracted. Accuracy in %.",
         "",
         table_markdown([report]),
         "",

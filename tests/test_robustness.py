@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 import warnings
@@ -261,21 +262,45 @@ def test_cli(trained_runs, tmp_path):
     assert bad.stderr.strip().splitlines()[-1].startswith("stabnet: error: --eps=a,b")
 
 
-def test_corruptions_are_the_formula_of_table_5_4(evaluated):
-    """``clip(x + ε·η_i + δ·x_s, 0, 1)`` with ``η_i`` drawn from ``fold_in(PRNGKey(seed), i)``, in
-    [0, 1] pixel units: the logits equal those of the training path on images built here."""
+@pytest.mark.parametrize("clip", [True, False])
+def test_corruptions_are_the_formula_of_table_5_4(evaluated, clip):
+    """``clip(x + ε·η_i + δ·x_s, 0, 1)`` (or, ``clip=False``, the sum as it is) with ``η_i`` drawn
+    from ``fold_in(PRNGKey(seed), i)``, in [0, 1] pixel units: the logits equal those of the
+    training path on images built here."""
     e = evaluated["resnet_d"]
     x, _ = _images(e["run"], 16)
     u, x_s = x.astype(np.float64) / 255.0, x[-1].astype(np.float64) / 255.0
     seed, eps, delta = 3, 0.3, 0.2
     got = robustness.forward_logits(e["jitted"], x, eps=eps, delta=delta, x_s=x_s, seed=seed,
-                                    batch_size=BATCH)  # fmt: skip
+                                    batch_size=BATCH, clip=clip)  # fmt: skip
     key = jax.random.PRNGKey(seed)
     eta = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), x.shape[1:]))
                     for i in range(len(x))])  # fmt: skip
-    corrupted = np.clip(u + eps * eta + delta * x_s, 0.0, 1.0)
+    corrupted = u + eps * eta + delta * x_s
+    assert corrupted.min() < 0 and corrupted.max() > 1  # so that clipping changes the images
+    if clip:
+        corrupted = np.clip(corrupted, 0.0, 1.0)
     want = np.asarray(jax.jit(e["run"].logits)(jnp.asarray(255.0 * corrupted, jnp.float32)))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    other = robustness.forward_logits(e["jitted"], x, eps=eps, delta=delta, x_s=x_s, seed=seed,
+                                      batch_size=BATCH, clip=not clip)  # fmt: skip
+    assert np.max(np.abs(other - want)) > 1e-2  # the option matters
+
+
+def test_report_without_clipping_says_so(evaluated, tmp_path):
+    """``clip_corruptions=False`` changes the corrupted rows, not the clean one or the
+    certificates, and the report says which form it used."""
+    e = evaluated["resnet_d"]
+    kwargs = dict(radii=RADII, pgd_steps=PGD_STEPS, n_images=N_IMAGES, eps=(0.02, 0.05, 1.0),
+                  batch_size=BATCH, cifar10c=False)  # fmt: skip
+    report = robustness.robustness_report(e["run"], clip_corruptions=False, **kwargs)
+    clipped = e["report"]
+    assert report["corruptions_clipped"] is False and clipped["corruptions_clipped"] is True
+    assert report["clean_accuracy"] == clipped["clean_accuracy"]
+    assert report["certified"] == clipped["certified"]
+    assert report["unstructured"]["accuracy"] != clipped["unstructured"]["accuracy"]
+    text = pathlib.Path(robustness.write_report(report, os.fspath(tmp_path))["md"])
+    assert "pixels in [0, 1], not clipped" in text.read_text()
 
 
 def test_pgd_stays_in_its_ball_and_the_box(evaluated):
