@@ -17,6 +17,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from stabnet import data, networks, norms, ops, plots, robustness, runs
@@ -162,6 +163,37 @@ def test_pgd_beats_random_noise(evaluated):
             assert pgd <= rnd, variant
     c = evaluated["resnet"]["report"]["certified"]
     assert c["pgd_accuracy"][-1] < c["clean_accuracy"] - 0.3  # the attack does attack
+
+
+@pytest.mark.parametrize("variant", ["resnet", "resnet_d"])
+def test_pgd_ascends_the_loss_beyond_random_noise(evaluated, variant):
+    """The attack's steps are ascent steps: from the same random starts, the cross-entropy after
+    PGD is above the start's for nearly every image, and above that of random perturbations of
+    the same norm (so ``pgd_accuracy ≤ random_noise_accuracy`` is not luck)."""
+    e = evaluated[variant]
+    j = e["jitted"]
+    x, y = _images(e["run"])
+    u = jnp.asarray(x, jnp.float32) / 255.0
+    labels = jnp.asarray(y)
+    radius = jnp.full(len(x), 0.5, jnp.float32)
+
+    def loss(d):
+        z = robustness._logits(j.clf.model, j.clf.variables, j.clf.mean, jnp.clip(u + d, 0, 1))
+        return np.asarray(optax.softmax_cross_entropy_with_integer_labels(z, labels))
+
+    d = j.pgd_start(u, jnp.arange(len(x), dtype=jnp.uint32), jax.random.PRNGKey(0), radius)
+    start = loss(d)
+    fooled = jnp.zeros(len(x), bool)
+    for _ in range(PGD_STEPS):
+        d, fooled = j.pgd_step(j.clf.variables, j.clf.mean, u, labels, d, fooled, radius,
+                               0.25 * radius)  # fmt: skip
+    attacked = loss(d)
+    norm = np.sqrt(np.sum(np.square(np.asarray(d)), axis=(1, 2, 3)))
+    rnd = robustness._unit_directions(jax.random.PRNGKey(1), jnp.arange(len(x)), u.shape[1:])
+    random_same_norm = loss(rnd * jnp.asarray(norm)[:, None, None, None])
+    assert np.mean(attacked > start) >= 0.9
+    assert np.mean(attacked > random_same_norm) >= 0.9
+    assert np.mean(attacked) > np.mean(random_same_norm) + 0.1
 
 
 def test_pgd_does_not_flip_a_certified_image(evaluated):
