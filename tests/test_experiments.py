@@ -272,7 +272,7 @@ def test_benchmark_json_profile_and_refusal(tmp_path):
                 "--config.steps_per_dispatch=2", f"--profile={prof}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["steps"] == 4 and r["batch_size"] == 64
+    assert r["steps"] == 4 and r["batch_size"] == 64 and r["rounds"] == 2  # chunks of 2
     assert r["images_per_second"] == pytest.approx(1e3 * r["batch_size"] / r["step_ms"])
     assert r["compile_seconds"] > 0 and r["step_ms"] > 0 and r["unconstrained_step_ms"] > 0
     assert 0.0 <= r["constraint_share"] < 1.0
