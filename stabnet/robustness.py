@@ -842,7 +842,8 @@ def _label(report: Mapping[str, Any]) -> str:
 
 
 def table_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
-    """Table 5.4 for several runs: one row per run, accuracies in %."""
+    """Table 5.4 for several runs: one row per run, accuracies in %; a run whose corrupted images
+    were not clipped to [0, 1] says so in its data column."""
     cols = list(reports[0]["table"])
     lines = [
         "| network | data | " + " | ".join(cols) + " |",
@@ -850,7 +851,8 @@ def table_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     ]
     for r in reports:
         cells = [f"{100 * r['table'].get(c, float('nan')):.2f}" for c in cols]
-        lines.append(f"| {_label(r)} | {r['data']} | " + " | ".join(cells) + " |")
+        data_ = r["data"] + ("" if r.get("corruptions_clipped", True) else ", unclipped")
+        lines.append(f"| {_label(r)} | {data_} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

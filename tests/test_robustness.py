@@ -333,6 +333,8 @@ def test_report_without_clipping_says_so(evaluated, tmp_path):
     assert report["unstructured"]["accuracy"] != clipped["unstructured"]["accuracy"]
     text = pathlib.Path(robustness.write_report(report, os.fspath(tmp_path))["md"])
     assert "pixels in [0, 1], not clipped" in text.read_text()
+    rows = robustness.table_markdown([clipped, report]).splitlines()[2:]
+    assert "| digits |" in rows[0] and "| digits, unclipped |" in rows[1]
 
 
 def test_pgd_stays_in_its_ball_and_the_box(evaluated):
