@@ -257,14 +257,14 @@ def forward_logits(
     keys = img_all if key_index is None else np.asarray(key_index)
     xs = jnp.zeros(u01.shape[1:], jnp.float32) if x_s is None else jnp.asarray(x_s, jnp.float32)
     key = jax.random.PRNGKey(seed)
-    box = jnp.asarray((0.0, 1.0) if clip else (-np.inf, np.inf), jnp.float32)
+    box = (0.0, 1.0) if clip else (-np.inf, np.inf)  # traced: one compilation for both
     out: np.ndarray | None = None
     for jobs, mask in _batches(count, batch_size):
         img = img_all[jobs]
         z = j.forward(
             j.clf.variables, j.clf.mean, jnp.asarray(u01[img]), jnp.asarray(keys[jobs], jnp.uint32),
             key, *(jnp.asarray(v[jobs]) for v in per_job[:2]), xs, jnp.asarray(per_job[2][jobs]),
-            (box[0], box[1]),
+            box,
         )  # fmt: skip
         z = np.asarray(z, np.float64)
         if out is None:
