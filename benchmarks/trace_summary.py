@@ -1,4 +1,4 @@
-"""Where a profiled training step's GPU time goes, from a ``jax.profiler`` trace.
+"""Where a profiled training step's time goes, from a ``jax.profiler`` trace (GPU or CPU).
 
     python -m experiments.benchmark --config=PATH --steps=100 --profile=/tmp/prof
     python benchmarks/trace_summary.py /tmp/prof/on --steps=40 [--top=25] [--minus=/tmp/prof/off]
@@ -15,6 +15,11 @@ step. ``--steps``: the steps traced (``profiled_steps`` in the benchmark's JSON)
 ``off``: the step without its constraints), per kind and per kernel name without its numbering
 (``loop_select_fusion_101`` → ``loop_select_fusion``; XLA numbers its fusions anew in each
 program): where a step's extra time goes.
+
+On a CPU (no GPU in the trace) the events are XLA:CPU's operations on its threads (fusions,
+oneDNN's FFI calls, YNNPACK fusions, LAPACK solvers; not the executor's wrapper events):
+"busy" is then the time any of them ran, and their summed time exceeds it where two threads
+ran operations at once.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import re
 
 # The first pattern that matches a kernel's name (lower case) gives its kind.
 KINDS = [
+    ("custom call (CPU: oneDNN convolutions)", r"^ffi_call|^custom-call"),
+    ("YNNPACK fusion (CPU: reductions, dots, convolutions)", r"^ynn_fusion"),
+    ("LAPACK (CPU)", r"^eigh|^cholesky|^lu\b|^qr"),
     ("copy / transpose", r"nchwtonhwc|nhwctonchw|transpose|copy|memcpy|memset"),
     ("convolution (cuDNN)", r"fprop|dgrad|wgrad|implicit_gemm|cudnn|winograd|convolve"),
     ("matrix product", r"gemm|cutlass|cublas"),
@@ -42,8 +50,14 @@ def kind(name: str) -> str:
     return next((k for k, pattern in KINDS if re.search(pattern, low)), "other")
 
 
-def gpu_kernels(trace: dict) -> list[dict]:
-    """The complete events on the GPU's stream lines of a trace-viewer trace."""
+# XLA:CPU's threads, and the events on them that wrap operations rather than being one.
+_CPU_THREADS = ("XLAEigen", "XLAPjRtCpuClient")
+_CPU_WRAPPERS = ("ThunkExecutor", "end:", "ThreadpoolListener", "SlinkyThreadPool")
+
+
+def device_events(trace: dict) -> list[dict]:
+    """The complete events on the GPU's stream lines of a trace-viewer trace; with no GPU, the
+    operations on XLA:CPU's threads."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     process, thread = {}, {}
     for e in events:
@@ -54,10 +68,15 @@ def gpu_kernels(trace: dict) -> list[dict]:
     gpus = {pid for pid, name in process.items() if "GPU" in name or "gpu" in name}
     streams = {key for key, name in thread.items() if key[0] in gpus and "Stream" in name}
     keep = streams or {key for key in thread if key[0] in gpus}
+    if not gpus:  # a CPU trace
+        keep = {key for key, name in thread.items() if any(t in name for t in _CPU_THREADS)}
     return [
         e
         for e in events
-        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in keep and e.get("dur", 0) > 0
+        if e.get("ph") == "X"
+        and (e.get("pid"), e.get("tid")) in keep
+        and e.get("dur", 0) > 0
+        and (gpus or not e["name"].startswith(_CPU_WRAPPERS))
     ]
 
 
@@ -78,12 +97,12 @@ def family(name: str) -> str:
 
 
 def load(folder: str) -> tuple[pathlib.Path, list[dict]]:
-    """The newest trace under ``folder`` and its GPU events."""
+    """The newest trace under ``folder`` and its device's events (:func:`device_events`)."""
     files = sorted(pathlib.Path(folder).glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise SystemExit(f"no *.trace.json.gz under {folder}: run the benchmark with --profile=")
     with gzip.open(files[-1]) as f:
-        return files[-1], gpu_kernels(json.load(f))
+        return files[-1], device_events(json.load(f))
 
 
 def per_step(kernels: list[dict], key, n: int) -> dict[str, tuple[float, float]]:
@@ -104,7 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     path, kernels = load(args.folder)
     if not kernels:
-        print(json.dumps({"trace": str(path), "error": "no GPU kernels in the trace"}))
+        print(json.dumps({"trace": str(path), "error": "no GPU kernels or XLA:CPU operations "
+                          "in the trace"}))  # fmt: skip
         return
     n, busy = args.steps, busy_us(kernels)
     span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
