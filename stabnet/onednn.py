@@ -5,7 +5,7 @@ XLA:CPU runs the CIFAR networks' 3×3 convolutions in Eigen (its YNNPACK path re
 depth-18 training step is ~1.5× faster with these (benchmarks/RESULTS.md, eleventh session).
 
 :func:`conv_valid` is the "VALID" cross-correlation of ``x`` [N,H,W,Ci] with ``kernel``
-[kh,kw,Ci,Co] at a given stride, in float32 or (where :func:`bfloat16_supported`) bfloat16,
+[kh,kw,Ci,Co] at a given stride, in the dtypes :func:`supports` (float32; bfloat16 with AVX-512),
 differentiable in reverse mode (a ``custom_vjp`` over oneDNN's backward-data and
 backward-weights passes). It has no forward-mode or batching rule, so :func:`stabnet.ops.conv`
 uses it only where asked to (``impl="onednn"``), which the training step does on single-device
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -160,10 +161,14 @@ def unavailable_reason() -> str:
     return _load() or ""
 
 
-def bfloat16_supported() -> bool:
-    """Whether :func:`conv_valid` runs in bfloat16 here: oneDNN needs AVX-512 for it (native
-    bfloat16 products with AVX512-BF16 or AMX)."""
-    return available() and bool(_library().StabnetBf16Supported())
+def supports(dtype: Any) -> bool:
+    """Whether :func:`conv_valid` runs in ``dtype`` here: float32 where the library loaded,
+    bfloat16 where oneDNN also finds AVX-512 (native bfloat16 products with AVX512-BF16 or AMX)."""
+    if not available():
+        return False
+    if dtype == jnp.float32:
+        return True
+    return dtype == jnp.bfloat16 and bool(_library().StabnetBf16Supported())
 
 
 def _call(target: str, shape: tuple[int, ...], stride: int, *args: jax.Array) -> jax.Array:
@@ -178,12 +183,12 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     ``[N, (H−kh)//s + 1, (W−kw)//s + 1, Co]``, in the dtype of both (float32, or bfloat16 with
     float32 accumulation). The linear map ``A_K`` of SPEC §1 once ``x`` is padded
     (:func:`stabnet.ops.conv`)."""
-    if _load() is not None:
-        raise Unavailable(f"oneDNN convolutions are unavailable: {_load()}")
+    if not available():
+        raise Unavailable(f"oneDNN convolutions are unavailable: {unavailable_reason()}")
     if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
         raise TypeError(f"conv_valid: x and kernel must both be float32 or bfloat16, not "
                         f"{x.dtype} and {kernel.dtype}")  # fmt: skip
-    if x.dtype == jnp.bfloat16 and not bfloat16_supported():
+    if not supports(x.dtype):
         raise Unavailable("oneDNN's bfloat16 convolutions need AVX-512 on this CPU")
     n, h, w, _ = x.shape
     kh, kw, _, co = kernel.shape

@@ -77,7 +77,7 @@ def conv(
     if impl == "onednn":
         from stabnet import onednn  # builds the library on first use
 
-        if x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and onednn.bfloat16_supported()):
+        if onednn.supports(x.dtype):
             return onednn.conv_valid(_pad_spatial(x, kh, kw, padding), kernel, stride)
     if fold_batch is None:
         fold_batch = jax.default_backend() == "cpu"

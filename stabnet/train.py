@@ -72,6 +72,12 @@ class Preempted(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    """``model.dtype`` as a JAX dtype: the convolutions' and features' (parameters and BN
+    statistics stay float32)."""
+    return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+
+
 def training_conv_impl(config: ml_collections.ConfigDict) -> str:
     """``model.conv_impl`` resolved for the training step (:func:`stabnet.ops.conv`).
 
@@ -86,10 +92,7 @@ def training_conv_impl(config: ml_collections.ConfigDict) -> str:
         return "xla"
     fits = jax.default_backend() == "cpu" and jax.device_count() == 1
     if choice == "auto":
-        if fits and onednn.available():
-            bf16 = config.model.dtype == "bfloat16"
-            return "onednn" if not bf16 or onednn.bfloat16_supported() else "xla"
-        return "xla"
+        return "onednn" if fits and onednn.supports(compute_dtype(config)) else "xla"
     if not fits:
         raise config_lib.ConfigError(
             "config field model.conv_impl='onednn' needs one CPU device (here "
@@ -99,7 +102,7 @@ def training_conv_impl(config: ml_collections.ConfigDict) -> str:
         raise config_lib.ConfigError(
             f"config field model.conv_impl='onednn': {onednn.unavailable_reason()}; use auto or xla"
         )
-    if config.model.dtype == "bfloat16" and not onednn.bfloat16_supported():
+    if not onednn.supports(compute_dtype(config)):
         raise config_lib.ConfigError(
             "config field model.conv_impl='onednn' with model.dtype='bfloat16' needs a CPU "
             "with AVX-512 (oneDNN's bfloat16 convolutions); use auto or xla, or float32"
@@ -125,7 +128,7 @@ def model_from_config(
         bn_momentum=m.bn_momentum,
         bn_eps=m.bn_eps,
         bn_stats=m.get("bn_stats", "two_pass"),  # workdirs from before the field: two-pass
-        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
+        dtype=compute_dtype(config),
         conv_impl=training_conv_impl(config) if training else "xla",
     )
 

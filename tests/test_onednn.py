@@ -18,6 +18,9 @@ from tests.conftest import small_config
 needs_onednn = pytest.mark.skipif(
     not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}"
 )
+needs_onednn_bf16 = pytest.mark.skipif(
+    not onednn.supports(jnp.bfloat16), reason="oneDNN's bfloat16 convolutions do not run here"
+)
 
 
 def _arrays(seed, x_shape, k_shape):
@@ -57,11 +60,7 @@ def test_valid_correlation_and_its_gradients_match_xla(x_shape, k_shape, stride)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-@needs_onednn
-@pytest.mark.skipif(
-    not onednn.available() or not onednn.bfloat16_supported(),
-    reason="oneDNN's bfloat16 convolutions do not run on this CPU",
-)
+@needs_onednn_bf16
 @pytest.mark.parametrize("stride", [1, 2])
 def test_bfloat16_correlation_matches_float32_on_the_same_values(stride):
     """In bfloat16 the output and both gradients are the float32 results of the same bfloat16
@@ -109,36 +108,27 @@ def test_conv_and_its_adjoint_match_xla(padding):
 
 
 @needs_onednn
-@pytest.mark.parametrize("variant", ["resnet", "resnet_d", "resnet_s"])
-def test_training_with_onednn_matches_xla(variant, tmp_path):
-    """Four steps with either convolution give the same loss and weights to float32 rounding
-    (the gradients agree to ~1e-5; over tens of steps ResNet-D's training amplifies that)."""
-    results = {}
-    for impl in ops.CONV_IMPLS:
-        config = small_config(variant, steps=4, **{"model.conv_impl": impl})
-        results[impl] = train.train_and_evaluate(config, os.fspath(tmp_path / impl))
-        assert results[impl]["conv_impl"] == impl
-    a, b = results["onednn"], results["xla"]
-    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-    assert a["params_norm"] == pytest.approx(b["params_norm"], rel=1e-5)
-
-
-@needs_onednn
-@pytest.mark.skipif(
-    not onednn.available() or not onednn.bfloat16_supported(),
-    reason="oneDNN's bfloat16 convolutions do not run on this CPU",
+@pytest.mark.parametrize(
+    "variant, dtype, loss_rel, norm_rel",
+    [
+        ("resnet", "float32", 1e-4, 1e-5),
+        ("resnet_d", "float32", 1e-4, 1e-5),
+        ("resnet_s", "float32", 1e-4, 1e-5),
+        pytest.param("resnet_d", "bfloat16", 2e-2, 1e-3, marks=needs_onednn_bf16),
+    ],
 )
-def test_bfloat16_training_with_onednn_matches_xla(tmp_path):
-    """Mixed precision: four steps of ResNet-D with either bfloat16 convolution agree to
-    bfloat16's rounding, and the state stays float32."""
+def test_training_with_onednn_matches_xla(variant, dtype, loss_rel, norm_rel, tmp_path):
+    """Four steps with either convolution give the same loss and weights to the dtype's
+    rounding: in float32 the gradients agree to ~1e-5 (over tens of steps ResNet-D's training
+    amplifies that); in bfloat16 (mixed precision, float32 state) to bfloat16's rounding."""
     results = {}
     for impl in ops.CONV_IMPLS:
-        config = small_config(steps=4, **{"model.conv_impl": impl, "model.dtype": "bfloat16"})
+        config = small_config(variant, steps=4, **{"model.conv_impl": impl, "model.dtype": dtype})
         results[impl] = train.train_and_evaluate(config, os.fspath(tmp_path / impl))
         assert results[impl]["conv_impl"] == impl
     a, b = results["onednn"], results["xla"]
-    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
-    assert a["params_norm"] == pytest.approx(b["params_norm"], rel=1e-3)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=loss_rel)
+    assert a["params_norm"] == pytest.approx(b["params_norm"], rel=norm_rel)
 
 
 @needs_onednn
@@ -152,9 +142,9 @@ def test_auto_picks_onednn_for_one_cpu_device(monkeypatch):
     assert train.model_from_config(config, 10).cfg.conv_impl == "xla"
     # bfloat16: where this CPU runs oneDNN's bfloat16 convolutions
     config.model.dtype = "bfloat16"
-    expected = "onednn" if onednn.bfloat16_supported() else "xla"
+    expected = "onednn" if onednn.supports(jnp.bfloat16) else "xla"
     assert train.training_conv_impl(config) == expected
-    monkeypatch.setattr(onednn, "bfloat16_supported", lambda: False)
+    monkeypatch.setattr(onednn, "supports", lambda dtype: dtype == jnp.float32)
     assert train.training_conv_impl(config) == "xla"
     config.model.conv_impl = "onednn"
     with pytest.raises(config_lib.ConfigError, match="'onednn' with model.dtype='bfloat16' needs"):
