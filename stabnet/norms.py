@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -135,37 +136,103 @@ def conv_gram(kernel: jax.Array, hw: Sequence[int]) -> jax.Array:
     return jax.lax.complex(*conv_gram_parts(kernel, hw))
 
 
-def conv_gram_parts(kernel: jax.Array, hw: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-    """The real and imaginary parts of :func:`conv_gram`, ``[F, m, m]`` each.
+def conv_gram_lags(kernel: jax.Array) -> tuple[jax.Array, np.ndarray]:
+    """The lag matrices of the smaller Gram matrix of a stride-1 filter: ``(M [..., L, m, m],
+    d [L, 2])`` with ``G(ω) = Σ_l e^{iω·d_l} M_l`` (see :func:`conv_gram_parts`).
 
-    With ``S(ω) = Σ_t e^{iω·o_t} K_tᵀ`` (taps ``t`` at offsets ``o_t``), the smaller Gram matrix
-    is ``S Sᴴ = Σ_d e^{iω·d} M_d`` with ``M_d = Σ_{o_t − o_s = d} K_tᵀ K_s`` (or ``Sᴴ S`` with
-    ``K_t K_sᵀ``): one real product of all tap pairs, then the 25 lag matrices of a 3×3 filter
-    combined by a cosine and a sine matrix. On this CPU 3–5× faster than products of symbols
-    (benchmarks/RESULTS.md); the same ``[F, m, m]`` to float32 rounding.
+    With ``S(ω) = Σ_t e^{iω·o_t} K_tᵀ`` (taps ``t`` at offsets ``o_t``),
+    ``S Sᴴ = Σ_d e^{iω·d} M_d`` with ``M_d = Σ_{o_t − o_s = d} K_tᵀ K_s`` (or ``Sᴴ S`` with
+    ``K_t K_sᵀ`` at ``d = o_s − o_t``): one real product gives every tap pair, whose blocks
+    are summed per lag (25 lags for a 3×3 filter); ``M_{−d} = M_dᵀ``. Leading axes of
+    ``kernel`` (``[..., kh, kw, c_in, c_out]``) are batch axes.
     """
-    kh, kw, ci, co = kernel.shape
-    h, w = hw
+    *batch, kh, kw, ci, co = kernel.shape
     offsets = [(a - kh // 2, b - kw // 2) for a in range(kh) for b in range(kw)]
-    diffs = {(p[0] - q[0], p[1] - q[1]) for p in offsets for q in offsets}
-    lags = {d: i for i, d in enumerate(sorted(diffs))}
-    select = np.zeros((len(lags), len(offsets), len(offsets)), np.float32)
-    for i, p in enumerate(offsets):
-        for j, q in enumerate(offsets):
-            select[lags[p[0] - q[0], p[1] - q[1]], i, j] = 1.0
-    d = np.asarray(list(lags), np.float64)  # [lags, 2], in the order of their indices
+    pairs: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for t, p in enumerate(offsets):
+        for s, q in enumerate(offsets):
+            pairs.setdefault((p[0] - q[0], p[1] - q[1]), []).append((t, s))
+    k = kernel.astype(jnp.float32).reshape(*batch, kh * kw, ci, co)
+    transposed = co > ci  # Sᴴ S: contract over c_out, each pair's roles swapped
+    if transposed:
+        k = jnp.swapaxes(k, -1, -2)
+    c, m = k.shape[-2:]
+    x = jnp.swapaxes(k, -3, -2).reshape(*batch, c, kh * kw * m)  # [..., c, (tap, m)]
+    prod = jnp.einsum("...ix,...iy->...xy", x, x, precision=_HI)
+    prod = prod.reshape(*batch, kh * kw, m, kh * kw, m)  # [.., t, ·, s, ·]: K_tᵀ K_s (or K_t K_sᵀ)
+    lags = sorted(pairs)
+    lag = jnp.stack([sum(prod[..., s, :, t, :] if transposed else prod[..., t, :, s, :]
+                         for t, s in pairs[d]) for d in lags], axis=-3)  # fmt: skip
+    return lag, np.asarray(lags, np.int64)  # d: [lags, 2], in the order of the lag matrices
+
+
+def _dft_tables(d: np.ndarray, hw: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``cos(ω·d_l)`` and ``sin(ω·d_l)``, ``[F, L]`` float32, at the half-spectrum frequencies
+    ``ω = 2π(u/h, v/w)``, ``0 ≤ u < h``, ``0 ≤ v ≤ w/2`` (in :func:`conv_symbol`'s order)."""
+    h, w = hw
     u, v = np.meshgrid(np.arange(h), np.arange(w // 2 + 1), indexing="ij")
     angle = 2 * np.pi * (u.reshape(-1, 1) * d[:, 0] / h + v.reshape(-1, 1) * d[:, 1] / w)
-    k = kernel.astype(jnp.float32).reshape(kh * kw, ci, co)
-    if co <= ci:  # S Sᴴ: pairs K_tᵀ K_s at lag o_t − o_s
-        pairs = jnp.einsum("tio,sip->tsop", k, k, precision=_HI)
-    else:  # Sᴴ S: pairs K_t K_sᵀ at lag o_s − o_t
-        pairs = jnp.einsum("tio,sjo->stij", k, k, precision=_HI)
-    m = pairs.shape[-1]
-    lag = jnp.einsum("dts,tsop->dop", select, pairs, precision=_HI).reshape(len(lags), m * m)
-    real = jnp.matmul(np.cos(angle).astype(np.float32), lag, precision=_HI)
-    imag = jnp.matmul(np.sin(angle).astype(np.float32), lag, precision=_HI)
+    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+def conv_gram_parts(kernel: jax.Array, hw: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+    """The real and imaginary parts of :func:`conv_gram`, ``[F, m, m]`` each: the lag matrices
+    (:func:`conv_gram_lags`) combined by a cosine and a sine matrix. On this CPU 3–5× faster
+    than products of symbols (benchmarks/RESULTS.md); the same ``[F, m, m]`` to float32 rounding.
+    """
+    lag, d = conv_gram_lags(kernel)
+    m = lag.shape[-1]
+    cos, sin = _dft_tables(d, hw)
+    lag = lag.reshape(len(d), m * m)
+    real = jnp.matmul(cos, lag, precision=_HI)
+    imag = jnp.matmul(sin, lag, precision=_HI)
     return real.reshape(-1, m, m), imag.reshape(-1, m, m)
+
+
+class GramGroup(NamedTuple):
+    """The Gram matrices of ``n`` layers of one Gram size ``m``, not formed: lag matrices and DFT
+    tables, ``G_i(ω_f) = Σ_l (cos[i, f, l] + i·sin[i, f, l]) M[i, l]``. Layers with fewer lags or
+    frequencies than the most are padded with zero lags and invalid frequencies (zero rows)."""
+
+    lags: jax.Array  # [n, L, m, m] float32
+    cos: np.ndarray  # [n, F, L] float32
+    sin: np.ndarray  # [n, F, L] float32
+    valid: np.ndarray  # [n, F] bool: a frequency of the layer's grid, not padding
+
+    def grams(self, index: jax.Array | None = None) -> jax.Array:
+        """``[n, k, m, m]`` complex: each layer's Grams at frequencies ``index`` ``[n, k]``
+        (all ``F`` without it)."""
+        cos, sin = jnp.asarray(self.cos), jnp.asarray(self.sin)
+        if index is not None:
+            cos, sin = (jnp.take_along_axis(t, index[..., None], axis=1) for t in (cos, sin))
+        part = functools.partial(jnp.einsum, "nfl,nlij->nfij", precision=_HI)
+        return jax.lax.complex(part(cos, self.lags), part(sin, self.lags))
+
+
+def gram_group(kernels: Sequence[jax.Array], grids: Sequence[Sequence[int]]) -> GramGroup:
+    """:class:`GramGroup` of stride-1 filters of one Gram size on their grids; the lags of the
+    filters of one shape in one batched product."""
+    lags: list[Any] = [None] * len(kernels)
+    offsets: list[Any] = [None] * len(kernels)
+    for shape in sorted({k.shape for k in kernels}):
+        members = [i for i, k in enumerate(kernels) if k.shape == shape]
+        lag, d = conv_gram_lags(jnp.stack([kernels[i] for i in members]))
+        for j, i in enumerate(members):
+            lags[i], offsets[i] = lag[j], d
+    every = sorted({tuple(x) for d in offsets for x in d})  # the lags of all filters
+    columns = [np.asarray([every.index(tuple(x)) for x in d]) for d in offsets]
+    tables = [_dft_tables(d, hw) for d, hw in zip(offsets, grids, strict=True)]
+    big_f = max(c.shape[0] for c, _ in tables)
+    cos, sin = (np.zeros((len(kernels), big_f, len(every)), np.float32) for _ in range(2))
+    valid = np.zeros((len(kernels), big_f), bool)
+    for i, ((c, s), cols) in enumerate(zip(tables, columns, strict=True)):
+        cos[i][: len(c), cols], sin[i][: len(c), cols] = c, s
+        valid[i, : len(c)] = True
+    m = lags[0].shape[-1]
+    stacked = jnp.stack([jnp.zeros((len(every), m, m), jnp.float32).at[cols].set(lag)
+                         if len(cols) < len(every) else lag
+                         for lag, cols in zip(lags, columns, strict=True)])  # fmt: skip
+    return GramGroup(stacked, cos, sin, valid)
 
 
 NORM_METHODS = ("eigh", "screened", "squaring", "fused")
@@ -234,84 +301,116 @@ def _segment_max(values: jax.Array, counts: Sequence[int]) -> jax.Array:
     return jnp.stack([jnp.max(values[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)])
 
 
-def _top_per_layer(
-    values: jax.Array, counts: Sequence[int], k: int | Sequence[int]
-) -> tuple[jax.Array, list[int], jax.Array]:
-    """Each layer's ``k`` (or ``k[i]``) largest ``values``: their indices into ``values``, how
-    many per layer, and each layer's next largest value (0 where the layer has no more)."""
-    starts = np.cumsum([0, *counts])
-    ks = [k] * len(counts) if isinstance(k, int) else k
-    picks, sizes, rest = [], [], []
-    for start, count, k_i in zip(starts[:-1], counts, ks, strict=True):
-        size = min(k_i, count)
-        vals, idx = jax.lax.top_k(values[start : start + count], min(size + 1, count))
-        picks.append(start + idx[:size])
-        sizes.append(size)
-        rest.append(vals[size] if count > size else jnp.zeros((), values.dtype))
-    return jnp.concatenate(picks), sizes, jnp.stack(rest)
+def gram_bounds(group: GramGroup) -> jax.Array:
+    """Upper bounds ``u ≥ λ_max(G_i(ω_f))``, ``[n, F]``, from the lags, without forming a Gram
+    matrix (``−∞`` at padding).
+
+    Wolkowicz–Styan: ``λ_max ≤ t/m + √((m−1)/m · ‖G − (t/m)I‖²_F)`` with ``t = tr G`` (the
+    ``μ_j = λ_j − t/m`` sum to zero, so ``μ₁² = (Σ_{j>1} μ_j)² ≤ (m−1)(‖μ‖² − μ₁²)``); never
+    above ``‖G‖_F``, equal to ``λ_max`` for rank one. Both terms are sums over lags:
+    ``t(ω) = Σ_l cos(ω·d_l) tr M_l`` (the sines cancel, ``tr M_{−d} = tr M_d``), and with the
+    traceless lags ``M̃_l = M_l − (tr M_l/m) I`` and ``P_lk = ⟨M̃_l, M̃_k⟩``,
+    ``‖G − (t/m)I‖²_F = cᵀPc + sᵀPs`` (``c``, ``s`` the frequency's cosines and sines). Each
+    term is raised by a bound on its float32 rounding (``n·ε·Σ|terms|`` per sum of ``n``), so
+    that ruling a frequency out by ``u`` is safe to rounding.
+    """
+    lags = group.lags
+    n, num_lags, m, _ = lags.shape
+    eps = float(np.finfo(np.float32).eps)
+    trace = jnp.trace(lags, axis1=-2, axis2=-1)  # [n, L]
+    traceless = lags - (trace / m)[..., None, None] * jnp.eye(m, dtype=lags.dtype)
+    p = jnp.einsum("nlij,nkij->nlk", traceless, traceless, precision=_HI)
+    cos, sin = jnp.asarray(group.cos), jnp.asarray(group.sin)
+    t = jnp.einsum("nfl,nl->nf", cos, trace, precision=_HI)
+    form = functools.partial(jnp.einsum, "nfl,nlk,nfk->nf", precision=_HI)
+    spread = jnp.maximum(form(cos, p, cos) + form(sin, p, sin), 0.0)
+    size = jnp.sum(jnp.sqrt(jnp.sum(traceless**2, axis=(-2, -1))), -1)  # (Σ_l ‖M̃_l‖_F)² ≥ Σ|P_lk|
+    t_err = 2 * num_lags * eps * jnp.sum(jnp.abs(trace), -1)
+    spread_err = 2 * (2 * num_lags + m * m) * eps * size**2
+    upper = (t + t_err[:, None]) / m + jnp.sqrt((m - 1) / m * (spread + spread_err[:, None]))
+    return jnp.where(group.valid, upper, -jnp.inf)
 
 
-def _solve_candidates(
-    batch: jax.Array, counts: Sequence[int], upper: jax.Array, candidates: int
-) -> tuple[jax.Array, jax.Array]:
-    """``eigvalsh`` on each layer's ``candidates`` frequencies of largest bound ``upper``: the
-    layers' maxima over those, and whether every other frequency's bound is below them."""
-    picks, sizes, rest = _top_per_layer(upper, counts, candidates)
-    tops = _segment_max(_eigh_top(batch[picks]), sizes)
+def _top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Each row's ``k`` largest ``values`` ``[n, F]`` (indices), and its next largest (``−∞``
+    where the row has no more)."""
+    vals, index = jax.lax.top_k(values, min(k + 1, values.shape[-1]))
+    rest = vals[:, k] if k < values.shape[-1] else jnp.full(values.shape[:1], -jnp.inf)
+    return index[:, :k], rest
+
+
+def _eigh_max(grams: jax.Array) -> jax.Array:
+    """Each layer's largest :func:`_eigh_top` over its Grams ``[n, k, m, m]``."""
+    n, k, m, _ = grams.shape
+    return jnp.max(_eigh_top(grams.reshape(-1, m, m)).reshape(n, k), -1)
+
+
+def _solve(grams: jax.Array, upper: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``eigvalsh`` on each layer's ``k`` Grams of largest bound ``upper`` (``grams`` ``[n, F',
+    m, m]``, ``upper`` ``[n, F']``): the layers' maxima over those, and whether every other
+    bound is below them."""
+    index, rest = _top_k(upper, min(k, upper.shape[-1]))
+    tops = _eigh_max(jnp.take_along_axis(grams, index[..., None, None], axis=1))
     return tops, jnp.all(rest <= tops)
 
 
 def screened_top_eigenvalues(
-    batch: jax.Array,
-    counts: Sequence[int],
+    group: GramGroup,
     *,
     shortlist: int = 32,
     candidates: int = 2,
     squarings: int = 4,
 ) -> tuple[jax.Array, jax.Array]:
-    """``max_ω λ_max(G(ω))`` of each layer, exactly (as ``eigvalsh``), solving few eigenproblems.
+    """``max_ω λ_max(G(ω))`` of each layer of ``group``, exactly (as ``eigvalsh``), solving few
+    eigenproblems and forming few Gram matrices.
 
-    ``batch`` holds the ``m×m`` Gram matrices of consecutive layers, ``counts[i]`` frequencies
-    each. Upper bounds ``u(ω) ≥ λ_max(G(ω))`` rule frequencies out: the layer's exact maximum
-    over a few candidates, ``L``, is its maximum over all frequencies as soon as every other one
-    has ``u(ω) ≤ L``. Four levels, each run only where the one before could not certify
+    Upper bounds ``u(ω) ≥ λ_max(G(ω))`` rule frequencies out: the layer's exact maximum over a
+    few candidates, ``L``, is its maximum over all frequencies as soon as every other one has
+    ``u(ω) ≤ L``. Four levels, each run only where the one before could not certify
     (:func:`jax.lax.cond`):
 
     0. Grams of 32×32 and larger: ``eigvalsh`` on the ``max(candidates, 8192/m²)`` frequencies
-       of largest ``‖G(ω)‖_F`` per layer (8 at 32×32, 2 at 64×64: the solver's cost grows as
-       ``m³``), the Frobenius norms (no product) bounding the rest. Trained filters have one
-       dominant frequency whose ``λ_max`` exceeds nearly every other frequency's Frobenius norm,
-       so this level holds there (smaller Grams start at level 1: the 16-channel layers' larger
-       grids hold more frequencies near the top).
-    1. A shortlist of ``min(shortlist, count/4)`` frequencies of largest ``‖G‖_F`` per layer (at
-       least ``candidates + 1``), bounded more tightly by ``squarings`` squarings
+       of largest :func:`gram_bounds` per layer (8 at 32×32, 2 at 64×64: the solver's cost
+       grows as ``m³``), those bounds ruling out the rest; only the candidates' Grams are
+       formed. Trained filters have one dominant frequency whose ``λ_max`` exceeds nearly every
+       other frequency's bound, so this level holds there (smaller Grams start at level 1: the
+       16-channel layers' larger grids hold more frequencies near the top).
+    1. A shortlist of ``min(shortlist, F/4)`` frequencies of largest bound per layer (at least
+       ``candidates + 1``), their Grams bounded more tightly by ``squarings`` squarings
        (:func:`top_eigenvalue_upper`); ``eigvalsh`` on the ``candidates`` of largest bound.
-    2. The squarings at every frequency, ``eigvalsh`` on ``4·candidates`` per layer (flat
-       spectra: at initialisation).
+    2. Every Gram formed and squared, ``eigvalsh`` on ``4·candidates`` per layer (flat spectra:
+       at initialisation).
     3. ``eigvalsh`` at every frequency.
 
-    Returns ``(tops [layers], level)``: the level that certified the result (an int32 scalar).
+    Returns ``(tops [n], level)``: the level that certified the result (an int32 scalar).
     """
-    m = batch.shape[-1]
-    frobenius = top_eigenvalue_upper(batch, 1)
+    big_f = group.valid.shape[-1]
+    m = group.lags.shape[-1]
+    bound = gram_bounds(group)
+
+    def squared(grams: jax.Array, valid: jax.Array) -> jax.Array:
+        upper = top_eigenvalue_upper(grams.reshape(-1, m, m), squarings).reshape(valid.shape)
+        return jnp.where(valid, upper, -jnp.inf)
 
     def direct() -> tuple[jax.Array, jax.Array]:
-        return _solve_candidates(batch, counts, frobenius, max(candidates, 8192 // m**2))
+        index, rest = _top_k(bound, min(max(candidates, 8192 // m**2), big_f))
+        tops = _eigh_max(group.grams(index))
+        return tops, jnp.all(rest <= tops)
 
     def shortlisted() -> tuple[jax.Array, jax.Array]:
-        short_len = [max(candidates + 1, min(shortlist, count // 4)) for count in counts]
-        short, short_counts, short_rest = _top_per_layer(frobenius, counts, short_len)
-        sub = batch[short]
-        upper = top_eigenvalue_upper(sub, squarings)
-        tops, ok = _solve_candidates(sub, short_counts, upper, candidates)
-        return tops, ok & jnp.all(short_rest <= tops)
+        size = min(big_f, max(candidates + 1, min(shortlist, big_f // 4)))
+        index, rest = _top_k(bound, size)
+        grams = group.grams(index)
+        valid = jnp.take_along_axis(jnp.asarray(group.valid), index, axis=1)
+        tops, ok = _solve(grams, squared(grams, valid), candidates)
+        return tops, ok & jnp.all(rest <= tops)
 
     def everywhere() -> tuple[jax.Array, jax.Array]:
-        upper = top_eigenvalue_upper(batch, squarings)
-        return _solve_candidates(batch, counts, upper, 4 * candidates)
+        grams = group.grams()
+        return _solve(grams, squared(grams, jnp.asarray(group.valid)), 4 * candidates)
 
     def every_frequency() -> tuple[jax.Array, jax.Array]:
-        return _segment_max(_eigh_top(batch), counts), jnp.bool_(True)
+        return _eigh_max(group.grams()), jnp.bool_(True)  # padding: zero Grams, λ = 0
 
     levels = [direct, shortlisted, everywhere, every_frequency]
 
@@ -352,25 +451,22 @@ def fft_norms(
     if method not in NORM_METHODS:
         raise ValueError(f"norm method {method!r} is unknown; allowed: {', '.join(NORM_METHODS)}")
     units, maxima = zip(*(_unit_max(k) for k in kernels), strict=True)  # no overflow, see there
-    parts = [conv_gram_parts(k, hw) for k, hw in zip(units, grids, strict=True)]
-    sizes = sorted({re.shape[-1] for re, _ in parts})
-    groups = [[i for i, (re, _) in enumerate(parts) if re.shape[-1] == m] for m in sizes]
-    # each size's Grams as one batch: real and imaginary parts, and as complex matrices (made
-    # here, outside the loop below; XLA drops them where the kernel takes the parts)
-    reals, imags = ([jnp.concatenate([parts[i][c] for i in g]) for g in groups] for c in (0, 1))
-    batches = [jax.lax.complex(re, im) for re, im in zip(reals, imags, strict=True)]
+    gram_size = [min(k.shape[-2:]) for k in units]
+    sizes = sorted(set(gram_size))
+    groups = [[i for i, s in enumerate(gram_size) if s == m] for m in sizes]
 
     def size_tops(j: int) -> jax.Array:
         """``λ_max`` of each layer of Gram size ``sizes[j]``."""
-        counts = [parts[i][0].shape[0] for i in groups[j]]
-        if method == "fused" and norms_kernel.supports(reals[j]):
-            upper = norms_kernel.top_eigenvalue_upper_parts(
-                reals[j], imags[j], tolerance=FUSED_TOLERANCE
-            )
+        if method == "screened":  # the lags only: Grams where the screen needs them
+            group = gram_group([units[i] for i in groups[j]], [grids[i] for i in groups[j]])
+            return screened_top_eigenvalues(group)[0]
+        parts = [conv_gram_parts(units[i], grids[i]) for i in groups[j]]
+        counts = [p[0].shape[0] for p in parts]
+        real, imag = (jnp.concatenate([p[c] for p in parts]) for c in (0, 1))
+        if method == "fused" and norms_kernel.supports(real):
+            upper = norms_kernel.top_eigenvalue_upper_parts(real, imag, tolerance=FUSED_TOLERANCE)
             return _segment_max(upper, counts)
-        batch = batches[j]
-        if method == "screened":
-            return screened_top_eigenvalues(batch, counts)[0]
+        batch = jax.lax.complex(real, imag)
         if method == "eigh":
             return _segment_max(_eigh_top(batch), counts)
         return _segment_max(top_eigenvalue_upper(batch), counts)  # squaring, or fused elsewhere

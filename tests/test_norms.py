@@ -442,11 +442,6 @@ def test_fft_norms_fused_runs_the_kernel_where_it_can(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def _layer_grams(kernels, grids):
-    grams = [norms._gram(norms.conv_symbol(k, g)) for k, g in zip(kernels, grids, strict=True)]
-    return jnp.concatenate(grams), [g.shape[0] for g in grams]
-
-
 @pytest.mark.parametrize(
     ("hw", "ci", "co"), [((32, 32), 16, 16), ((8, 8), 64, 64), ((6, 4), 3, 5), ((4, 6), 5, 3),
                          ((2, 2), 4, 4), ((5, 7), 4, 4)])  # fmt: skip
@@ -475,19 +470,19 @@ def _gram64(kernel, hw):
 
 def test_screened_top_eigenvalues_are_exact_at_every_level():
     """The result equals float64 ``eigvalsh`` over all frequencies whichever level certifies it:
-    filters with one dominant frequency (level 0 for 32×32 Grams, the Frobenius norms bounding
-    the rest; level 1 for 8×8 ones, which skip level 0: the shortlist and its squarings), random
-    filters, whose spectra are flat enough to need the squarings everywhere (level 2; at 32×32
-    after levels 0 and 1 failed), and identity filters, every frequency's Gram ``I``, which no
-    bound can separate (level 3, all frequencies solved)."""
+    filters with one dominant frequency (level 0 for 32×32 Grams, :func:`norms.gram_bounds`
+    ruling out the rest; level 1 for 8×8 ones, which skip level 0: the shortlist and its
+    squarings), random 16-channel filters, whose spectra are flat enough to need the squarings
+    everywhere (level 2; at 32×32 after levels 0 and 1 failed), and identity filters, every
+    frequency's Gram ``I``, which no bound can separate (level 3, all frequencies solved)."""
     rng = np.random.default_rng(5)
 
     def peaked(c: int, weight: float) -> jax.Array:
         random = jnp.asarray(rng.standard_normal((3, 3, c, c)), jnp.float32)
         return random * weight + jnp.asarray(rng.standard_normal((1, 1, c, 1)), jnp.float32)
 
-    random = [jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32) for _ in range(3)]
-    identity = jnp.zeros((3, 3, 8, 8), jnp.float32).at[1, 1].set(jnp.eye(8))
+    random = [jnp.asarray(rng.standard_normal((3, 3, 16, 16)), jnp.float32) for _ in range(3)]
+    identity = jnp.zeros((3, 3, 16, 16), jnp.float32).at[1, 1].set(jnp.eye(16))
     cases = [
         ([(k := peaked(32, 1.0)), k * 0.5], 0),
         ([(k := peaked(8, 0.1)), k * 0.5], 1),
@@ -497,9 +492,57 @@ def test_screened_top_eigenvalues_are_exact_at_every_level():
     ]
     for kernels, level in cases:
         grids = [(8, 8), (8, 8), (6, 6)][: len(kernels)]
-        batch, counts = _layer_grams(kernels, grids)
-        tops, got_level = jax.jit(lambda b, c=counts: norms.screened_top_eigenvalues(b, c))(batch)
+        group = norms.gram_group(kernels, grids)
+        tops, got_level = jax.jit(norms.screened_top_eigenvalues)(group)
         want = [np.linalg.eigvalsh(_gram64(np.asarray(k, np.float64), g))[:, -1].max()
                 for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
         assert int(got_level) == level
         np.testing.assert_allclose(np.asarray(tops), want, rtol=1e-5)
+
+
+def test_gram_group_pads_other_grids_and_filter_sizes():
+    """Layers of one Gram size with other grids and other filter sizes (1×1, 3×3 both ways
+    round, 5×3) in one :class:`norms.GramGroup`: at each layer's frequencies its Grams are
+    :func:`norms.conv_gram`'s, padding gives zero Grams, and the screen's maxima are
+    ``eigvalsh``'s over all frequencies."""
+    rng = np.random.default_rng(11)
+    shapes = [(1, 1, 4, 6), (3, 3, 4, 4), (3, 3, 8, 4), (5, 3, 4, 4)]
+    grids = [(4, 4), (8, 8), (6, 4), (8, 6)]
+    kernels = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+    group = norms.gram_group(kernels, grids)
+    grams = np.asarray(group.grams())
+    for i, (k, g) in enumerate(zip(kernels, grids, strict=True)):
+        want = np.asarray(norms._gram(norms.conv_symbol(k, g)))
+        count = int(group.valid[i].sum())
+        assert count == want.shape[0]
+        np.testing.assert_allclose(grams[i, :count], want, atol=2e-5 * np.abs(want).max())
+        assert not np.any(grams[i, count:])
+    tops, _ = jax.jit(norms.screened_top_eigenvalues)(group)
+    want = [np.linalg.eigvalsh(np.asarray(norms._gram(norms.conv_symbol(k, g)), np.complex128))
+            .max() for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
+    np.testing.assert_allclose(np.asarray(tops), want, rtol=1e-5)
+
+
+def test_gram_bounds_lie_between_the_top_eigenvalue_and_the_frobenius_norm():
+    """:func:`norms.gram_bounds` from the lags alone: at every frequency at least float64's
+    ``λ_max`` and at most ``‖G‖_F`` (up to rounding); ``λ_max`` itself for rank-one Grams (every
+    tap ``K_t = u_t vᵀ``, one output direction); ``−∞`` at padding."""
+    rng = np.random.default_rng(12)
+    peak = rng.standard_normal((1, 1, 16, 1))
+    kernels = [rng.standard_normal((3, 3, 16, 16)), rng.standard_normal((3, 3, 16, 16)) + peak]
+    grids = [(8, 8), (6, 6)]
+    group = norms.gram_group([jnp.asarray(k, jnp.float32) for k in kernels], grids)
+    bounds = np.asarray(norms.gram_bounds(group))
+    for i, (k, g) in enumerate(zip(kernels, grids, strict=True)):
+        gram = _gram64(k, g)
+        top = np.linalg.eigvalsh(gram)[:, -1]
+        frobenius = np.sqrt((np.abs(gram) ** 2).sum((-2, -1)))
+        count = len(top)
+        assert np.all(bounds[i, :count] >= top)
+        assert np.all(bounds[i, :count] <= frobenius * (1 + 1e-3))
+        assert np.all(bounds[i, count:] == -np.inf)
+    rank_one = rng.standard_normal((3, 3, 8, 1)) * rng.standard_normal(6)  # 6×6 Grams
+    gram = _gram64(rank_one, (6, 6))
+    bound = np.asarray(norms.gram_bounds(norms.gram_group([jnp.asarray(rank_one, jnp.float32)],
+                                                          [(6, 6)])))[0]  # fmt: skip
+    np.testing.assert_allclose(bound, np.linalg.eigvalsh(gram)[:, -1], rtol=1e-3)
