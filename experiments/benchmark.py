@@ -29,7 +29,7 @@ flags.DEFINE_integer(
     "warmup",
     0,
     "Untimed steps after the first chunk, e.g. for ResNet-S's screened norms, which "
-    "solve more eigenproblems in the first ~30 steps (flat spectra at initialisation).",
+    "solve more eigenproblems in the first ~100 steps (flat spectra at initialisation).",
     lower_bound=0,
 )
 flags.DEFINE_bool("json", False, "Print one JSON object.")
@@ -126,8 +126,9 @@ def benchmark(
         for run in runs.values():
             timed_chunk(run)
     ms = {name: [] for name in runs}  # ms per step of each timed chunk
-    while len(ms["on"]) * chunk < steps:
-        for name, run in runs.items():
+    while len(ms["on"]) * chunk < steps:  # on, off; then off, on: neither is always first
+        order = list(runs.items())
+        for name, run in order if len(ms["on"]) % 2 == 0 else reversed(order):
             ms[name].append(1e3 * timed_chunk(run) / chunk)
     done = chunk * len(ms["on"])
     if profile:

@@ -357,7 +357,7 @@ def _solve(grams: jax.Array, upper: jax.Array, k: int) -> tuple[jax.Array, jax.A
 def screened_top_eigenvalues(
     group: GramGroup,
     *,
-    shortlist: int = 32,
+    budget: int = 8192,
     candidates: int = 2,
     squarings: int = 4,
 ) -> tuple[jax.Array, jax.Array]:
@@ -366,53 +366,49 @@ def screened_top_eigenvalues(
 
     Upper bounds ``u(ω) ≥ λ_max(G(ω))`` rule frequencies out: the layer's exact maximum over a
     few candidates, ``L``, is its maximum over all frequencies as soon as every other one has
-    ``u(ω) ≤ L``. Four levels, each run only where the one before could not certify
-    (:func:`jax.lax.cond`):
+    ``u(ω) ≤ L``. Each level takes a shortlist of the ``s`` frequencies of largest
+    :func:`gram_bounds` per layer (the rest ruled out by those), forms their Grams only, bounds
+    them more tightly by ``squarings`` squarings (:func:`top_eigenvalue_upper`) and solves the
+    ``candidates`` of largest bound with ``eigvalsh``; a level runs only where the one before
+    could not certify (:func:`jax.lax.cond`):
 
-    0. Grams of 32×32 and larger: ``eigvalsh`` on the ``max(candidates, 8192/m²)`` frequencies
-       of largest :func:`gram_bounds` per layer (8 at 32×32, 2 at 64×64: the solver's cost
-       grows as ``m³``), those bounds ruling out the rest; only the candidates' Grams are
-       formed. Trained filters have one dominant frequency whose ``λ_max`` exceeds nearly every
-       other frequency's bound, so this level holds there (smaller Grams start at level 1: the
-       16-channel layers' larger grids hold more frequencies near the top).
-    1. A shortlist of ``min(shortlist, F/4)`` frequencies of largest bound per layer (at least
-       ``candidates + 1``), their Grams bounded more tightly by ``squarings`` squarings
-       (:func:`top_eigenvalue_upper`); ``eigvalsh`` on the ``candidates`` of largest bound.
-    2. Every Gram formed and squared, ``eigvalsh`` on ``4·candidates`` per layer (flat spectra:
-       at initialisation).
+    0. ``s = max(candidates, budget/m²)`` (32 at 16×16, 8 at 32×32, 2 at 64×64, where the
+       squarings are skipped: the shortlist is solved). Trained filters have one dominant
+       frequency whose ``λ_max`` exceeds nearly every other frequency's bound, so this level
+       holds there.
+    1. ``4s``: the first ~100 steps of training, while that frequency emerges.
+    2. Every frequency, ``eigvalsh`` on ``4·candidates`` (flat spectra: at initialisation).
     3. ``eigvalsh`` at every frequency.
 
-    Returns ``(tops [n], level)``: the level that certified the result (an int32 scalar).
+    Shortlists as long as the grid's ``F`` frequencies are level 2; levels that would repeat
+    one are left out. Returns ``(tops [n], level)``: the index of the level that certified the
+    result among those run (an int32 scalar).
     """
     big_f = group.valid.shape[-1]
     m = group.lags.shape[-1]
     bound = gram_bounds(group)
 
-    def squared(grams: jax.Array, valid: jax.Array) -> jax.Array:
-        upper = top_eigenvalue_upper(grams.reshape(-1, m, m), squarings).reshape(valid.shape)
-        return jnp.where(valid, upper, -jnp.inf)
+    def shortlisted(size: int, solve: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
+        def level() -> tuple[jax.Array, jax.Array]:
+            index, rest = _top_k(bound, size)
+            grams = group.grams(index if size < big_f else None)
+            if size <= solve:  # nothing to square: solve the shortlist
+                tops = _eigh_max(grams)
+                return tops, jnp.all(rest <= tops)
+            upper = top_eigenvalue_upper(grams.reshape(-1, m, m), squarings)
+            valid = group.valid if size == big_f else jnp.take_along_axis(group.valid, index, 1)
+            tops, ok = _solve(grams, jnp.where(valid, upper.reshape(valid.shape), -jnp.inf), solve)
+            return tops, ok & jnp.all(rest <= tops)
 
-    def direct() -> tuple[jax.Array, jax.Array]:
-        index, rest = _top_k(bound, min(max(candidates, 8192 // m**2), big_f))
-        tops = _eigh_max(group.grams(index))
-        return tops, jnp.all(rest <= tops)
-
-    def shortlisted() -> tuple[jax.Array, jax.Array]:
-        size = min(big_f, max(candidates + 1, min(shortlist, big_f // 4)))
-        index, rest = _top_k(bound, size)
-        grams = group.grams(index)
-        valid = jnp.take_along_axis(jnp.asarray(group.valid), index, axis=1)
-        tops, ok = _solve(grams, squared(grams, valid), candidates)
-        return tops, ok & jnp.all(rest <= tops)
-
-    def everywhere() -> tuple[jax.Array, jax.Array]:
-        grams = group.grams()
-        return _solve(grams, squared(grams, jnp.asarray(group.valid)), 4 * candidates)
+        return level
 
     def every_frequency() -> tuple[jax.Array, jax.Array]:
         return _eigh_max(group.grams()), jnp.bool_(True)  # padding: zero Grams, λ = 0
 
-    levels = [direct, shortlisted, everywhere, every_frequency]
+    first = min(big_f, max(candidates, budget // m**2))
+    sizes = sorted({first, min(big_f, 4 * first), big_f})
+    levels = [shortlisted(s, candidates if s < big_f else 4 * candidates) for s in sizes]
+    levels.append(every_frequency)
 
     def from_level(i: int) -> tuple[jax.Array, jax.Array]:
         tops, ok = levels[i]()
@@ -420,7 +416,7 @@ def screened_top_eigenvalues(
             return tops, jnp.int32(i)
         return jax.lax.cond(ok, lambda: (tops, jnp.int32(i)), lambda: from_level(i + 1))
 
-    return from_level(0 if m >= 32 else 1)
+    return from_level(0)
 
 
 def fft_norms(
