@@ -1,6 +1,6 @@
 """Time and compare the exact-norm methods of ResNet-S's constraint (``optim.norm_method``).
 
-    python benchmarks/norms_bench.py [--n=6] [--reps=20]
+    python benchmarks/norms_bench.py [--n=6] [--reps=20] [--filters=random|lowpass]
 
 For the filters of ResNet-S with ``n`` residual layers per stage on CIFAR grids (32², 16², 8²;
 16, 32, 64 channels) prints, per method, the time of :func:`stabnet.norms.fft_norms` (jitted,
@@ -37,15 +37,27 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=6)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument(
+        "--filters",
+        choices=("random", "lowpass"),
+        default="random",
+        help="random: He-initialised, flat spectra (training's first steps); lowpass: binomial "
+        "taps times one dominant direction plus a random part, one dominant frequency (as "
+        "trained filters, which `screened` certifies at its first level)",
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     shapes = [((32, 32), 16), ((16, 16), 32), ((8, 8), 64)]
     grids = [hw for hw, _ in shapes for _ in range(args.n)]
-    kernels = [
-        jnp.asarray(rng.normal(0, (2 / (9 * c)) ** 0.5, (3, 3, c, c)), jnp.float32)
-        for _, c in shapes
-        for _ in range(args.n)
-    ]
+
+    def make(c: int) -> np.ndarray:
+        he = rng.normal(0, (2 / (9 * c)) ** 0.5, (3, 3, c, c))
+        if args.filters == "random":
+            return he
+        direction = np.outer(*rng.standard_normal((2, c))) / c
+        return np.outer([1, 2, 1], [1, 2, 1])[:, :, None, None] / 16 * (direction + 0.2 * he[1, 1])
+
+    kernels = [jnp.asarray(make(c), jnp.float32) for _, c in shapes for _ in range(args.n)]
     exact = []
     for k, hw in zip(kernels, grids, strict=True):
         sym = np.asarray(norms.conv_symbol(k, hw), np.complex128)
@@ -63,6 +75,7 @@ def main() -> None:
                               "error": f"{type(e).__name__}: {e}"[:2000]}))  # fmt: skip
             continue
         print(json.dumps({"device": device, "what": f"fft_norms[{method}]", "layers": len(kernels),
+                          "filters": args.filters,
                           "ms": median_ms(fn, kernels, reps=args.reps),
                           "max_rel_diff": float(np.max(np.abs(got / exact - 1)))}))  # fmt: skip
     for hw, c in shapes:

@@ -186,7 +186,16 @@ def conv_gram_parts(kernel: jax.Array, hw: Sequence[int]) -> tuple[jax.Array, ja
     lag = lag.reshape(len(d), m * m)
     real = jnp.matmul(cos, lag, precision=_HI)
     imag = jnp.matmul(sin, lag, precision=_HI)
-    return real.reshape(-1, m, m), imag.reshape(-1, m, m)
+    return _hermitian(real.reshape(-1, m, m), imag.reshape(-1, m, m))
+
+
+def _hermitian(real: jax.Array, imag: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The Hermitian part ``(G + Gᴴ)/2`` of ``G = real + i·imag``, as its two parts: exactly
+    Hermitian in float32. Sums over lags round the entries ``(i, j)`` and ``(j, i)`` apart, by
+    up to ~1e-7 of the largest Gram, which is a large fraction of the small Grams of a low-pass
+    filter; repeated squaring doubles the phase of a non-Hermitian top eigenvalue each time, so
+    16 squarings of such a Gram ran to NaN."""
+    return (real + jnp.swapaxes(real, -1, -2)) / 2, (imag - jnp.swapaxes(imag, -1, -2)) / 2
 
 
 class GramGroup(NamedTuple):
@@ -206,7 +215,7 @@ class GramGroup(NamedTuple):
         if index is not None:
             cos, sin = (jnp.take_along_axis(t, index[..., None], axis=1) for t in (cos, sin))
         part = functools.partial(jnp.einsum, "nfl,nlij->nfij", precision=_HI)
-        return jax.lax.complex(part(cos, self.lags), part(sin, self.lags))
+        return jax.lax.complex(*_hermitian(part(cos, self.lags), part(sin, self.lags)))
 
 
 def gram_group(kernels: Sequence[jax.Array], grids: Sequence[Sequence[int]]) -> GramGroup:
@@ -248,6 +257,7 @@ def _squarings(gram: jax.Array, count: int) -> tuple[jax.Array, jax.Array, jax.A
     log_upper = jnp.log(t0)
     for j in range(1, count + 1):
         g = jnp.matmul(g, g, precision=_HI)
+        g = (g + jnp.conj(jnp.swapaxes(g, -1, -2))) / 2  # Hermitian again (see _hermitian)
         t = jnp.maximum(jnp.real(jnp.trace(g, axis1=-2, axis2=-1)), _TINY)
         g = g / t[:, None, None].astype(g.dtype)
         log_upper = log_upper + jnp.log(t) / 2.0**j
