@@ -444,7 +444,9 @@ def fft_norms(
     (a non-finite eigenvalue), the norm falls back to the upper bound ``max_ω ‖K̂(ω)‖_F``.
 
     ``method="screened"``: the same numbers as ``eigh`` with ``eigvalsh`` on a few frequencies
-    per layer (:func:`screened_top_eigenvalues`), serialised the same way.
+    per layer, the rest ruled out by bounds from the lag matrices (:func:`gram_bounds`) and Gram
+    matrices formed only where needed (:func:`screened_top_eigenvalues`), serialised the same
+    way.
 
     ``method="squaring"``: :func:`top_eigenvalue_upper` (matrix products only; never below the
     exact norm, so a constraint enforced with it holds).
