@@ -208,14 +208,18 @@ class GramGroup(NamedTuple):
     sin: np.ndarray  # [n, F, L] float32
     valid: np.ndarray  # [n, F] bool: a frequency of the layer's grid, not padding
 
-    def grams(self, index: jax.Array | None = None) -> jax.Array:
-        """``[n, k, m, m]`` complex: each layer's Grams at frequencies ``index`` ``[n, k]``
-        (all ``F`` without it)."""
+    def parts(self, index: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The real and imaginary parts, ``[n, k, m, m]`` each, of each layer's Grams at
+        frequencies ``index`` ``[n, k]`` (all ``F`` without it); exactly Hermitian."""
         cos, sin = jnp.asarray(self.cos), jnp.asarray(self.sin)
         if index is not None:
             cos, sin = (jnp.take_along_axis(t, index[..., None], axis=1) for t in (cos, sin))
         part = functools.partial(jnp.einsum, "nfl,nlij->nfij", precision=_HI)
-        return jax.lax.complex(*_hermitian(part(cos, self.lags), part(sin, self.lags)))
+        return _hermitian(part(cos, self.lags), part(sin, self.lags))
+
+    def grams(self, index: jax.Array | None = None) -> jax.Array:
+        """:meth:`parts` as complex matrices."""
+        return jax.lax.complex(*self.parts(index))
 
 
 def gram_group(kernels: Sequence[jax.Array], grids: Sequence[Sequence[int]]) -> GramGroup:
@@ -303,12 +307,6 @@ def _eigh_top(batch: jax.Array) -> jax.Array:
     top = jnp.linalg.eigvalsh(batch)[:, -1]
     frobenius = jnp.real(jnp.trace(batch, axis1=-2, axis2=-1))
     return jnp.where(jnp.isfinite(top), top, frobenius)
-
-
-def _segment_max(values: jax.Array, counts: Sequence[int]) -> jax.Array:
-    """The maximum of each consecutive segment of ``values`` of the given lengths."""
-    starts = np.cumsum([0, *counts])
-    return jnp.stack([jnp.max(values[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)])
 
 
 def gram_bounds(group: GramGroup) -> jax.Array:
@@ -465,19 +463,18 @@ def fft_norms(
 
     def size_tops(j: int) -> jax.Array:
         """``λ_max`` of each layer of Gram size ``sizes[j]``."""
-        if method == "screened":  # the lags only: Grams where the screen needs them
-            group = gram_group([units[i] for i in groups[j]], [grids[i] for i in groups[j]])
+        group = gram_group([units[i] for i in groups[j]], [grids[i] for i in groups[j]])
+        if method == "screened":  # Grams only where the screen needs them
             return screened_top_eigenvalues(group)[0]
-        parts = [conv_gram_parts(units[i], grids[i]) for i in groups[j]]
-        counts = [p[0].shape[0] for p in parts]
-        real, imag = (jnp.concatenate([p[c] for p in parts]) for c in (0, 1))
+        real, imag = (p.reshape(-1, *p.shape[-2:]) for p in group.parts())  # every frequency
         if method == "fused" and norms_kernel.supports(real):
-            upper = norms_kernel.top_eigenvalue_upper_parts(real, imag, tolerance=FUSED_TOLERANCE)
-            return _segment_max(upper, counts)
-        batch = jax.lax.complex(real, imag)
-        if method == "eigh":
-            return _segment_max(_eigh_top(batch), counts)
-        return _segment_max(top_eigenvalue_upper(batch), counts)  # squaring, or fused elsewhere
+            top = norms_kernel.top_eigenvalue_upper_parts(real, imag, tolerance=FUSED_TOLERANCE)
+        elif method == "eigh":
+            top = _eigh_top(jax.lax.complex(real, imag))
+        else:  # squaring, or fused elsewhere
+            top = top_eigenvalue_upper(jax.lax.complex(real, imag))
+        top = top.reshape(group.valid.shape)  # padding: zero Grams, left out
+        return jnp.max(jnp.where(group.valid, top, -jnp.inf), -1)
 
     order = [i for members in groups for i in members]  # the layers by Gram size
     if method in ("squaring", "fused"):  # no solver, nothing to serialise
