@@ -177,16 +177,11 @@ def _dft_tables(d: np.ndarray, hw: Sequence[int]) -> tuple[np.ndarray, np.ndarra
 
 def conv_gram_parts(kernel: jax.Array, hw: Sequence[int]) -> tuple[jax.Array, jax.Array]:
     """The real and imaginary parts of :func:`conv_gram`, ``[F, m, m]`` each: the lag matrices
-    (:func:`conv_gram_lags`) combined by a cosine and a sine matrix. On this CPU 3–5× faster
-    than products of symbols (benchmarks/RESULTS.md); the same ``[F, m, m]`` to float32 rounding.
-    """
-    lag, d = conv_gram_lags(kernel)
-    m = lag.shape[-1]
-    cos, sin = _dft_tables(d, hw)
-    lag = lag.reshape(len(d), m * m)
-    real = jnp.matmul(cos, lag, precision=_HI)
-    imag = jnp.matmul(sin, lag, precision=_HI)
-    return _hermitian(real.reshape(-1, m, m), imag.reshape(-1, m, m))
+    (:func:`conv_gram_lags`) combined by a cosine and a sine matrix (:meth:`GramGroup.parts`).
+    On this CPU 3–5× faster than products of symbols (benchmarks/RESULTS.md); the same
+    ``[F, m, m]`` to float32 rounding."""
+    real, imag = gram_group([kernel], [hw]).parts()
+    return real[0], imag[0]
 
 
 def _hermitian(real: jax.Array, imag: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -120,7 +120,7 @@ def top_eigenvalue_upper_parts(
     """:func:`stabnet.norms.top_eigenvalue_upper` of the Gram matrices ``re + i·im``
     (``[B, m, m]`` each, Hermitian PSD, ``m`` a power of two ≥ 16) by one Pallas kernel: the
     same bound to float32 rounding. Taking the real and imaginary parts as they are built
-    (:func:`stabnet.norms.conv_gram_parts`) spares the GPU a complex array to assemble and split.
+    (:meth:`stabnet.norms.GramGroup.parts`) spares the GPU a complex array to assemble and split.
     ``interpret=True`` runs the kernel's body as XLA ops (any backend, for tests);
     ``precision``, ``tolerance`` (see :func:`_squaring_kernel`) and ``num_warps`` (per program;
     default ``m/16``) are for benchmarks."""
