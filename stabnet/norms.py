@@ -130,15 +130,9 @@ def _gram(sym: jax.Array) -> jax.Array:
     return gram.reshape(-1, *gram.shape[-2:])
 
 
-def conv_gram(kernel: jax.Array, hw: Sequence[int]) -> jax.Array:
-    """``_gram(conv_symbol(kernel, hw))`` of a stride-1 filter without the symbol, in real products
-    (:func:`conv_gram_parts`)."""
-    return jax.lax.complex(*conv_gram_parts(kernel, hw))
-
-
 def conv_gram_lags(kernel: jax.Array) -> tuple[jax.Array, np.ndarray]:
     """The lag matrices of the smaller Gram matrix of a stride-1 filter: ``(M [..., L, m, m],
-    d [L, 2])`` with ``G(ω) = Σ_l e^{iω·d_l} M_l`` (see :func:`conv_gram_parts`).
+    d [L, 2])`` with ``G(ω) = Σ_l e^{iω·d_l} M_l`` (see :func:`conv_gram`).
 
     With ``S(ω) = Σ_t e^{iω·o_t} K_tᵀ`` (taps ``t`` at offsets ``o_t``),
     ``S Sᴴ = Σ_d e^{iω·d} M_d`` with ``M_d = Σ_{o_t − o_s = d} K_tᵀ K_s`` (or ``Sᴴ S`` with
@@ -173,15 +167,6 @@ def _dft_tables(d: np.ndarray, hw: Sequence[int]) -> tuple[np.ndarray, np.ndarra
     u, v = np.meshgrid(np.arange(h), np.arange(w // 2 + 1), indexing="ij")
     angle = 2 * np.pi * (u.reshape(-1, 1) * d[:, 0] / h + v.reshape(-1, 1) * d[:, 1] / w)
     return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-
-
-def conv_gram_parts(kernel: jax.Array, hw: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-    """The real and imaginary parts of :func:`conv_gram`, ``[F, m, m]`` each: the lag matrices
-    (:func:`conv_gram_lags`) combined by a cosine and a sine matrix (:meth:`GramGroup.parts`).
-    On this CPU 3–5× faster than products of symbols (benchmarks/RESULTS.md); the same
-    ``[F, m, m]`` to float32 rounding."""
-    real, imag = gram_group([kernel], [hw]).parts()
-    return real[0], imag[0]
 
 
 def _hermitian(real: jax.Array, imag: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -222,11 +207,14 @@ def gram_group(kernels: Sequence[jax.Array], grids: Sequence[Sequence[int]]) -> 
     filters of one shape in one batched product."""
     lags: list[Any] = [None] * len(kernels)
     offsets: list[Any] = [None] * len(kernels)
-    for shape in sorted({k.shape for k in kernels}):
+    shapes = sorted({k.shape for k in kernels})
+    for shape in shapes:
         members = [i for i, k in enumerate(kernels) if k.shape == shape]
         lag, d = conv_gram_lags(jnp.stack([kernels[i] for i in members]))
         for j, i in enumerate(members):
             lags[i], offsets[i] = lag[j], d
+    if len(shapes) == 1:  # one batch, in the layers' order, nothing to pad
+        lags = lag
     every = sorted({tuple(x) for d in offsets for x in d})  # the lags of all filters
     columns = [np.asarray([every.index(tuple(x)) for x in d]) for d in offsets]
     tables = [_dft_tables(d, hw) for d, hw in zip(offsets, grids, strict=True)]
@@ -236,11 +224,19 @@ def gram_group(kernels: Sequence[jax.Array], grids: Sequence[Sequence[int]]) -> 
     for i, ((c, s), cols) in enumerate(zip(tables, columns, strict=True)):
         cos[i][: len(c), cols], sin[i][: len(c), cols] = c, s
         valid[i, : len(c)] = True
-    m = lags[0].shape[-1]
-    stacked = jnp.stack([jnp.zeros((len(every), m, m), jnp.float32).at[cols].set(lag)
-                         if len(cols) < len(every) else lag
-                         for lag, cols in zip(lags, columns, strict=True)])  # fmt: skip
-    return GramGroup(stacked, cos, sin, valid)
+    if len(shapes) > 1:  # each filter's lags among all lags (zeros where it has none)
+        m = lags[0].shape[-1]
+        lags = jnp.stack([jnp.zeros((len(every), m, m), jnp.float32).at[cols].set(lag)
+                          for lag, cols in zip(lags, columns, strict=True)])  # fmt: skip
+    return GramGroup(lags, cos, sin, valid)
+
+
+def conv_gram(kernel: jax.Array, hw: Sequence[int]) -> jax.Array:
+    """``_gram(conv_symbol(kernel, hw))`` of a stride-1 filter without the symbol: its lag
+    matrices combined by a cosine and a sine matrix (:class:`GramGroup`), in real products. On
+    this CPU 3–5× faster than products of symbols (benchmarks/RESULTS.md); the same
+    ``[F, m, m]`` to float32 rounding, and exactly Hermitian."""
+    return gram_group([kernel], [hw]).grams()[0]
 
 
 NORM_METHODS = ("eigh", "screened", "squaring", "fused")
