@@ -8,7 +8,7 @@
 #                    --implementation cp --platform manylinux_2_17_x86_64 -d .whl \
 #                    ml_collections==1.1.0 tensorboardX==2.6.5
 #   device:      run(command="bash benchmarks/device_check.sh", carry=["device_data", ".whl"],
-#                    timeout_s=560)  # ~515 s of jobs on an H200, summed from their ninth-session times
+#                    timeout_s=450)  # the jobs in order of importance: a call cut short loses the last
 #
 # Writes to $OUT (or ./device_out), 8 files at most (the device tool's limit): log.txt (with
 # the kernel counts of the HLO dump and each job's wall time), bench.jsonl (one
@@ -57,8 +57,17 @@ EOF
 fi
 
 bench() {  # bench CONFIG [overrides...]: its JSON line into bench.jsonl, its stderr into the log
-  python3 -m experiments.benchmark --config="$1" "${@:2}" --steps="$BENCH_STEPS" --json \
-    --config.data.local_dir="$DATA" | grep '^{' | tail -1 | tee -a "$OUT/bench.jsonl"
+  # (SCREEN=1: ResNet-S's squaring/fused norms with screen=True, norms.fft_norms patched)
+  python3 -c "import functools, runpy, sys
+from stabnet import norms
+if sys.argv[1] == '1':
+    norms.fft_norms = functools.partial(norms.fft_norms, screen=True)
+sys.argv[:2] = ['experiments.benchmark']
+runpy.run_module('experiments.benchmark', run_name='__main__')" "${SCREEN:-0}" \
+    --config="$1" "${@:2}" --steps="$BENCH_STEPS" --json --config.data.local_dir="$DATA" \
+    | grep '^{' | tail -1 | python3 -c "import json, sys
+print(json.dumps({**json.loads(sys.stdin.read()), 'screen': sys.argv[1] == '1'}))" "${SCREEN:-0}" \
+    | tee -a "$OUT/bench.jsonl"
 }
 trace() {  # trace DIR NAME: where the profiled steps' GPU time went (bench ... --profile=DIR),
   # and what the constraints add to it (DIR/on against DIR/off)
@@ -86,8 +95,8 @@ kernels() {  # kernels DUMP_DIR: what XLA launches, from the optimised HLO of th
     grep 'cudnn\$conv' "$f" | head -2 | cut -c1-400  # the layouts XLA chose for cuDNN
   done
 }
-norms() {  # the exact-norm methods of ResNet-S's constraint, alone
-  python3 benchmarks/norms_bench.py | tee -a "$OUT/norms.jsonl"
+norms() {  # the exact-norm methods of ResNet-S's constraint, alone [norms_bench.py options]
+  python3 benchmarks/norms_bench.py "$@" | tee -a "$OUT/norms.jsonl"
 }
 forms() {  # forms OP [CONFIG]: alternative formulations of one operation, timed in alternation
   python3 benchmarks/forms.py --op="$1" --config="${2:-experiments/configs/d_depth18.py}" \
@@ -124,14 +133,19 @@ else  # in order of importance: a call cut short by its time limit loses the las
     "XLA_FLAGS=--xla_dump_to=/tmp/xla_d18 bench experiments/configs/d_depth18.py --profile=/tmp/prof_d18"
     "kernels /tmp/xla_d18"
     "trace /tmp/prof_d18 d18"
-    "forms crop"  # stride-1 convolutions: SAME + crop (default) / VALID; not yet timed on a GPU
-    "bench experiments/configs/s_depth20.py --profile=/tmp/prof_s20"  # auto: fused on GPUs
+    # ResNet-S past its first ~100 steps (flat spectra), where the screen rules frequencies out
+    "bench experiments/configs/s_depth20.py --warmup=200 --profile=/tmp/prof_s20"  # auto: fused
     "trace /tmp/prof_s20 s20"
-    "bench experiments/configs/s_depth20.py --config.optim.norm_method=squaring"
-    "norms"
+    "SCREEN=1 bench experiments/configs/s_depth20.py --warmup=200 --profile=/tmp/prof_s20s"
+    "trace /tmp/prof_s20s s20_screen"
+    "trainings"
     "bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16"
     "bench experiments/configs/d_depth54.py"
-    "trainings"
+    "norms --filters=lowpass --methods_only"
+    "forms crop"  # stride-1 convolutions: SAME + crop (default) / VALID; not yet timed on a GPU
+    "SCREEN=1 bench experiments/configs/s_depth20.py --warmup=200 --config.optim.norm_method=squaring"
+    "SCREEN=1 bench experiments/configs/s_depth20.py"  # from initialisation: no warm-up
+    "norms"
     "forms bn"  # BatchNorm statistics: two_pass / one_pass (default) / dot
   )
 fi
@@ -148,6 +162,7 @@ bench = out / "bench.jsonl"
 for line in bench.read_text().splitlines() if bench.exists() else []:
     r = json.loads(line)
     print(f"{r['config']:<20} {r['dtype']:<8} b{r['batch_size']} spd {r['steps_per_dispatch']:>3}"
+          f" w{r['warmup_steps']}{' screen' if r.get('screen') else ''}"
           f" {r['images_per_second']:>8,.0f} img/s {r['step_ms']:6.2f} ms/step compile "
           f"{r['compile_seconds']:4.1f} s constraints {100 * r['constraint_share']:4.1f}% "
           f"{r.get('norm_method') or ''} {r.get('xla_flags') or ''}")

@@ -1,12 +1,13 @@
 """Time and compare the exact-norm methods of ResNet-S's constraint (``optim.norm_method``).
 
-    python benchmarks/norms_bench.py [--n=6] [--reps=20] [--filters=random|lowpass]
+    python benchmarks/norms_bench.py [--n=6] [--reps=20] [--filters=random|lowpass] [--methods_only]
 
 For the filters of ResNet-S with ``n`` residual layers per stage on CIFAR grids (32², 16², 8²;
-16, 32, 64 channels) prints, per method, the time of :func:`stabnet.norms.fft_norms` (jitted,
-median of ``reps``) and its largest relative difference from float64 NumPy on the same symbols,
-then per Gram size (the ``n`` layers' Grams together) the time of one batched ``eigvalsh``, of
-the squarings and of the fused kernel's variants. Prints one JSON line per measurement.
+16, 32, 64 channels) prints, per method (``squaring`` and ``fused`` also with
+``screen=True``), the time of :func:`stabnet.norms.fft_norms` (jitted, median of ``reps``)
+and its largest relative difference from float64 NumPy on the same symbols, then per Gram size
+(the ``n`` layers' Grams together) the time of one batched ``eigvalsh``, of the squarings and
+of the fused kernel's variants. Prints one JSON line per measurement.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
         "taps times one dominant direction plus a random part, one dominant frequency (as "
         "trained filters, which `screened` certifies at its first level)",
     )
+    parser.add_argument("--methods_only", action="store_true", help="no per-size timings")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     shapes = [((32, 32), 16), ((16, 16), 32), ((8, 8), 64)]
@@ -66,19 +68,22 @@ def main() -> None:
         )
     exact = np.asarray(exact)
     device = jax.devices()[0].device_kind
-    for method in norms.NORM_METHODS:
-        fn = jax.jit(lambda ks, m=method: jnp.stack(norms.fft_norms(ks, grids, method=m)))
+    variants = [(m, False) for m in norms.NORM_METHODS] + [("squaring", True), ("fused", True)]
+    for method, screen in variants:
+        fn = jax.jit(lambda ks, m=method, s=screen: jnp.stack(
+            norms.fft_norms(ks, grids, method=m, screen=s)))  # fmt: skip
+        what = f"fft_norms[{method}{', screen' if screen else ''}]"
         try:
             got = np.asarray(fn(kernels), np.float64)
         except Exception as e:  # a kernel that does not compile here: say so, go on
-            print(json.dumps({"device": device, "what": f"fft_norms[{method}]",
+            print(json.dumps({"device": device, "what": what,
                               "error": f"{type(e).__name__}: {e}"[:2000]}))  # fmt: skip
             continue
-        print(json.dumps({"device": device, "what": f"fft_norms[{method}]", "layers": len(kernels),
+        print(json.dumps({"device": device, "what": what, "layers": len(kernels),
                           "filters": args.filters,
                           "ms": median_ms(fn, kernels, reps=args.reps),
                           "max_rel_diff": float(np.max(np.abs(got / exact - 1)))}))  # fmt: skip
-    for hw, c in shapes:
+    for hw, c in [] if args.methods_only else shapes:
         batch = jnp.concatenate(
             [
                 norms._gram(norms.conv_symbol(k, g))

@@ -404,10 +404,21 @@ def screened_top_eigenvalues(
     def every_frequency() -> tuple[jax.Array, jax.Array]:
         return _eigh_max(group.grams()), jnp.bool_(True)  # padding: zero Grams, λ = 0
 
-    first = min(big_f, max(candidates, budget // m**2))
-    sizes = sorted({first, min(big_f, 4 * first), big_f})
+    sizes = _shortlist_sizes(big_f, max(candidates, budget // m**2))
     levels = [shortlisted(s, candidates if s < big_f else 4 * candidates) for s in sizes]
-    levels.append(every_frequency)
+    return _first_certified([*levels, every_frequency])
+
+
+def _shortlist_sizes(big_f: int, first: int) -> list[int]:
+    """The screens' shortlists: ``first``, ``4·first`` and every frequency, without repeats."""
+    return sorted({min(big_f, first), min(big_f, 4 * first), big_f})
+
+
+def _first_certified(
+    levels: Sequence[Callable[[], tuple[jax.Array, jax.Array]]],
+) -> tuple[jax.Array, jax.Array]:
+    """``(tops, i)`` of the first level ``i`` whose result is certified (its second output), the
+    next one run only where the one before failed (:func:`jax.lax.cond`); the last is final."""
 
     def from_level(i: int) -> tuple[jax.Array, jax.Array]:
         tops, ok = levels[i]()
@@ -418,8 +429,48 @@ def screened_top_eigenvalues(
     return from_level(0)
 
 
+UpperFn = Callable[[jax.Array, jax.Array], jax.Array]  # (real, imag) [B, m, m] -> λ bounds [B]
+
+
+def screened_upper_bounds(
+    group: GramGroup, upper: UpperFn, *, budget: int = 8192
+) -> tuple[jax.Array, jax.Array]:
+    """``max_ω upper(G(ω))`` of each layer of ``group`` with ``upper`` a bound ``≥ λ_max``
+    (:func:`top_eigenvalue_upper`, the fused kernel), evaluated on a shortlist only.
+
+    The screen of :func:`screened_top_eigenvalues` without an eigensolver: the ``s``
+    frequencies of largest :func:`gram_bounds` per layer (``s = max(2, budget/m²)``, then
+    ``4s``, then all), their Grams formed and bounded by ``upper``; the layer's maximum ``U``
+    over the shortlist holds for every frequency once each other one has ``gram_bounds ≤ U``.
+    ``U`` is then an upper bound on the layer's ``λ_max`` at least as tight as ``upper``'s
+    maximum over all frequencies. Returns ``(tops [n], level)`` as that function does.
+    """
+    big_f = group.valid.shape[-1]
+    m = group.lags.shape[-1]
+    bound = gram_bounds(group)
+
+    def shortlisted(size: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
+        def level() -> tuple[jax.Array, jax.Array]:
+            index, rest = _top_k(bound, size)
+            every = size == big_f
+            real, imag = group.parts(None if every else index)
+            top = upper(real.reshape(-1, m, m), imag.reshape(-1, m, m)).reshape(index.shape)
+            valid = group.valid if every else jnp.take_along_axis(group.valid, index, 1)
+            tops = jnp.max(jnp.where(valid, top, -jnp.inf), -1)
+            return tops, jnp.all(rest <= tops)
+
+        return level
+
+    sizes = _shortlist_sizes(big_f, max(2, budget // m**2))
+    return _first_certified([shortlisted(s) for s in sizes])
+
+
 def fft_norms(
-    kernels: Sequence[jax.Array], grids: Sequence[Sequence[int]], *, method: str = "eigh"
+    kernels: Sequence[jax.Array],
+    grids: Sequence[Sequence[int]],
+    *,
+    method: str = "eigh",
+    screen: bool = False,
 ) -> list[jax.Array]:
     """:func:`fft_norm` of several stride-1 circular convolutions, all Gram matrices of one size
     batched together (built from lag matrices, :func:`conv_gram`).
@@ -444,6 +495,9 @@ def fft_norms(
     (:mod:`stabnet.norms_kernel`) on GPUs, each matrix's stopped once its upper bound is within
     ``FUSED_TOLERANCE`` of a lower bound (at most the same 16); Gram sizes the kernel does not
     take (not a power of two from 16) and other backends run ``squaring``.
+
+    ``screen=True`` (``squaring`` and ``fused``): their bound on a shortlist of frequencies
+    only, the rest ruled out as ``screened`` does (:func:`screened_upper_bounds`).
     """
     if method not in NORM_METHODS:
         raise ValueError(f"norm method {method!r} is unknown; allowed: {', '.join(NORM_METHODS)}")
@@ -457,14 +511,20 @@ def fft_norms(
         group = gram_group([units[i] for i in groups[j]], [grids[i] for i in groups[j]])
         if method == "screened":  # Grams only where the screen needs them
             return screened_top_eigenvalues(group)[0]
+
+        def top_of(real: jax.Array, imag: jax.Array) -> jax.Array:
+            if method == "eigh":
+                return _eigh_top(jax.lax.complex(real, imag))
+            if method == "fused" and norms_kernel.supports(real):
+                return norms_kernel.top_eigenvalue_upper_parts(
+                    real, imag, tolerance=FUSED_TOLERANCE
+                )
+            return top_eigenvalue_upper(jax.lax.complex(real, imag))  # squaring, fused elsewhere
+
+        if screen and method != "eigh":  # bounds on a shortlist
+            return screened_upper_bounds(group, top_of)[0]
         real, imag = (p.reshape(-1, *p.shape[-2:]) for p in group.parts())  # every frequency
-        if method == "fused" and norms_kernel.supports(real):
-            top = norms_kernel.top_eigenvalue_upper_parts(real, imag, tolerance=FUSED_TOLERANCE)
-        elif method == "eigh":
-            top = _eigh_top(jax.lax.complex(real, imag))
-        else:  # squaring, or fused elsewhere
-            top = top_eigenvalue_upper(jax.lax.complex(real, imag))
-        top = top.reshape(group.valid.shape)  # padding: zero Grams, left out
+        top = top_of(real, imag).reshape(group.valid.shape)  # padding: zero Grams, left out
         return jnp.max(jnp.where(group.valid, top, -jnp.inf), -1)
 
     order = [i for members in groups for i in members]  # the layers by Gram size

@@ -529,6 +529,41 @@ def test_screened_top_eigenvalues_are_exact_at_every_level():
         np.testing.assert_allclose(np.asarray(tops), want, rtol=1e-5)
 
 
+def test_screened_upper_bounds_hold_at_every_level():
+    """:func:`norms.screened_upper_bounds` with the squarings' bound: at least float64's
+    ``λ_max`` over all frequencies and within the squarings' overestimate of it, whichever
+    level certifies it (a dominant peak: level 0; a weaker one: the longer shortlist; random
+    filters' flat spectra and identity filters, whose Grams no bound separates: every
+    frequency), and never looser than the bound's maximum over all frequencies."""
+    rng = np.random.default_rng(6)
+    binomial = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
+
+    def lowpass(sigma: float) -> np.ndarray:
+        u, v = rng.standard_normal((2, 32))
+        a = np.outer(u, v) / 32 + sigma * rng.standard_normal((32, 32)) / np.sqrt(32)
+        return binomial[:, :, None, None] * a
+
+    identity = np.zeros((3, 3, 32, 32))
+    identity[1, 1] = np.eye(32)
+    random = [rng.standard_normal((3, 3, 32, 32)) for _ in range(3)]
+    cases = [([peak := lowpass(0.03), 0.5 * peak], 0), ([lowpass(1.0), lowpass(1.0)], 1),
+             (random[:2], 2), ([identity, random[2]], 2)]  # fmt: skip
+    upper = jax.jit(lambda re, im: norms.top_eigenvalue_upper(jax.lax.complex(re, im)))
+    for kernels, level in cases:
+        kernels = [jnp.asarray(k, jnp.float32) for k in kernels]
+        grids = [(16, 16), (14, 16)]  # a second grid: padded frequencies
+        group = norms.gram_group(kernels, grids)
+        tops, got_level = norms.screened_upper_bounds(group, upper)
+        want = [np.linalg.eigvalsh(_gram64(np.asarray(k, np.float64), g))[:, -1].max()
+                for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
+        assert int(got_level) == level
+        assert np.all(np.asarray(tops) >= np.asarray(want) * (1 - 1e-6))
+        np.testing.assert_allclose(np.asarray(tops), want, rtol=1e-4)  # 32^(2^-16) − 1: 5.3e-5
+        every = upper(*(p.reshape(-1, 32, 32) for p in group.parts())).reshape(2, -1)
+        loosest = jnp.max(jnp.where(group.valid, every, -jnp.inf), -1)
+        assert np.all(np.asarray(tops) <= np.asarray(loosest) * (1 + 1e-6))
+
+
 def test_gram_group_pads_other_grids_and_filter_sizes():
     """Layers of one Gram size with other grids and other filter sizes (1×1, 3×3 both ways
     round, 5×3) in one :class:`norms.GramGroup`: at each layer's frequencies its Grams are
