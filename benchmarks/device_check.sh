@@ -57,17 +57,8 @@ EOF
 fi
 
 bench() {  # bench CONFIG [overrides...]: its JSON line into bench.jsonl, its stderr into the log
-  # (SCREEN=1: ResNet-S's squaring/fused norms with screen=True, norms.fft_norms patched)
-  python3 -c "import functools, runpy, sys
-from stabnet import norms
-if sys.argv[1] == '1':
-    norms.fft_norms = functools.partial(norms.fft_norms, screen=True)
-sys.argv[:2] = ['experiments.benchmark']
-runpy.run_module('experiments.benchmark', run_name='__main__')" "${SCREEN:-0}" \
-    --config="$1" "${@:2}" --steps="$BENCH_STEPS" --json --config.data.local_dir="$DATA" \
-    | grep '^{' | tail -1 | python3 -c "import json, sys
-print(json.dumps({**json.loads(sys.stdin.read()), 'screen': sys.argv[1] == '1'}))" "${SCREEN:-0}" \
-    | tee -a "$OUT/bench.jsonl"
+  python3 -m experiments.benchmark --config="$1" "${@:2}" --steps="$BENCH_STEPS" --json \
+    --config.data.local_dir="$DATA" | grep '^{' | tail -1 | tee -a "$OUT/bench.jsonl"
 }
 trace() {  # trace DIR NAME: where the profiled steps' GPU time went (bench ... --profile=DIR),
   # and what the constraints add to it (DIR/on against DIR/off)
@@ -136,15 +127,15 @@ else  # in order of importance: a call cut short by its time limit loses the las
     # ResNet-S past its first ~100 steps (flat spectra), where the screen rules frequencies out
     "bench experiments/configs/s_depth20.py --warmup=200 --profile=/tmp/prof_s20"  # auto: fused
     "trace /tmp/prof_s20 s20"
-    "SCREEN=1 bench experiments/configs/s_depth20.py --warmup=200 --profile=/tmp/prof_s20s"
+    "bench experiments/configs/s_depth20.py --warmup=200 --config.optim.norm_screen=true --profile=/tmp/prof_s20s"
     "trace /tmp/prof_s20s s20_screen"
     "trainings"
     "bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16"
     "bench experiments/configs/d_depth54.py"
     "norms --filters=lowpass --methods_only"
     "forms crop"  # stride-1 convolutions: SAME + crop (default) / VALID; not yet timed on a GPU
-    "SCREEN=1 bench experiments/configs/s_depth20.py --warmup=200 --config.optim.norm_method=squaring"
-    "SCREEN=1 bench experiments/configs/s_depth20.py"  # from initialisation: no warm-up
+    "bench experiments/configs/s_depth20.py --warmup=200 --config.optim.norm_method=squaring --config.optim.norm_screen=true"
+    "bench experiments/configs/s_depth20.py --config.optim.norm_screen=true"  # no warm-up: flat spectra
     "norms"
     "forms bn"  # BatchNorm statistics: two_pass / one_pass (default) / dot
   )
@@ -162,7 +153,7 @@ bench = out / "bench.jsonl"
 for line in bench.read_text().splitlines() if bench.exists() else []:
     r = json.loads(line)
     print(f"{r['config']:<20} {r['dtype']:<8} b{r['batch_size']} spd {r['steps_per_dispatch']:>3}"
-          f" w{r['warmup_steps']}{' screen' if r.get('screen') else ''}"
+          f" w{r['warmup_steps']}{' screen' if r.get('norm_screen') else ''}"
           f" {r['images_per_second']:>8,.0f} img/s {r['step_ms']:6.2f} ms/step compile "
           f"{r['compile_seconds']:4.1f} s constraints {100 * r['constraint_share']:4.1f}% "
           f"{r.get('norm_method') or ''} {r.get('xla_flags') or ''}")

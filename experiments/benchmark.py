@@ -168,6 +168,7 @@ def benchmark(
         "constraint_share": constraint_ms / float(np.median(ms["on"])),
         "constraint_ms_range": [float(saved.min()), float(saved.max())],  # over the rounds
         "norm_method": norm_method,
+        "norm_screen": config.optim.norm_screen if spectral else None,
         "peak_memory_bytes": peak,
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages: stabnet.cli

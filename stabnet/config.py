@@ -94,6 +94,7 @@ SCHEMA: dict[str, Field] = {
     "optim.constraints": _BOOL,
     "optim.max_operator_norm": _float(0.0, open_lo=True),
     "optim.norm_method": _choice("auto", *norms.NORM_METHODS),
+    "optim.norm_screen": _BOOL,
 }
 
 

@@ -118,6 +118,7 @@ def spectral_rescale(
     grids: Mapping[str, tuple[int, int]],
     max_norm: float = SQRT2,
     method: str = "eigh",
+    screen: bool = False,
 ) -> optax.GradientTransformation:
     """Rescale so that ``‖A_K‖₂ ≤ max_norm`` for every filter ``K`` whose path matches ``pattern``.
 
@@ -125,7 +126,7 @@ def spectral_rescale(
     (``grids[layer]``; for zero padding, :func:`stabnet.norms.zero_padding_grid`, whose circular
     norm bounds the zero-padded one) computed once per step, exactly, by FFT, all layers together
     (:func:`stabnet.norms.fft_norms` with ``method``: ``eigh``, ``screened``, ``squaring`` or
-    ``fused``).
+    ``fused``; ``screen``: the latter two on a shortlist of frequencies only).
     In training, ResNet-S's layer (4.2) is blind to the scale of ``K`` (BN₁ and the frozen BN₀
     both normalise by batch statistics), so there the rescaling sets the size of the following
     gradient steps (relative to ``‖K‖``), not the function; for the certified ResNet-S, which has
@@ -148,7 +149,9 @@ def spectral_rescale(
             return new, SpectralState(zero, zero)
         kernels = [params[name][k] + updates[name][k] for name, k in paths]
         # All norms at once: one batch of Gram matrices per size (norms.fft_norms).
-        norms_ = norms.fft_norms(kernels, [grids[name] for name, _ in paths], method=method)
+        norms_ = norms.fft_norms(
+            kernels, [grids[name] for name, _ in paths], method=method, screen=screen
+        )
         for (name, k), kernel, norm in zip(paths, kernels, norms_, strict=True):
             factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
             new[name][k] = _exact_update(params[name][k], kernel * factor, factor < 1.0)
@@ -246,7 +249,10 @@ def build_optimizer(
             if config.model.padding == "zeros":  # bound the zero-padded maps from above
                 grids = {name: norms.zero_padding_grid(hw, params[name]["K"].shape[:2])
                          for name, hw in grids.items() if "K" in params.get(name, {})}  # fmt: skip
-            chain.append(spectral_rescale(SYMMETRIC_FILTER, grids, opt.max_operator_norm, method))
+            screen = opt.get("norm_screen", False)  # absent in older workdirs
+            chain.append(
+                spectral_rescale(SYMMETRIC_FILTER, grids, opt.max_operator_norm, method, screen)
+            )
     return optax.chain(*chain), schedule
 
 

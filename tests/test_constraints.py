@@ -122,6 +122,7 @@ def test_resnet_d_outer_filters_stay_nonnegative():
         ("resnet_s", "squaring"),
         ("resnet_s_certified", "squaring"),
         ("resnet_s", "screened"),
+        ("resnet_s", "squaring+screen"),  # optim.norm_screen=true
     ],  # fmt: skip
     ids=lambda p: "-".join(p),
 )
@@ -129,9 +130,11 @@ def symmetric_run(request):
     """3 steps of ResNet-S (or certified) with gradients ×100, the norms by ``method``: ‖A_K‖₂
     of every filter after every step."""
     variant, method = request.param
+    method, screen, _ = method.partition("+screen")
     params, stats = random_variables(variant, 1)
     grads = [random_grads(params, 10 + s, 100.0) for s in range(3)]
-    history, _ = run_steps(make_config(variant, norm_method=method), params, grads)
+    config = make_config(variant, norm_method=method, norm_screen=bool(screen))
+    history, _ = run_steps(config, params, grads)
     grids = networks.layer_grids(N, HW)
     got = [
         float(norms.fft_norm(p[layer]["K"], grids[layer]))
@@ -145,6 +148,23 @@ def test_symmetric_filters_operator_norm_at_most_sqrt2(symmetric_run):
     """Every ResNet-S filter has ``‖A_K‖₂ ≤ √2(1 + 1e-6)`` on its grid after every step."""
     variant, got = symmetric_run
     assert got.max() <= SQRT2 * (1 + 1e-6), (variant, got)
+
+
+def test_norm_method_and_screen_reach_the_norms(monkeypatch):
+    """``optim.norm_method`` and ``optim.norm_screen`` are what the rescaling asks
+    :func:`stabnet.norms.fft_norms` for, once per step."""
+    calls = []
+    fft_norms = norms.fft_norms
+    monkeypatch.setattr(
+        norms, "fft_norms", lambda *a, **kw: calls.append(kw) or fft_norms(*a, **kw)
+    )
+    params, _ = random_variables("resnet_s", 1)
+    grads = [random_grads(params, 3, 1.0)] * 2
+    for screen in (True, False):
+        run_steps(
+            make_config("resnet_s", norm_method="squaring", norm_screen=screen), params, grads
+        )
+    assert calls == [{"method": "squaring", "screen": s} for s in (True, True, False, False)]
 
 
 def test_certified_norm_strict_bound_after_a_large_shrink():

@@ -59,4 +59,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.constraints = True  # K₂ ≥ 0 (ResNet-D), ‖A‖₂ ≤ max_operator_norm (ResNet-S)
     config.optim.max_operator_norm = math.sqrt(2.0)
     config.optim.norm_method = "auto"  # ‖A_K‖₂: eigh, screened, squaring, fused; auto: by backend
+    config.optim.norm_screen = False  # squaring, fused: bound a shortlist of frequencies only
     return config
