@@ -2,11 +2,8 @@
 # One device call: the GPU benchmark and a short CIFAR-10 training of ResNet-D, ResNet-S and the
 # baseline (issue 5). Prepared so that a session lent a GPU spends its minutes measuring:
 #
-#   here, once:  printf '/device_data/\n/.whl/\n' >> .git/info/exclude
-#                mkdir -p device_data && cp ../shared/data/{cifar10_jpeg.npz,materialize.py} device_data/
-#                python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#                    --implementation cp --platform manylinux_2_17_x86_64 -d .whl \
-#                    ml_collections==1.1.0 tensorboardX==2.6.5
+#   here, once:  bash benchmarks/device_check.sh --prepare   (the data and the wheels the device
+#                lacks, in folders that git ignores; needs ../shared/data and the package index)
 #   device:      run(command="bash benchmarks/device_check.sh", carry=["device_data", ".whl"],
 #                    timeout_s=450)  # the jobs in order of importance: a call cut short loses the last
 #
@@ -24,6 +21,19 @@
 #       "train s20 experiments/configs/s_depth20.py --config.optim.norm_method=eigh"
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--prepare" ]; then  # here, not on the device
+  set -e
+  mkdir -p .git/info && touch .git/info/exclude
+  for path in /device_data/ /.whl/ /device_out/; do
+    grep -qxF "$path" .git/info/exclude || echo "$path" >> .git/info/exclude
+  done
+  mkdir -p device_data && cp -f ../shared/data/cifar10_jpeg.npz ../shared/data/materialize.py device_data/
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_17_x86_64 -d .whl \
+    ml_collections==1.1.0 tensorboardX==2.6.5
+  du -sh device_data .whl
+  exit 0
+fi
 OUT=${OUT:-$PWD/device_out}
 BENCH_STEPS=${BENCH_STEPS:-300}
 TRAIN_STEPS=${TRAIN_STEPS:-3000}
