@@ -139,6 +139,7 @@ else  # in order of importance: a call cut short by its time limit loses the las
     "trace /tmp/prof_s20 s20"
     "bench experiments/configs/s_depth20.py --warmup=200 --config.optim.norm_screen=true --profile=/tmp/prof_s20s"
     "trace /tmp/prof_s20s s20_screen"
+    "forms lags experiments/configs/s_depth20.py"  # lag matrices: 25 slice sums / one product
     "trainings"
     "bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16"
     "bench experiments/configs/d_depth54.py"

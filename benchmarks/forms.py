@@ -11,6 +11,8 @@ CPU default) against one by one (``fold_batch=False``, the default elsewhere).
 "VALID" one (no border outputs).
 ``--op=bn``: the forms of BatchNorm's batch statistics, ``model.bn_stats`` (``two_pass``,
 ``one_pass``, the default, and ``dot``; :func:`stabnet.ops.batch_norm`).
+``--op=lags``: the lag matrices of ResNet-S's exact norms summed as slices (the default) or
+as one 0/1 selection product (:func:`stabnet.norms.conv_gram_lags`; use a ResNet-S config).
 ``--op=order``: the data order of each epoch drawn once and kept on the device (the default,
 :class:`stabnet.train.EpochOrders`) against drawn afresh every step (a sort of all example
 indices; ``make_step_fns(order_cache=False)``).
@@ -30,8 +32,8 @@ import json
 import re
 import time
 
-# op: (where, name, keyword, {form: value}): "ops" patches stabnet.ops.<name> with the keyword
-# (or, keyword None, with the value's keywords),
+# op: (where, name, keyword, {form: value}): "ops" ("norms") patches stabnet.ops.<name>
+# (stabnet.norms.<name>) with the keyword (or, keyword None, with the value's keywords),
 # "config" sets config.model.<name>, "step_fns" passes the keyword to train.make_step_fns.
 FORMS = {
     "conv": ("ops", "conv", "fold_batch", {"side by side": True, "one by one": False}),
@@ -45,6 +47,7 @@ FORMS = {
         },
     ),  # fmt: skip
     "bn": ("config", "bn_stats", None, {f: f for f in ("two_pass", "one_pass", "dot")}),
+    "lags": ("norms", "conv_gram_lags", "form", {f: f for f in ("slices", "product")}),
     "order": ("step_fns", None, "order_cache", {"per epoch": True, "per step": False}),
 }
 
@@ -67,7 +70,7 @@ def main() -> None:
     import numpy as np
 
     from experiments.sweep import load_config_file
-    from stabnet import data, ops, parallel, train
+    from stabnet import data, norms, ops, parallel, train
 
     config = load_config_file(args.config)
     per_call = 1 if jax.default_backend() == "cpu" else config.steps_per_dispatch
@@ -78,14 +81,15 @@ def main() -> None:
     mesh = parallel.make_mesh()
     arrays = parallel.put_replicated((x, y, data.pixel_mean(x)), mesh)
     where, name, keyword, forms = FORMS[args.op]
-    original, runs, kernels = getattr(ops, name, None) if name else None, {}, {}
+    module = {"ops": ops, "norms": norms}.get(where)
+    original, runs, kernels = getattr(module, name) if module else None, {}, {}
     try:
         for form, value in forms.items():
             if where == "config":
                 config.model[name] = value
-            elif where == "ops":  # ops.<name> is looked up when the step is traced (first call)
+            elif module:  # <module>.<name> is looked up when the step is traced (first call)
                 kwargs = value if keyword is None else {keyword: value}
-                setattr(ops, name, functools.partial(original, **kwargs))
+                setattr(module, name, functools.partial(original, **kwargs))
             model = train.model_from_config(config, classes)
             state, tx, _ = train.create_train_state(config, model, (h, w, c))
             extra = {keyword: value} if where == "step_fns" else {}
@@ -99,8 +103,8 @@ def main() -> None:
             jax.block_until_ready(acc)
             runs[form] = [fns, state, orders]
     finally:
-        if where == "ops":
-            setattr(ops, name, original)
+        if module:
+            setattr(module, name, original)
     device = jax.devices()[0].device_kind
     dispatches = max(args.steps // per_call, 1)
     for r in range(args.rounds):

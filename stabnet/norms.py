@@ -130,7 +130,10 @@ def _gram(sym: jax.Array) -> jax.Array:
     return gram.reshape(-1, *gram.shape[-2:])
 
 
-def conv_gram_lags(kernel: jax.Array) -> tuple[jax.Array, np.ndarray]:
+LAG_FORMS = ("slices", "product")
+
+
+def conv_gram_lags(kernel: jax.Array, form: str = "slices") -> tuple[jax.Array, np.ndarray]:
     """The lag matrices of the smaller Gram matrix of a stride-1 filter: ``(M [..., L, m, m],
     d [L, 2])`` with ``G(ω) = Σ_l e^{iω·d_l} M_l`` (see :func:`conv_gram`).
 
@@ -139,7 +142,15 @@ def conv_gram_lags(kernel: jax.Array) -> tuple[jax.Array, np.ndarray]:
     ``K_t K_sᵀ`` at ``d = o_s − o_t``): one real product gives every tap pair, whose blocks
     are summed per lag (25 lags for a 3×3 filter); ``M_{−d} = M_dᵀ``. Leading axes of
     ``kernel`` (``[..., kh, kw, c_in, c_out]``) are batch axes.
+
+    ``form``: how the blocks are summed. ``slices``: a sum of slices per lag, which XLA:CPU
+    compiles into one loop per lag (the faster here: 0.9 against 2.1 ms for five 64-channel
+    filters, benchmarks/RESULTS.md); ``product``: one product of a 0/1 matrix ``[L, pairs]``
+    with the pairs' blocks, two kernels however many lags (for accelerators, where each loop is
+    a kernel launch; timed by ``benchmarks/forms.py --op=lags``).
     """
+    if form not in LAG_FORMS:
+        raise ValueError(f"lag form {form!r} is unknown; allowed: {', '.join(LAG_FORMS)}")
     *batch, kh, kw, ci, co = kernel.shape
     offsets = [(a - kh // 2, b - kw // 2) for a in range(kh) for b in range(kw)]
     pairs: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -155,8 +166,18 @@ def conv_gram_lags(kernel: jax.Array) -> tuple[jax.Array, np.ndarray]:
     prod = jnp.einsum("...ix,...iy->...xy", x, x, precision=_HI)
     prod = prod.reshape(*batch, kh * kw, m, kh * kw, m)  # [.., t, ·, s, ·]: K_tᵀ K_s (or K_t K_sᵀ)
     lags = sorted(pairs)
-    lag = jnp.stack([sum(prod[..., s, :, t, :] if transposed else prod[..., t, :, s, :]
-                         for t, s in pairs[d]) for d in lags], axis=-3)  # fmt: skip
+    if transposed:  # the block K_t K_sᵀ of pair (t, s) is prod[s, ·, t, ·]
+        pairs = {d: [(s, t) for t, s in members] for d, members in pairs.items()}
+    if form == "slices":
+        lag = jnp.stack([sum(prod[..., t, :, s, :] for t, s in pairs[d]) for d in lags], axis=-3)
+    else:
+        taps = kh * kw
+        select = np.zeros((len(lags), taps * taps), np.float32)
+        for row, d in enumerate(lags):
+            select[row, [t * taps + s for t, s in pairs[d]]] = 1.0
+        blocks = jnp.swapaxes(prod, -3, -2).reshape(*batch, taps * taps, m * m)  # [.., (t, s), ··]
+        lag = jnp.einsum("lp,...pq->...lq", select, blocks, precision=_HI)
+        lag = lag.reshape(*batch, len(lags), m, m)
     return lag, np.asarray(lags, np.int64)  # d: [lags, 2], in the order of the lag matrices
 
 

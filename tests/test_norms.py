@@ -479,6 +479,18 @@ def test_conv_gram_equals_the_gram_of_the_symbol(hw, ci, co):
     np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 8, 8), (3, 3, 4, 8), (3, 3, 8, 4), (2, 5, 3, 4, 4)])
+def test_lag_forms_agree(shape):
+    """:func:`norms.conv_gram_lags` summed as slices and as one selection product: the same lag
+    matrices (both ``Sᴴ S`` and ``S Sᴴ``, a batch axis), the same lags; a bad form is named."""
+    kernel = jnp.asarray(np.random.default_rng(len(shape)).standard_normal(shape), jnp.float32)
+    (a, da), (b, db) = (norms.conv_gram_lags(kernel, form) for form in norms.LAG_FORMS)
+    np.testing.assert_array_equal(da, db)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6 * np.abs(a).max())
+    with pytest.raises(ValueError, match="lag form 'gather'"):
+        norms.conv_gram_lags(kernel, "gather")
+
+
 def _gram64(kernel, hw):
     """The smaller Gram matrix of each half-spectrum symbol, in float64 from the definition."""
     h, w = hw
