@@ -5,7 +5,7 @@
 #   here, once:  bash benchmarks/device_check.sh --prepare   (the data and the wheels the device
 #                lacks, in folders that git ignores; needs ../shared/data and the package index)
 #   device:      run(command="bash benchmarks/device_check.sh", carry=["device_data", ".whl"],
-#                    timeout_s=450)  # the jobs in order of importance: a call cut short loses the last
+#                    timeout_s=480)  # the jobs in order of importance: a call cut short loses the last
 #
 # Writes to $OUT (or ./device_out), 8 files at most (the device tool's limit): log.txt (with
 # the kernel counts of the HLO dump and each job's wall time), bench.jsonl (one
@@ -141,10 +141,10 @@ else  # in order of importance: a call cut short by its time limit loses the las
     "trace /tmp/prof_s20s s20_screen"
     "forms lags experiments/configs/s_depth20.py"  # lag matrices: 25 slice sums / one product
     "trainings"
-    "bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16"
     "bench experiments/configs/d_depth54.py"
-    "norms --filters=lowpass --methods_only"
     "forms crop"  # stride-1 convolutions: SAME + crop (default) / VALID; not yet timed on a GPU
+    "bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16"
+    "norms --filters=lowpass --methods_only"
     "bench experiments/configs/s_depth20.py --warmup=200 --config.optim.norm_method=squaring --config.optim.norm_screen=true"
     "bench experiments/configs/s_depth20.py --config.optim.norm_screen=true"  # no warm-up: flat spectra
     "norms"
