@@ -199,6 +199,9 @@ def _hermitian(real: jax.Array, imag: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (real + jnp.swapaxes(real, -1, -2)) / 2, (imag - jnp.swapaxes(imag, -1, -2)) / 2
 
 
+GramFn = Callable[[jax.Array, jax.Array], jax.Array]  # (real, imag) [B, m, m] -> a value per Gram
+
+
 class GramGroup(NamedTuple):
     """The Gram matrices of ``n`` layers of one Gram size ``m``, not formed: lag matrices and DFT
     tables, ``G_i(ω_f) = Σ_l (cos[i, f, l] + i·sin[i, f, l]) M[i, l]``. Layers with fewer lags or
@@ -221,6 +224,19 @@ class GramGroup(NamedTuple):
     def grams(self, index: jax.Array | None = None) -> jax.Array:
         """:meth:`parts` as complex matrices."""
         return jax.lax.complex(*self.parts(index))
+
+    def valid_at(self, index: jax.Array | None = None) -> jax.Array:
+        """:attr:`valid` at frequencies ``index`` ``[n, k]`` (all ``F`` without it)."""
+        valid = jnp.asarray(self.valid)
+        return valid if index is None else jnp.take_along_axis(valid, index, 1)
+
+    def layer_max(self, top_of: GramFn, index: jax.Array | None = None) -> jax.Array:
+        """Each layer's largest ``top_of(real, imag)`` (a value per Gram, ``[B, m, m]`` parts
+        in) over its Grams at frequencies ``index`` (all without it), padding left out."""
+        real, imag = self.parts(index)
+        n, k, m, _ = real.shape
+        top = top_of(real.reshape(-1, m, m), imag.reshape(-1, m, m)).reshape(n, k)
+        return jnp.max(jnp.where(self.valid_at(index), top, -jnp.inf), -1)
 
 
 def gram_group(kernels: Sequence[jax.Array], grids: Sequence[Sequence[int]]) -> GramGroup:
@@ -416,7 +432,7 @@ def screened_top_eigenvalues(
                 tops = _eigh_max(grams)
                 return tops, jnp.all(rest <= tops)
             upper = top_eigenvalue_upper(grams.reshape(-1, m, m), squarings)
-            valid = group.valid if size == big_f else jnp.take_along_axis(group.valid, index, 1)
+            valid = group.valid_at(index if size < big_f else None)
             tops, ok = _solve(grams, jnp.where(valid, upper.reshape(valid.shape), -jnp.inf), solve)
             return tops, ok & jnp.all(rest <= tops)
 
@@ -450,11 +466,8 @@ def _first_certified(
     return from_level(0)
 
 
-UpperFn = Callable[[jax.Array, jax.Array], jax.Array]  # (real, imag) [B, m, m] -> λ bounds [B]
-
-
 def screened_upper_bounds(
-    group: GramGroup, upper: UpperFn, *, budget: int = 8192
+    group: GramGroup, upper: GramFn, *, budget: int = 8192
 ) -> tuple[jax.Array, jax.Array]:
     """``max_ω upper(G(ω))`` of each layer of ``group`` with ``upper`` a bound ``≥ λ_max``
     (:func:`top_eigenvalue_upper`, the fused kernel), evaluated on a shortlist only.
@@ -473,11 +486,7 @@ def screened_upper_bounds(
     def shortlisted(size: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
         def level() -> tuple[jax.Array, jax.Array]:
             index, rest = _top_k(bound, size)
-            every = size == big_f
-            real, imag = group.parts(None if every else index)
-            top = upper(real.reshape(-1, m, m), imag.reshape(-1, m, m)).reshape(index.shape)
-            valid = group.valid if every else jnp.take_along_axis(group.valid, index, 1)
-            tops = jnp.max(jnp.where(valid, top, -jnp.inf), -1)
+            tops = group.layer_max(upper, index if size < big_f else None)
             return tops, jnp.all(rest <= tops)
 
         return level
@@ -544,9 +553,7 @@ def fft_norms(
 
         if screen and method != "eigh":  # bounds on a shortlist
             return screened_upper_bounds(group, top_of)[0]
-        real, imag = (p.reshape(-1, *p.shape[-2:]) for p in group.parts())  # every frequency
-        top = top_of(real, imag).reshape(group.valid.shape)  # padding: zero Grams, left out
-        return jnp.max(jnp.where(group.valid, top, -jnp.inf), -1)
+        return group.layer_max(top_of)  # every frequency
 
     order = [i for members in groups for i in members]  # the layers by Gram size
     if method in ("squaring", "fused"):  # no solver, nothing to serialise
