@@ -7,8 +7,8 @@
 ``--op=conv``: :func:`stabnet.ops.conv` with the images side by side (``fold_batch=True``, the
 CPU default) against one by one (``fold_batch=False``, the default elsewhere).
 ``--op=crop``: the images one by one (the default off CPUs, forced here on CPUs too), a stride-1
-"SAME" correlation of the padded images cropped to their interior (the default) against a
-"VALID" one (no border outputs).
+"SAME" correlation of the padded images cropped to their interior (CPU's default) against a
+"VALID" one (no border outputs; the default off CPUs).
 ``--op=bn``: the forms of BatchNorm's batch statistics, ``model.bn_stats`` (``two_pass``,
 ``one_pass``, the default, and ``dot``; :func:`stabnet.ops.batch_norm`).
 ``--op=lags``: the lag matrices of ResNet-S's exact norms summed as slices (the default) or

@@ -49,7 +49,7 @@ def conv(
     stride: int = 1,
     padding: Padding = "circular",
     fold_batch: bool | None = None,
-    crop: bool = True,
+    crop: bool | None = None,
     impl: ConvImpl = "xla",
 ) -> jax.Array:
     """``A_K x``: cross-correlation of ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co] (SPEC §1).
@@ -66,11 +66,11 @@ def conv(
     by side in wide images (:func:`_conv_side_by_side`) and convolved once; the outputs that
     straddle two images are dropped. XLA:CPU's convolution kernels take 1.8× less time in that
     form, a ResNet-D depth-18 training step 5–10 % less (benchmarks/RESULTS.md). Elsewhere,
-    ``crop=True`` (the default): a "SAME" convolution of the padded input cropped to its
-    interior (XLA:CPU's filter gradient was 2× faster on that than on "VALID"); ``crop=False``: a
-    "VALID" one, which computes no border outputs to discard (on a GPU 13 % fewer at 32×32;
-    ``benchmarks/forms.py --op=crop`` times the two, not yet on a GPU). Zero padding at stride 1
-    is plain "SAME".
+    ``crop=True`` (the default on CPUs, ``crop=None``): a "SAME" convolution of the padded input
+    cropped to its interior (XLA:CPU's filter gradient was 2× faster on that than on "VALID");
+    ``crop=False`` (the default off CPUs): a "VALID" one, which computes no border outputs to
+    discard (13 % of them at 32×32; on an H200 a ResNet-D depth-18 step 2.34 ms against 2.46,
+    ``benchmarks/forms.py --op=crop``). Zero padding at stride 1 is plain "SAME".
     """
     kernel = kernel.astype(x.dtype)
     kh, kw = kernel.shape[:2]
@@ -86,6 +86,8 @@ def conv(
     if stride == 1 and padding == "zeros":
         return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
     xp = _pad_spatial(x, kh, kw, padding)
+    if crop is None:
+        crop = jax.default_backend() == "cpu"
     if stride == 1 and crop:
         ph, pw = kh // 2, kw // 2
         y = lax.conv_general_dilated(xp, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)

@@ -133,17 +133,24 @@ def test_references_agree():
 
 
 @pytest.fixture(
-    params=["side-by-side", "side-by-side, padded correlation", "per-image", "per-image, valid"]
+    params=[
+        "side-by-side",
+        "side-by-side, padded correlation",
+        "per-image, cropped",
+        "per-image, valid",
+    ]
 )
 def fold_batch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """The formulations of :func:`ops.conv`'s argument ``fold_batch``: the images side by side
     (CPU's default) with the correlation unpadded (small convolutions) or padded on the right
     (large ones, forced here by a zero threshold), or one image at a time, by a "SAME"
-    correlation cropped (the default elsewhere) or a "VALID" one."""
+    correlation cropped (the CPU's default without the fold) or a "VALID" one (the default
+    elsewhere)."""
     if request.param == "side-by-side, padded correlation":
         monkeypatch.setattr(ops, "_RIGHT_PAD_MIN_MACS", 0)
-    if request.param == "per-image, valid":
-        monkeypatch.setattr(ops, "conv", functools.partial(ops.conv, crop=False))
+    if request.param.startswith("per-image"):
+        crop = request.param == "per-image, cropped"
+        monkeypatch.setattr(ops, "conv", functools.partial(ops.conv, crop=crop))
     return not request.param.startswith("per-image")
 
 
