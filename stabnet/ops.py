@@ -79,16 +79,13 @@ def conv(
 
         if onednn.supports(x.dtype):
             return onednn.conv_valid(_pad_spatial(x, kh, kw, padding), kernel, stride)
-    if fold_batch is None:
-        fold_batch = jax.default_backend() == "cpu"
-    if stride == 1 and fold_batch:
+    on_cpu = jax.default_backend() == "cpu"  # what fold_batch=None and crop=None pick
+    if stride == 1 and (on_cpu if fold_batch is None else fold_batch):
         return _conv_side_by_side(x, kernel, padding)
     if stride == 1 and padding == "zeros":
         return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
     xp = _pad_spatial(x, kh, kw, padding)
-    if crop is None:
-        crop = jax.default_backend() == "cpu"
-    if stride == 1 and crop:
+    if stride == 1 and (on_cpu if crop is None else crop):
         ph, pw = kh // 2, kw // 2
         y = lax.conv_general_dilated(xp, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
         return y[:, ph : y.shape[1] - ph, pw : y.shape[2] - pw, :]

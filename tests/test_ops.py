@@ -148,10 +148,11 @@ def fold_batch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     elsewhere)."""
     if request.param == "side-by-side, padded correlation":
         monkeypatch.setattr(ops, "_RIGHT_PAD_MIN_MACS", 0)
-    if request.param.startswith("per-image"):
+    per_image = request.param.startswith("per-image")
+    if per_image:
         crop = request.param == "per-image, cropped"
         monkeypatch.setattr(ops, "conv", functools.partial(ops.conv, crop=crop))
-    return not request.param.startswith("per-image")
+    return not per_image
 
 
 @pytest.mark.parametrize("padding", ["circular", "zeros"])
