@@ -55,6 +55,7 @@ _WIDTHS = Field(
 
 SCHEMA: dict[str, Field] = {
     "seed": _int(0, 2**63 - 1),  # jax.random.key takes 64-bit signed seeds
+    "schedule_scale": _float(0.0, 10.0, open_lo=True),
     "batch_size": _int(1),
     "num_train_steps": _int(1),
     "eval_every": _int(1),
@@ -95,6 +96,7 @@ SCHEMA: dict[str, Field] = {
     "optim.max_operator_norm": _float(0.0, open_lo=True),
     "optim.norm_method": _choice("auto", *norms.NORM_METHODS),
     "optim.norm_screen": _BOOL,
+    "optim.projection": _choice(*constraints.SPECTRAL_PROJECTIONS),
 }
 
 

@@ -30,6 +30,7 @@ import ml_collections
 import optax
 
 from stabnet import layers, norms, norms_kernel
+from stabnet import schedule as schedule_lib
 
 Params = Any
 Mask = Any
@@ -161,6 +162,73 @@ def spectral_rescale(
     return optax.GradientTransformation(init, update)
 
 
+class ReparametrisedState(NamedTuple):
+    inner: Any  # the state of the wrapped chain, which sees the shadow parameters U
+    scale: Params  # s per leaf, K = s·U (a scalar per leaf; 1 where the constraint does not act)
+    max_norm_before: jax.Array  # largest ‖A_U‖₂ of the constrained layers (the shadow filters)
+    max_norm_after: jax.Array  # largest ‖A_K‖₂ of the stored filters: min(before, max_norm)
+
+
+def scale_carrying_rescale(
+    inner: optax.GradientTransformation,
+    pattern: str,
+    grids: Mapping[str, tuple[int, int]],
+    max_norm: float = SQRT2,
+    method: str = "eigh",
+    screen: bool = False,
+) -> optax.GradientTransformation:
+    """``inner`` run on shadow filters ``U = K/s``, the stored filters ``K = s·U`` rescaled so that
+    ``‖A_K‖₂ ≤ max_norm`` for every filter whose path matches ``pattern`` (docs/mathematics.md,
+    "Projection of ResNet-S's filters").
+
+    Per constrained filter the state keeps the factor ``s = min(1, max_norm/‖A_U‖₂)``. A step
+    maps the gradient ``∇_K`` to ``∇_U = s·∇_K``, runs ``inner`` (Frobenius decay, momentum,
+    learning rate) on ``U``, and stores ``K' = s'·U'`` with ``s' = min(1, max_norm/‖A_{U'}‖₂)``:
+    after every step the stored filters satisfy the bound exactly, as with
+    :func:`spectral_rescale`. Where the loss is blind to the scale of ``K`` (ResNet-S's layer
+    (4.2) in training: BN₁ and the frozen BN₀ normalise it away), ``∇_K L(sU) = ∇_U L(U)/s``, so
+    the shadow follows exactly the unconstrained trajectory and the rescaling costs nothing;
+    plain projection instead keeps ``‖K‖`` small and every later step large relative to it.
+
+    Warning: use it only where the layer is blind to ``K``'s scale. Where the scale changes the
+    function (the certified ResNet-S), the network computes with ``K``, not ``U``, and plain
+    projected SGD (:func:`spectral_rescale`) is the method.
+    """
+    rx = re.compile(pattern)
+
+    def constrained(params) -> list[tuple[str, str]]:
+        return [(name, k) for name in sorted(params) for k in sorted(params[name])
+                if rx.search(f"{name}/{k}")]  # fmt: skip
+
+    def init(params):
+        scale = jax.tree.map(lambda p: jnp.ones([], p.dtype), params)
+        zero = jnp.zeros([], jnp.float32)
+        return ReparametrisedState(inner.init(params), scale, zero, zero)
+
+    def update(updates, state, params=None):
+        shadow = jax.tree.map(lambda k, s: k / s, params, state.scale)
+        grads = jax.tree.map(lambda g, s: g * s, updates, state.scale)
+        inner_updates, inner_state = inner.update(grads, state.inner, shadow)
+        paths = constrained(params)
+        if not paths:
+            zero = jnp.zeros([], jnp.float32)
+            return inner_updates, ReparametrisedState(inner_state, state.scale, zero, zero)
+        new = jax.tree.map(lambda u: u, inner_updates)  # shallow copy of the nested dicts
+        scale = jax.tree.map(lambda s: s, state.scale)
+        targets = [shadow[name][k] + inner_updates[name][k] for name, k in paths]
+        norms_ = norms.fft_norms(
+            targets, [grids[name] for name, _ in paths], method=method, screen=screen
+        )
+        for (name, k), target, norm in zip(paths, targets, norms_, strict=True):
+            factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+            scale[name][k] = factor
+            new[name][k] = _exact_update(params[name][k], target * factor, factor < 1.0)
+        worst = jnp.max(jnp.stack(norms_))
+        return new, ReparametrisedState(inner_state, scale, worst, jnp.minimum(worst, max_norm))
+
+    return optax.GradientTransformation(init, update)
+
+
 def _exact_update(old: jax.Array, target: jax.Array, shrink: jax.Array) -> jax.Array:
     """``u`` with ``old + u`` at most ``|target|`` in magnitude after float32 rounding.
 
@@ -193,10 +261,11 @@ def norm_method(name: str = "auto") -> str:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """``η_t = η₀ · factor^⌊t / decay_every⌋`` (SPEC §4: 0.1, ÷10 every 24K or 32K steps)."""
+    """``η_t = η₀ · factor^⌊t / decay_every⌋`` (SPEC §4: 0.1, ÷10 every 24K or 32K steps;
+    ``decay_every`` scaled by ``schedule_scale``)."""
     return optax.exponential_decay(
         config.optim.learning_rate,
-        transition_steps=config.optim.decay_every,
+        transition_steps=schedule_lib.of(config).decay_every,
         decay_rate=config.optim.decay_factor,
         staircase=True,
     )
@@ -240,20 +309,39 @@ def build_optimizer(
               optax.scale_by_learning_rate(schedule)]  # fmt: skip
     if lam and _any(l1):
         chain.append(soft_threshold(lam, schedule, l1))
-    if opt.constraints:
-        form = layers.RESIDUAL_FORMS[variant]
-        if form.outer == "K2" and form.sign < 0:
-            chain.append(nonnegative(path_mask(params, OUTER_FILTER)))
-        if form.outer == "adjoint":
-            method = norm_method(opt.get("norm_method", "auto"))  # absent in older workdirs
-            if config.model.padding == "zeros":  # bound the zero-padded maps from above
-                grids = {name: norms.zero_padding_grid(hw, params[name]["K"].shape[:2])
-                         for name, hw in grids.items() if "K" in params.get(name, {})}  # fmt: skip
-            screen = opt.get("norm_screen", False)  # absent in older workdirs
-            chain.append(
-                spectral_rescale(SYMMETRIC_FILTER, grids, opt.max_operator_norm, method, screen)
-            )
-    return optax.chain(*chain), schedule
+    if not opt.constraints:
+        return optax.chain(*chain), schedule
+    form = layers.RESIDUAL_FORMS[variant]
+    if form.outer == "K2" and form.sign < 0:
+        chain.append(nonnegative(path_mask(params, OUTER_FILTER)))
+    if form.outer != "adjoint":
+        return optax.chain(*chain), schedule
+    method = norm_method(opt.get("norm_method", "auto"))  # absent in older workdirs
+    if config.model.padding == "zeros":  # bound the zero-padded maps from above
+        grids = {name: norms.zero_padding_grid(hw, params[name]["K"].shape[:2])
+                 for name, hw in grids.items() if "K" in params.get(name, {})}  # fmt: skip
+    screen = opt.get("norm_screen", False)  # absent in older workdirs
+    args = (SYMMETRIC_FILTER, grids, opt.max_operator_norm, method, screen)
+    if spectral_projection(config) == "scale_carrying":
+        return scale_carrying_rescale(optax.chain(*chain), *args), schedule
+    return optax.chain(*chain, spectral_rescale(*args)), schedule
+
+
+SPECTRAL_PROJECTIONS = ("auto", "plain", "scale_carrying")
+
+
+def spectral_projection(config: ml_collections.ConfigDict) -> str:
+    """How ResNet-S's bound ``‖A_K‖₂ ≤ √2`` is kept (``optim.projection``): ``plain`` projected
+    SGD (:func:`spectral_rescale`) or ``scale_carrying`` (:func:`scale_carrying_rescale`);
+    ``auto`` is ``scale_carrying`` where the residual layer is blind to ``K``'s scale (both of
+    its BNs normalise by batch statistics) and ``plain`` where the scale is the function (the
+    certified ResNet-S, or no BN). Workdirs from before the field used ``plain``."""
+    choice = config.optim.get("projection", "plain")
+    if choice != "auto":
+        return choice
+    form = layers.RESIDUAL_FORMS[config.model.variant]
+    blind = config.model.use_bn and form.inner_bn == "trained" and form.outer_bn == "frozen"
+    return "scale_carrying" if blind else "plain"
 
 
 def constraint_metrics(params: Params, opt_state: Any) -> dict[str, jax.Array]:

@@ -121,10 +121,16 @@ class MetricsLog:
             self._tb = None
 
 
+def final_evaluations(rows: Iterable[Mapping[str, Any]], last_step: int, window: int) -> list[dict]:
+    """The evaluations the reported accuracy averages: those of the last ``window`` steps (steps
+    in ``(last_step − window, last_step]``), or the last evaluation if none falls there."""
+    evals = [dict(r) for r in rows if "test_accuracy" in r and r["step"] <= last_step]
+    recent = [r for r in evals if r["step"] > last_step - window]
+    return recent or evals[-1:]
+
+
 def final_accuracy(rows: Iterable[Mapping[str, Any]], last_step: int, window: int) -> float | None:
-    """The paper's reported accuracy: the mean ``test_accuracy`` of the evaluations in the last
-    ``window`` steps (steps in ``(last_step − window, last_step]``); all of them if the run is
-    shorter than ``window``. ``None`` without evaluations."""
-    evals = [r for r in rows if "test_accuracy" in r]
-    recent = [r["test_accuracy"] for r in evals if r["step"] > last_step - window]
+    """The paper's reported accuracy: the mean ``test_accuracy`` of :func:`final_evaluations`.
+    ``None`` without evaluations."""
+    recent = [r["test_accuracy"] for r in final_evaluations(rows, last_step, window)]
     return sum(recent) / len(recent) if recent else None

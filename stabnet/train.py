@@ -37,6 +37,7 @@ from jax import lax
 
 from stabnet import checkpoints, constraints, data, logbook, networks, onednn, parallel
 from stabnet import config as config_lib
+from stabnet import schedule as schedule_lib
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +542,7 @@ def fingerprint(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict[str
             "optim.constraints": o.get("constraints", True),  # absent in older workdirs
             "optim.regularizers": o.get("regularizers", "paper"),
             "optim.weight_decay": "on" if o.weight_decay else "off",
+            "optim.projection": constraints.spectral_projection(config),
             "data_digest": data_digest(ds)}  # fmt: skip
 
 
@@ -673,8 +675,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             describe_parts(flags) + "; finite when the step was re-run (nondeterministic)"
         )
 
-    total = config.num_train_steps
-    boundaries = (config.log_every, config.eval_every, config.checkpoint_every)
+    plan = schedule_lib.of(config)
+    total = plan.num_train_steps
+    boundaries = (plan.log_every, plan.eval_every, plan.checkpoint_every)
     step = start_step
     compile_seconds = None
     bar = None
@@ -734,11 +737,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       file=sys.stderr)  # fmt: skip
             if bar is not None:
                 bar.update(n)
-            if step % config.log_every == 0 or step == total:
+            if step % plan.log_every == 0 or step == total:
                 interval = log_interval(step, state, interval)
-            if step % config.eval_every == 0 or step == total:
+            if step % plan.eval_every == 0 or step == total:
                 run_evaluation(step)
-            if step % config.checkpoint_every == 0 or step == total:
+            if step % plan.checkpoint_every == 0 or step == total:
                 ckpt.save(step, state)
             if step < total and stop.requested():
                 if interval["steps"] or interval["skipped"]:  # the steps since the last row
@@ -757,8 +760,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         run_evaluation(total, write=not logged)
     evals = [r for r in rows if "test_accuracy" in r]
     train_rows = [r for r in rows if "train_loss" in r]
+    averaged = logbook.final_evaluations(rows, total, plan.average_window)
     results = {
-        "final_test_accuracy": logbook.final_accuracy(rows, total, config.final_average_steps),
+        "final_test_accuracy": logbook.final_accuracy(rows, total, plan.average_window),
+        "final_average": {
+            "window_steps": plan.average_window,
+            "evaluations": len(averaged),
+            "from_step": averaged[0]["step"] if averaged else None,
+        },
+        "schedule_scale": plan.scale,
         "test_accuracy": evals[-1]["test_accuracy"] if evals else None,
         "test_loss": evals[-1]["test_loss"] if evals else None,
         "train_loss": train_rows[-1]["train_loss"] if train_rows else None,

@@ -143,3 +143,32 @@ def test_any_config_trains_or_is_refused(changes):
             message, changes)  # fmt: skip
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_schedule_scale_scales_every_schedule_field():
+    """``schedule_scale`` multiplies every step count of the schedule (the short protocol at 0.1)
+    and reaches the learning-rate schedule; the averaging window never exceeds 1/14 of a run."""
+    from experiments.configs import d_depth18, s_depth11
+    from stabnet import constraints
+    from stabnet import schedule as schedule_lib
+
+    config = d_depth18.get_config()
+    full = schedule_lib.of(config)
+    config.schedule_scale = 0.1
+    config_lib.validate(config)
+    short = schedule_lib.of(config)
+    for field in schedule_lib.SCHEDULE_FIELDS:
+        name = field.split(".")[-1]
+        assert getattr(short, name) == round(getattr(full, name) * 0.1), field
+    assert (short.num_train_steps, short.decay_every, short.eval_every) == (7000, 2400, 50)
+    assert short.average_window == 500 and full.average_window == 5000
+    lr = constraints.learning_rate_schedule(config)
+    assert float(lr(2399)) == pytest.approx(0.1) and float(lr(2400)) == pytest.approx(0.01)
+    s = s_depth11.get_config()
+    s.schedule_scale = 0.1
+    assert (schedule_lib.of(s).num_train_steps, schedule_lib.of(s).decay_every) == (9350, 3200)
+    config.num_train_steps, config.schedule_scale = 600, 1.0
+    assert schedule_lib.of(config).average_window == 43  # ~7 % of a 600-step run, not 5,000
+    config.schedule_scale = 0.0
+    with pytest.raises(config_lib.ConfigError, match="schedule_scale"):
+        config_lib.validate(config)

@@ -406,3 +406,125 @@ def test_resnet_s_with_zero_padding_bounds_the_zero_padded_maps():
         dense = norms.as_matrix(lambda x: ops.conv(x[None], k, padding="zeros")[0],  # noqa: B023
                                 (h, w, k.shape[2]))  # fmt: skip
         assert np.linalg.norm(dense, 2) <= SQRT2 * (1 + 1e-5), layer
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet-S's scale-carrying projection (optim.projection=scale_carrying, the default of resnet_s).
+# ---------------------------------------------------------------------------------------------
+
+
+def _scale_blind_loss(params, targets):
+    """A loss blind to the scale of every ResNet-S filter (as layer (4.2) is in training): each
+    ``K`` enters only through ``K/‖K‖_F``; the other leaves through a plain quadratic."""
+    total = 0.0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        target = targets[path_of(path)]
+        if re.fullmatch(r"res\d+/K", path_of(path)):
+            total += 10.0 * jnp.sum((leaf / jnp.linalg.norm(leaf) - target) ** 2)
+        else:
+            total += 0.5 * jnp.sum((leaf - target) ** 2)
+    return total
+
+
+def _descend(config, params, targets, steps):
+    """``steps`` optimiser steps on :func:`_scale_blind_loss`; the params and the optimiser
+    state after each."""
+    grids = networks.layer_grids(N, HW)
+    tx, _ = constraints.build_optimizer(config, params, grids)
+    state = tx.init(params)
+    grad = jax.jit(jax.grad(_scale_blind_loss))
+    out = []
+    for _ in range(steps):
+        updates, state = tx.update(grad(params, targets), state, params)
+        params = optax.apply_updates(params, updates)
+        out.append((params, state))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scale_blind_runs():
+    params, _ = random_variables("resnet_s", 3)
+    params = jax.tree_util.tree_map_with_path(  # filters well above the bound: s ≈ 0.1–0.3
+        lambda p, v: 8.0 * v if path_of(p).endswith("/K") else v, params
+    )
+    targets = {k: jnp.asarray(v) for k, v in flat(random_grads(params, 7, 0.3)).items()}
+    steps = 25
+    runs = {
+        name: _descend(make_config("resnet_s", **optim), params, targets, steps)
+        for name, optim in (
+            ("free", {"constraints": False}),
+            ("carrying", {"projection": "scale_carrying"}),
+            ("plain", {"projection": "plain"}),
+        )
+    }
+    return runs
+
+
+def test_scale_carrying_follows_the_unconstrained_trajectory(scale_blind_runs):
+    """Where the loss is blind to ``K``'s scale, the shadow filters ``U = K/s`` of the
+    scale-carrying projection equal the unconstrained filters at every step (25 steps, float32
+    round-off), while the stored ``K = s·U`` keep ``‖A_K‖₂ ≤ √2``; plain projection does not."""
+    grids = networks.layer_grids(N, HW)
+    layers_ = _res_layers()
+    worst_plain = 0.0
+    for (free, _), (carried, state), (plain, _) in zip(
+        scale_blind_runs["free"], scale_blind_runs["carrying"], scale_blind_runs["plain"],
+        strict=True,
+    ):  # fmt: skip
+        scale = optax.tree_utils.tree_get(state, "scale")
+        for layer in layers_:
+            u = np.asarray(carried[layer]["K"]) / float(scale[layer]["K"])
+            ref = np.asarray(free[layer]["K"])
+            np.testing.assert_allclose(u, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+            norm = float(norms.fft_norm(carried[layer]["K"], grids[layer]))
+            assert norm <= SQRT2 * (1 + 1e-6), (layer, norm)
+            assert float(scale[layer]["K"]) < 1.0  # the rescaling was active
+            direction = lambda k: np.asarray(k) / np.linalg.norm(k)  # noqa: E731
+            worst_plain = max(
+                worst_plain, np.abs(direction(plain[layer]["K"]) - direction(ref)).max()
+            )
+        # the other leaves move exactly as without the constraint
+        np.testing.assert_array_equal(np.asarray(carried["fc8"]["W"]), np.asarray(free["fc8"]["W"]))
+    assert worst_plain > 1e-2  # plain projection leaves the unconstrained trajectory
+
+
+def test_scale_carrying_bound_holds_on_real_gradients():
+    """Twenty steps of ResNet-S (n = 1) on the gradients of its training loss on random images,
+    BN in training mode: every stored filter has ``‖A_K‖₂ ≤ √2(1 + 1e-6)`` after every step."""
+    model = networks.build_model("resnet_s", 1, 10)
+    x = jax.random.normal(jax.random.key(0), (16, *HW, 3))
+    y = jnp.arange(16) % 10
+    variables = model.init(jax.random.key(1), x[:1])
+    params, stats = variables["params"], variables["batch_stats"]
+    config = make_config("resnet_s", projection="scale_carrying")
+    config.model.n = 1
+    grids = networks.layer_grids(1, HW)
+    tx, _ = constraints.build_optimizer(config, params, grids)
+    state = tx.init(params)
+
+    def loss(p, s):
+        logits, new = model.apply({"params": p, "batch_stats": s}, x, train=True,
+                                  mutable=["batch_stats"])  # fmt: skip
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+
+    grad = jax.jit(jax.grad(loss, has_aux=True))
+    for step in range(20):
+        g, new = grad(params, stats)
+        stats = new["batch_stats"]
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+        for layer in ("res1",):
+            norm = float(norms.fft_norm(params[layer]["K"], grids[layer]))
+            assert norm <= SQRT2 * (1 + 1e-6), (step, layer, norm)
+    assert float(optax.tree_utils.tree_get(state, "max_norm_before")) > SQRT2  # it was active
+
+
+def test_projection_auto_by_layer_form():
+    """``auto``: scale-carrying where the layer is blind to ``K``'s scale (ResNet-S with BN),
+    plain projected SGD where the scale is the function (certified ResNet-S, or no BN)."""
+    config = make_config("resnet_s")
+    assert constraints.spectral_projection(config) == "scale_carrying"
+    config.model.use_bn = False
+    assert constraints.spectral_projection(config) == "plain"
+    assert constraints.spectral_projection(make_config("resnet_s_certified")) == "plain"
+    assert constraints.spectral_projection(make_config("resnet_s", projection="plain")) == "plain"

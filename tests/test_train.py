@@ -102,7 +102,10 @@ def test_final_accuracy_is_the_mean_of_the_last_window():
     rows = [{"step": s, "test_accuracy": a} for s, a in [(500, 0.1), (5000, 0.5), (5500, 0.7),
                                                           (10000, 0.9)]]  # fmt: skip
     assert logbook.final_accuracy(rows, 10000, 5000) == pytest.approx((0.7 + 0.9) / 2)
-    assert logbook.final_accuracy(rows, 4000, 5000) == pytest.approx((0.1 + 0.5 + 0.7 + 0.9) / 4)
+    assert logbook.final_accuracy(rows, 5500, 5500) == pytest.approx((0.1 + 0.5 + 0.7) / 3)
+    # no evaluation in the window: the last one before it, never a mean over the whole curve
+    assert logbook.final_accuracy(rows, 9000, 100) == pytest.approx(0.7)
+    assert [r["step"] for r in logbook.final_evaluations(rows, 10000, 600)] == [10000]
     assert logbook.final_accuracy([], 100, 50) is None
 
 

@@ -12,6 +12,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # Multiplies every step count below and optim.decay_every (stabnet.config.Schedule):
+    # 0.1 is the short protocol, the paper's schedule at a tenth of its length.
+    config.schedule_scale = 1.0
     config.batch_size = 128  # global batch, split over all devices of all hosts
     config.num_train_steps = 70_000
     config.eval_every = 500  # evaluate on the whole test set every this many steps
@@ -58,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.regularizers = "paper"  # paper (Table 4.1) | frobenius | none
     config.optim.constraints = True  # K₂ ≥ 0 (ResNet-D), ‖A‖₂ ≤ max_operator_norm (ResNet-S)
     config.optim.max_operator_norm = math.sqrt(2.0)
+    # ResNet-S's bound: auto | plain (projected SGD) | scale_carrying (the update on K/s, the
+    # stored K = s·U rescaled; auto where the layer is blind to K's scale, constraints.py).
+    config.optim.projection = "auto"
     config.optim.norm_method = "auto"  # ‖A_K‖₂: eigh, screened, squaring, fused; auto: by backend
     config.optim.norm_screen = False  # squaring, fused: bound a shortlist of frequencies only
     return config
