@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from stabnet import constraints, networks, norms, ops
+from stabnet import constraints, layers, networks, norms, ops
 
 
 class ConfigError(ValueError):
@@ -85,6 +85,7 @@ SCHEMA: dict[str, Field] = {
     "model.bn_stats": _choice(*ops.BN_STATS_FORMS),
     "model.dtype": _choice("float32", "bfloat16"),
     "model.conv_impl": _choice("auto", *ops.CONV_IMPLS),
+    **{f"model.{k}": _choice(*v) for k, v in layers.FORM_OPTIONS.items()},
     "optim.learning_rate": _float(0.0, 100.0, open_lo=True),
     "optim.momentum": _float(0.0, 1.0),
     "optim.nesterov": _BOOL,
@@ -132,6 +133,10 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
         networks.check_architecture(
             items["model.variant"], items["model.n"], (4, 4, 1), 1, tuple(items["model.widths"])
         )
+        layers.residual_form(
+            items["model.variant"], items["model.sign"], items["model.outer_bn"],
+            items["model.outer_init"],
+        )  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

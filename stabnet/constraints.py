@@ -202,8 +202,11 @@ def scale_carrying_rescale(
 
     def init(params):
         scale = jax.tree.map(lambda p: jnp.ones([], p.dtype), params)
-        zero = jnp.zeros([], jnp.float32)
-        return ReparametrisedState(inner.init(params), scale, zero, zero)
+        # Two buffers, not one array twice: a train step donates its state, and XLA refuses to
+        # donate one buffer for two arguments.
+        return ReparametrisedState(
+            inner.init(params), scale, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32)
+        )
 
     def update(updates, state, params=None):
         shadow = jax.tree.map(lambda k, s: k / s, params, state.scale)

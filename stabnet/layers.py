@@ -128,12 +128,15 @@ class ResidualForm(NamedTuple):
         filter, ``A_K^T`` (one filter ``K`` used twice, ResNet-S).
       inner_bn: mode of ``BN₁`` (see :func:`normalize`).
       outer_bn: mode of ``BN₂``.
+      outer_init: initialiser of ``K₂``: ``he`` (truncated normal) or ``abs_he`` (its absolute
+        value, so that ResNet-D's ``K₂ ≥ 0`` holds from the start); unused by ResNet-S.
     """
 
     sign: int
     outer: Literal["K2", "adjoint"]
     inner_bn: BNMode
     outer_bn: BNMode
+    outer_init: Literal["he", "abs_he"] = "he"
 
     @property
     def inner(self) -> str:
@@ -148,10 +151,45 @@ class ResidualForm(NamedTuple):
 
 RESIDUAL_FORMS: dict[str, ResidualForm] = {
     "resnet": ResidualForm(+1, "K2", "trained", "trained"),  # (3.1) σ(x + BN(A₂σ(BN(A₁x))))
-    "resnet_d": ResidualForm(-1, "K2", "trained", "frozen"),  # (4.1) σ(x − BN₀(A₂σ(BN(A₁x))))
+    # (4.1) σ(x − BN₀(A₂σ(BN(A₁x)))), K₂ ≥ 0 from the start
+    "resnet_d": ResidualForm(-1, "K2", "trained", "frozen", "abs_he"),
     "resnet_s": ResidualForm(-1, "adjoint", "trained", "frozen"),  # (4.2) σ(x − BN₀(AᵀσBN(Ax)))
     "resnet_s_certified": ResidualForm(-1, "adjoint", "bias", "none"),  # σ(x − Aᵀσ(Ax + b))
 }
+
+# The parts of ResNet-D's layer that its ablations change (model.sign, model.outer_bn,
+# model.outer_init); "paper" keeps the variant's own.
+FORM_OPTIONS: dict[str, tuple[str, ...]] = {
+    "sign": ("paper", "minus", "plus"),
+    "outer_bn": ("paper", "frozen", "trained"),
+    "outer_init": ("paper", "abs_he", "he"),
+}
+
+
+def residual_form(variant: str, sign: str = "paper", outer_bn: str = "paper",
+                  outer_init: str = "paper") -> ResidualForm:  # fmt: skip
+    """The residual form of ``variant`` with the ablations of ResNet-D applied: the subtracted
+    branch (``sign``), the frozen ``BN₀`` (``outer_bn``) and the ``|He|`` start of ``K₂``
+    (``outer_init``), each ``"paper"`` for the variant's own. Only forms with a second filter
+    ``K₂`` (``resnet``, ``resnet_d``) take them; ``ValueError`` names the field otherwise."""
+    form = RESIDUAL_FORMS[variant]
+    chosen = {"sign": sign, "outer_bn": outer_bn, "outer_init": outer_init}
+    for field, value in chosen.items():
+        if value not in FORM_OPTIONS[field]:
+            allowed = ", ".join(FORM_OPTIONS[field])
+            raise ValueError(f"model.{field}={value!r} is unknown; allowed: {allowed}")
+        if value != "paper" and form.outer != "K2":
+            raise ValueError(
+                f"model.{field}={value!r} applies to resnet and resnet_d only (the forms with a "
+                f"second filter K2), not model.variant={variant!r}; use paper"
+            )
+    if sign != "paper":
+        form = form._replace(sign=-1 if sign == "minus" else +1)
+    if outer_bn != "paper":
+        form = form._replace(outer_bn=outer_bn)
+    if outer_init != "paper":
+        form = form._replace(outer_init=outer_init)
+    return form
 
 
 def residual_layer(
@@ -315,7 +353,7 @@ class ResidualLayer(_Layer):
         stats |= outer_stats
         params[form.inner] = self.param(form.inner, he_truncated_normal, (3, 3, c, c))
         if form.outer == "K2":
-            init = nonnegative_he if form.sign < 0 else he_truncated_normal
+            init = nonnegative_he if form.outer_init == "abs_he" else he_truncated_normal
             params["K2"] = self.param("K2", init, (3, 3, c, c))
         return self.run(residual_layer, params, stats, x, train, form=form)
 

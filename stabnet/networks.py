@@ -117,6 +117,8 @@ class StableResNet(nn.Module):
       num_classes: ``K``.
       widths: channel widths of the three stages.
       cfg: padding, BN, pooling window and compute dtype (:class:`stabnet.layers.LayerConfig`).
+      form: the residual form when it is not the variant's own (an ablation,
+        :func:`stabnet.layers.residual_form`); ``None``: ``RESIDUAL_FORMS[variant]``.
     """
 
     variant: str
@@ -124,6 +126,12 @@ class StableResNet(nn.Module):
     num_classes: int
     widths: tuple[int, int, int] = (16, 32, 64)
     cfg: layers.LayerConfig = layers.LayerConfig()
+    form: layers.ResidualForm | None = None
+
+    @property
+    def residual_form(self) -> layers.ResidualForm:
+        """The residual layer's form: ``form``, or the variant's own."""
+        return self.form or layers.RESIDUAL_FORMS[self.variant]
 
     @nn.compact
     def __call__(
@@ -132,7 +140,7 @@ class StableResNet(nn.Module):
         """Logits ``[N, K]``; with ``return_features`` also the list of every layer's output,
         ``features[k]`` = output of layer ``k`` of SPEC §3 (the last entry is the logits)."""
         check_architecture(self.variant, self.n, x.shape[1:], self.num_classes, self.widths)
-        form = layers.RESIDUAL_FORMS[self.variant]
+        form = self.residual_form
         cfg = self.cfg
         x = x.astype(cfg.dtype)
         features: list[jax.Array] = []
@@ -165,8 +173,13 @@ def build_model(
     bn_stats: str = "one_pass",
     dtype: Any = jnp.float32,
     conv_impl: str = "xla",
+    sign: str = "paper",
+    outer_bn: str = "paper",
+    outer_init: str = "paper",
 ) -> StableResNet:
-    """Construct :class:`StableResNet`, validating every argument first (``ValueError``)."""
+    """Construct :class:`StableResNet`, validating every argument first (``ValueError``).
+    ``sign``, ``outer_bn``, ``outer_init``: ablations of the residual form
+    (:func:`stabnet.layers.residual_form`)."""
     if padding not in ops.PADDINGS:
         allowed = ", ".join(ops.PADDINGS)
         raise ValueError(f"model.padding={padding!r} is unknown; allowed: {allowed}")
@@ -179,6 +192,7 @@ def build_model(
     if not isinstance(pool_window, int) or pool_window < 1 or pool_window % 2 == 0:
         raise ValueError(f"model.pool_window={pool_window!r} is invalid; allowed: 1, 3, 5, …")
     check_architecture(variant, n, (4, 4, 1), num_classes, widths)
+    form = layers.residual_form(variant, sign, outer_bn, outer_init)
     cfg = layers.LayerConfig(
         padding=padding,
         use_bn=use_bn,
@@ -189,7 +203,8 @@ def build_model(
         dtype=dtype,
         conv_impl=conv_impl,
     )
-    return StableResNet(variant, n, num_classes, tuple(widths), cfg)
+    own = form == layers.RESIDUAL_FORMS[variant]
+    return StableResNet(variant, n, num_classes, tuple(widths), cfg, None if own else form)
 
 
 def init_variables(

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from stabnet import checkpoints, constraints, data, logbook, networks, onednn, parallel
+from stabnet import checkpoints, constraints, data, layers, logbook, networks, onednn, parallel
 from stabnet import config as config_lib
 from stabnet import schedule as schedule_lib
 
@@ -131,6 +131,9 @@ def model_from_config(
         bn_stats=m.get("bn_stats", "two_pass"),  # workdirs from before the field: two-pass
         dtype=compute_dtype(config),
         conv_impl=training_conv_impl(config) if training else "xla",
+        sign=m.get("sign", "paper"),  # the ablations; absent in older workdirs
+        outer_bn=m.get("outer_bn", "paper"),
+        outer_init=m.get("outer_init", "paper"),
     )
 
 
@@ -543,7 +546,10 @@ def fingerprint(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict[str
             "optim.regularizers": o.get("regularizers", "paper"),
             "optim.weight_decay": "on" if o.weight_decay else "off",
             "optim.projection": constraints.spectral_projection(config),
-            "data_digest": data_digest(ds)}  # fmt: skip
+            "data_digest": data_digest(ds),
+            # the ablations, named only where they are on (older fingerprints stay the same)
+            **{f"model.{k}": m[k] for k in layers.FORM_OPTIONS if m.get(k, "paper") != "paper"},
+            }  # fmt: skip
 
 
 def data_digest(ds: data.Dataset) -> str:

@@ -128,6 +128,43 @@ def test_resnet_d_layer_4_1_frozen_outer_bn():
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sign, outer_bn", [("plus", "paper"), ("paper", "trained")])
+def test_resnet_d_ablations(sign, outer_bn):
+    """ResNet-D's ablations change only their own part of (4.1): ``plus`` adds the branch,
+    ``trained`` makes BN₀ a BN with its own ``γ₂, β₂``."""
+    d = draw(12, 4, ["K1", "gamma1", "beta1", "mean1", "var1", "mean2", "var2"])
+    d |= draw(13, 4, ["gamma2", "beta2"]) if outer_bn == "trained" else {}
+    d["K2"] = np.abs(draw(14, 4, ["K2"])["K2"])
+    params, stats = split(d)
+    x = np.random.default_rng(15).standard_normal((2, 5, 4, 4)).astype(np.float32)
+    form = layers.residual_form("resnet_d", sign=sign, outer_bn=outer_bn)
+    y, _ = layers.residual_layer(params, jnp.asarray(x), stats=stats, train=False, cfg=CFG,
+                                 form=form)  # fmt: skip
+    inner = relu(bn(np_conv(x, d["K1"]), d["mean1"], d["var1"], d["gamma1"], d["beta1"]))
+    outer = bn(np_conv(inner, d["K2"]), d["mean2"], d["var2"], d.get("gamma2"), d.get("beta2"))
+    expected = relu(x + outer) if sign == "plus" else relu(x - outer)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_d_ablation_of_the_start_and_refusals():
+    """``outer_init=he`` starts ``K₂`` signed (``abs_he``, ResNet-D's own, ≥ 0); the ablations are
+    refused, naming the field, on forms without ``K₂``."""
+    from stabnet import networks
+
+    def k2(**kw):
+        model = networks.build_model("resnet_d", 1, 10, **kw)
+        params = networks.init_variables(model, jax.random.key(0), (8, 8, 3))["params"]
+        return np.asarray(params["res1"]["K2"])
+
+    assert k2().min() >= 0.0
+    assert k2(outer_init="he").min() < 0.0
+    assert networks.build_model("resnet_d", 1, 10).form is None  # the paper's layer: no override
+    with pytest.raises(ValueError, match="model.sign='plus' applies to resnet and resnet_d"):
+        layers.residual_form("resnet_s", sign="plus")
+    with pytest.raises(ValueError, match="model.outer_bn='none' is unknown"):
+        layers.residual_form("resnet_d", outer_bn="none")
+
+
 def test_resnet_s_layer_4_2():
     d = draw(10, 4, ["K", "gamma1", "beta1", "mean1", "var1", "mean2", "var2"])
     params, stats = split(d)

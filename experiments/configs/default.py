@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Convolutions of the training step: auto (oneDNN on one CPU device, in bfloat16 where the
     # CPU has AVX-512; else XLA) | xla | onednn (train.training_conv_impl).
     config.model.conv_impl = "auto"
+    # Ablations of ResNet-D's layer (stabnet.layers.residual_form); "paper" keeps the variant's:
+    config.model.sign = "paper"  # paper | minus | plus: the branch subtracted or added
+    config.model.outer_bn = "paper"  # paper | frozen | trained: BN₀ (γ = 1, β = 0) or a trained BN
+    config.model.outer_init = "paper"  # paper | abs_he | he: K₂ started ≥ 0 or signed
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 0.1
