@@ -11,6 +11,8 @@ r"""Depth / variant sweeps: build a grid of configs, run it, collect Table 5.3 a
     python -m experiments.sweep --root=/tmp/s --base_config=experiments/configs/quickstart.py \
         --variants=resnet,resnet_d --n=2 --datasets=digits --set=num_train_steps=200 \
         --set=seed=0,1
+    # four runs at a time on one GPU (each may take at most a quarter of its memory):
+    python -m experiments.sweep --root=sweeps/t53 --depths=18,11 --parallel=4
     # only rebuild ROOT/summary from the finished runs under ROOT:
     python -m experiments.sweep --root=sweeps/t53 --collect_only
 
@@ -22,12 +24,15 @@ override is applied and the config validated (a bad grid is refused before anyth
 command of a run is ``python -m experiments.main --config=BASE --workdir=ROOT/NAME`` plus one
 ``--config.KEY=VALUE`` per field that differs from BASE (variant, n and data set always).
 
-Runs go one after another on this machine; a run whose ``results.json`` exists is skipped (after
-checking its ``config.json`` matches), an unfinished one resumes from its checkpoint, a failed
-one is reported (log in ``ROOT/logs/NAME.log``) and the sweep goes on; the exit code is 1 if any
-run failed. Then every finished workdir under ``ROOT`` is collected into ``ROOT/summary`` with
-:func:`experiments.figures.make_all` (Table 5.3, Figures 5.1, 5.3–5.4, 4.3–4.4) plus
-``sweep.md``, the status of this sweep's runs. Run names read ``resnet_d-n3-cifar10-seed0``
+Runs go one after another on this machine (``--parallel=k``: k at a time, sharing its
+accelerator; the small networks leave a GPU mostly idle); a run whose ``results.json`` exists is
+skipped (after checking its ``config.json`` matches), an unfinished one resumes from its
+checkpoint, a failed one is reported (log in ``ROOT/logs/NAME.log``) and the sweep goes on; the
+exit code is 1 if any run failed. Then every finished workdir under ``ROOT`` is collected into
+``ROOT/summary`` with :func:`experiments.figures.make_all` (Table 5.3, Figures 5.1, 5.3–5.4,
+4.3–4.4) and :func:`experiments.results.write_tables` (Tables 5.3 and 5.4 beside the paper's,
+Figure 5.1 per network, as Markdown, CSV and PNG) plus ``sweep.md``, the status of this sweep's
+runs. Run names read ``resnet_d-n3-cifar10-seed0``
 (plus ``-KEY=VALUE`` for every other grid axis).
 """
 
@@ -335,22 +340,65 @@ def _last_error(log_path: str, start: int = 0) -> str:
     return (errors or lines or [""])[-1][:300]
 
 
+def device_share_env(parallel: int) -> dict[str, str]:
+    """Environment for one of ``parallel`` runs sharing one accelerator: no up-front allocation
+    of the device's memory, and at most a ``1/parallel`` share of it (JAX's GPU allocator;
+    ignored on CPUs and TPUs, where one process holds a TPU chip)."""
+    if parallel <= 1:
+        return {}
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / parallel:.3f}"}  # fmt: skip
+
+
 def run_grid(
     specs: Sequence[RunSpec],
     root: str,
     base_config: str | None,
     *,
+    parallel: int = 1,
     log: Any = print,
 ) -> dict[str, dict[str, Any]]:
-    """Run every grid point after the other (see the module docstring). Returns name →
-    ``{"status": "done"|"skipped"|"failed", "seconds", "log", "error"?}``."""
+    """Run every grid point, ``parallel`` at a time (processes sharing this machine's
+    accelerator, :func:`device_share_env`; see the module docstring). Returns name →
+    ``{"status": "done"|"skipped"|"failed", "seconds", "log", "start", "end", "error"?}``."""
+    if not isinstance(parallel, int) or parallel < 1:
+        raise SweepError(f"--parallel={parallel!r} is invalid; allowed: an integer ≥ 1")
     base = os.path.abspath((base_config or DEFAULT_BASE).partition(":")[0])
     base_arg = (base_config or "").partition(":")[2]
     base_spec = f"{base}:{base_arg}" if base_arg else base
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [env.get("PYTHONPATH")])])
+    env.update(device_share_env(parallel))
     status: dict[str, dict[str, Any]] = {}
+    running: list[tuple[RunSpec, str, subprocess.Popen, Any, float, int]] = []
+
+    def finish(item: tuple[RunSpec, str, subprocess.Popen, Any, float, int]) -> None:
+        spec, prefix, proc, f, t0, start = item
+        f.close()
+        seconds = time.time() - t0
+        log_path = f.name
+        entry: dict[str, Any] = {"seconds": seconds, "log": log_path, "start": t0,
+                                 "end": time.time(), "returncode": proc.returncode}  # fmt: skip
+        if proc.returncode == 0:
+            entry["status"] = "done"
+            log(f"{prefix} done in {seconds:.0f} s")
+        else:
+            entry["status"] = "failed"
+            entry["error"] = _last_error(log_path, start)
+            log(f"{prefix} FAILED (exit code {proc.returncode}) in {seconds:.0f} s: "
+                f"{entry['error']} — see {log_path}")  # fmt: skip
+        status[spec.name] = entry
+
+    def wait_for_slot(slots: int) -> None:
+        while len(running) >= slots:
+            for item in list(running):
+                if item[2].poll() is not None:
+                    running.remove(item)
+                    finish(item)
+            if len(running) >= slots:
+                time.sleep(0.2)
+
     for i, spec in enumerate(specs, start=1):
         workdir = os.path.abspath(os.path.join(root, spec.name))
         log_path = os.path.join(os.path.abspath(root), "logs", f"{spec.name}.log")
@@ -366,27 +414,18 @@ def run_grid(
             status[spec.name] = {"status": "skipped", "seconds": 0.0, "log": ""}
             log(f"{prefix} skipped (results.json exists)")
             continue
+        wait_for_slot(parallel)
         cmd = spec.command(root=os.path.abspath(root), base_config=base_spec, python=sys.executable)
         cmd.append("--config.progress_bar=false")
         log(f"{prefix} running")
-        t0 = time.time()
         start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-        with open(log_path, "a") as f:  # a retry keeps the log of the attempts before it
-            f.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
-            f.flush()
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        seconds = time.time() - t0
-        entry: dict[str, Any] = {"seconds": seconds, "log": log_path, "returncode": proc.returncode}
-        if proc.returncode == 0:
-            entry["status"] = "done"
-            log(f"{prefix} done in {seconds:.0f} s")
-        else:
-            entry["status"] = "failed"
-            entry["error"] = _last_error(log_path, start)
-            log(f"{prefix} FAILED (exit code {proc.returncode}) in {seconds:.0f} s: "
-                f"{entry['error']} — see {log_path}")  # fmt: skip
-        status[spec.name] = entry
-    return status
+        f = open(log_path, "a")  # a retry keeps the log of the attempts before it
+        f.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        running.append((spec, prefix, proc, f, time.time(), start))
+    wait_for_slot(1)
+    return {spec.name: status[spec.name] for spec in specs if spec.name in status}
 
 
 def collect(
@@ -394,7 +433,7 @@ def collect(
 ) -> dict[str, Any]:
     """Every finished workdir under ``root`` into ``root/summary`` (Table 5.3 and the figures of
     :mod:`experiments.figures`) plus ``sweep.md`` with this sweep's run status."""
-    from experiments import figures
+    from experiments import figures, results
     from stabnet import plots
 
     out = os.path.join(root, "summary")
@@ -406,6 +445,7 @@ def collect(
     written: dict[str, Any] = {}
     if finished:
         written = figures.make_all(finished, out, per_run=per_run, **kw)
+    written["results"] = results.write_tables(workdirs, out)
     lines = ["# Sweep", "", f"root: `{root}`; finished runs collected: {len(finished)}", ""]
     if status:
         lines += ["| run | status | seconds | note |", "|---|---|---|---|"]
@@ -414,7 +454,11 @@ def collect(
             lines.append(f"| {name} | {s['status']} | {s['seconds']:.0f} | {note} |")
         lines.append("")
     if finished:
-        lines += ["See [figures.md](figures.md) and [table_5_3.md](table_5_3.md).", ""]
+        lines += [
+            "See [figures.md](figures.md), [table_5_3.md](table_5_3.md) (the paper's Table "
+            "5.3 beside ours and our baseline) and [table_5_4.md](table_5_4.md).",
+            "",
+        ]
     written["sweep"] = plots.write_text_atomic(os.path.join(out, "sweep.md"), "\n".join(lines))
     return written
 
@@ -466,7 +510,11 @@ def _main(argv: list[str]) -> int:
         return 0
     if specs:
         print(f"sweep: {len(specs)} run(s) under {root}", flush=True)
-        status = run_grid(specs, root, f.base_config, log=lambda s: print(s, flush=True))
+        try:
+            status = run_grid(specs, root, f.base_config, parallel=f.parallel,
+                              log=lambda s: print(s, flush=True))  # fmt: skip
+        except SweepError as e:
+            cli.fail(str(e))
     written = collect(
         root,
         status,
@@ -500,6 +548,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool("collect_only", False, "Only collect ROOT's finished runs into a summary.")
     flags.DEFINE_string("python", "python", "Interpreter named in --print_commands' output.")
     flags.DEFINE_bool("per_run_figures", True, "Figures 5.3–5.4 and 4.3–4.4 for every run.")
+    flags.DEFINE_integer("parallel", 1, "Runs at once, sharing this machine's accelerator.")
     figures.define_image_indices_flag()
     flags.DEFINE_float("eps", 0.05, "Unstructured noise level ε of Figures 5.3–5.4.")
     flags.DEFINE_float("delta", 0.2, "Structured noise level δ of Figures 5.3–5.4.")

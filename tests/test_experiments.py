@@ -335,3 +335,126 @@ def test_tools_refuse_bad_input_in_one_line(tmp_path, args, words):
     assert "Traceback" not in proc.stderr
     assert words in proc.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no analysis/, no typo/
+
+
+# --------------------------------------------------------------------------------------------
+# results.py: Tables 5.3, 5.4 and Figure 5.1 from runs
+# --------------------------------------------------------------------------------------------
+
+# The paper's values, typed again from its Tables 5.3 and 5.4 (CIFAR-10): the generated tables
+# must carry these.
+PAPER_FIXTURE_5_3 = {("ResNet-D", 18): 87.85, ("ResNet-D", 72): 91.81, ("ResNet-S", 11): 87.78,
+                     ("ResNet-S", 38): 89.09}  # fmt: skip
+PAPER_FIXTURE_5_4_D18 = {"clean": 88.02, "ε=0.02": 83.52, "ε=0.05": 50.55, "str. δ₁": 83.40,
+                         "str. δ₂": 41.24}  # fmt: skip
+
+
+def _fake_cifar_run(folder, variant: str, n: int, accuracy: float) -> None:
+    """A finished full-protocol CIFAR-10 run folder (no checkpoint), as results/ holds them."""
+    from experiments.configs import common
+    from stabnet import networks
+
+    os.makedirs(folder)
+    config = common.paper_config(variant, n, "cifar10")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write(config.to_json())
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for step in (35_000, 70_000):
+            f.write(json.dumps({"step": step, "test_accuracy": accuracy}) + "\n")
+    results = {"variant": variant, "n": n, "depth": networks.paper_depth(variant, n),
+               "data": "cifar10", "data_source": "local:cifar10.npz", "steps": 70_000,
+               "final_test_accuracy": accuracy, "schedule_scale": 1.0}  # fmt: skip
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(results, f)
+
+
+def test_results_tables_from_two_tiny_runs(trained_runs, tmp_path):
+    """Two trained digits runs exported (their Table 5.4 row computed from the last checkpoint),
+    one unfinished run and a finished full-protocol CIFAR-10 run: the tables carry our numbers,
+    the same-skeleton baseline and its difference, the paper's values, and show the unfinished
+    and the never-run configurations as such, never as a number."""
+    import csv as csv_lib
+    import shutil
+
+    from experiments import results
+
+    runs = tmp_path / "runs"
+    for variant in ("resnet", "resnet_d"):
+        results.export_run(trained_runs[variant], os.fspath(runs / variant))
+        assert not os.path.exists(runs / variant / "checkpoints")
+    unfinished = runs / "resnet_s_unfinished"
+    os.makedirs(unfinished)
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copyfile(os.path.join(trained_runs["resnet_s"], name), unfinished / name)
+    _fake_cifar_run(os.fspath(runs / "d18_cifar"), "resnet_d", 3, 0.81)
+    out = os.fspath(tmp_path / "tables")
+    written = results.write_tables(results.find_runs(os.fspath(runs)), out)
+    _assert_png(written["figure_5_1.png"])
+
+    rows = list(csv_lib.DictReader(open(os.path.join(out, "table_5_3.csv"))))
+    acc = {v: 100 * json.load(open(os.path.join(trained_runs[v], "results.json")))
+           ["final_test_accuracy"] for v in ("resnet", "resnet_d")}  # fmt: skip
+    digits = {r["network"]: r for r in rows if r["data"] == "digits"}
+    assert float(digits["ResNet"]["ours"]) == pytest.approx(acc["resnet"], abs=1e-4)
+    assert float(digits["ResNet-D"]["baseline"]) == pytest.approx(acc["resnet"], abs=1e-4)
+    assert float(digits["ResNet-D"]["ours_minus_baseline"]) == pytest.approx(
+        acc["resnet_d"] - acc["resnet"], abs=2e-4
+    )
+    assert (
+        digits["ResNet-S"]["status"].startswith("unfinished") and digits["ResNet-S"]["ours"] == ""
+    )
+    cifar = {(r["network"], int(r["depth"])): r for r in rows if r["data"] == "cifar10"}
+    for key, value in PAPER_FIXTURE_5_3.items():
+        assert float(cifar[key]["paper"]) == value
+    d18 = cifar[("ResNet-D", 18)]
+    assert float(d18["ours"]) == pytest.approx(81.0) and d18["protocol"] == "full"
+    assert float(d18["ours_minus_paper"]) == pytest.approx(81.0 - 87.85, abs=1e-4)
+    assert d18["baseline"] == ""  # no ResNet-18 run: no baseline, no difference
+    assert cifar[("ResNet-D", 36)]["status"] == "missing" and cifar[("ResNet-D", 36)]["ours"] == ""
+    md = open(os.path.join(out, "table_5_3.md")).read()
+    assert "JPEG" in md and "| missing |" in md
+
+    rows54 = list(csv_lib.DictReader(open(os.path.join(out, "table_5_4.csv"))))
+    ours = {r["network"]: r for r in rows54 if r["source"] == "ours" and r["data"] == "digits"}
+    for variant, label in (("resnet", "ResNet"), ("resnet_d", "ResNet-D")):
+        test_acc = json.load(open(os.path.join(trained_runs[variant], "results.json")))
+        # the last-step weights' clean accuracy is the last evaluation's
+        assert float(ours[label]["clean"]) == pytest.approx(100 * test_acc["test_accuracy"],
+                                                            abs=1e-3)  # fmt: skip
+        assert float(ours[label]["ε=0.05"]) <= float(ours[label]["clean"]) + 5
+    paper = [r for r in rows54 if r["source"] == "paper"]
+    assert len(paper) == 1 and paper[0]["network"] == "ResNet-D"
+    for column, value in PAPER_FIXTURE_5_4_D18.items():
+        assert float(paper[0][column]) == value
+    cifar_ours = [r for r in rows54 if r["source"] == "ours" and r["data"] == "cifar10"]
+    assert cifar_ours[0]["status"] == "missing" and cifar_ours[0]["clean"] == ""  # no noise.json
+    curves = list(csv_lib.DictReader(open(written["figure_5_1.csv"])))
+    assert {r["run"] for r in curves} >= {"resnet", "resnet_d", "d18_cifar"}
+
+
+def test_sweep_runs_in_parallel_as_it_runs_in_sequence(tmp_path):
+    """``--parallel=2``: two runs at once (their time spans overlap), with the same results as
+    one after the other."""
+    from experiments import sweep
+
+    specs = sweep.build_grid(
+        variants=["resnet", "resnet_d"], ns=[1], datasets=["digits"], base_config=QUICKSTART,
+        sets=["num_train_steps=20", "eval_every=10", "log_every=10", "checkpoint_every=20",
+              "final_average_steps=20"],
+    )  # fmt: skip
+    out = {}
+    for parallel in (1, 2):
+        root = os.fspath(tmp_path / f"p{parallel}")
+        status = sweep.run_grid(specs, root, QUICKSTART, parallel=parallel, log=lambda s: None)
+        assert all(s["status"] == "done" for s in status.values()), status
+        out[parallel] = (status, {name: json.load(open(os.path.join(root, name, "results.json")))
+                                  for name in status})  # fmt: skip
+    (a, b) = out[2][0].values()
+    assert a["start"] < b["end"] and b["start"] < a["end"]  # they overlapped
+    (a, b) = out[1][0].values()
+    assert a["end"] <= b["start"]  # one after the other
+    for name, res in out[1][1].items():
+        assert res["final_test_accuracy"] == out[2][1][name]["final_test_accuracy"]
+        assert res["params_norm"] == out[2][1][name]["params_norm"]
+    with pytest.raises(sweep.SweepError, match="--parallel=0 is invalid"):
+        sweep.run_grid(specs, os.fspath(tmp_path / "p0"), QUICKSTART, parallel=0)
