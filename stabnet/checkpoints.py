@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from stabnet.logbook import WorkdirFault
+
 log = logging.getLogger(__name__)
 
 
@@ -64,14 +66,24 @@ class Checkpointer:
     def save(self, step: int, state: Any) -> None:
         """Write ``state`` as ``step`` (blocking; atomic: complete or absent)."""
         record = {"step": int(step), "fingerprint": self.fingerprint, "sha256": state_digest(state)}
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
-            ),
-            force=True,
-        )
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+                ),
+                force=True,
+            )
+            self.manager.wait_until_finished()
+        except Exception as e:  # orbax/tensorstore raise many types (RESOURCE_EXHAUSTED: full)
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            kept = [s for s in self.steps() if s != int(step)]
+            kept_text = (f"the newest checkpoint (step {kept[-1]}) is kept" if kept
+                         else "no checkpoint was written yet")  # fmt: skip
+            raise WorkdirFault(
+                f"checkpoint step {step} could not be written to {self.directory} ({reason}); "
+                f"{kept_text}: free space or fix the folder, then rerun the same command"
+            ) from None
 
     def _record(self, step: int) -> dict[str, Any]:
         out = self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))

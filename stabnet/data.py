@@ -27,14 +27,17 @@ so a run is reproducible from its seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import io
+import logging
 import os
 import pathlib
+import warnings
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -190,6 +193,7 @@ def load_local(path: str, name: str) -> Dataset:
         DataError: the file cannot be read, or its arrays are malformed.
     """
     path = os.fspath(path)
+    _check_npz(path)
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -203,6 +207,57 @@ def load_local(path: str, name: str) -> Dataset:
             "numpy.savez (x_train, y_train, x_test, y_test, label_names as strings, no objects)"
         ) from None
     return _dataset(name, arrays, f"local:{path}", path)
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, an empty zip
+
+
+def _check_npz(path: str) -> None:
+    """Refuse, before anything is allocated, a file that is not a zip of ``.npy`` arrays or
+    whose arrays declare more bytes than the file holds (a damaged header could otherwise ask
+    for terabytes). Raises :class:`DataError` (one line)."""
+    fix = "rewrite it with numpy.savez (x_train, y_train, x_test, y_test)"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(
+            f"{path}: cannot be read ({e.strerror}); check the path and its permissions"
+        ) from None
+    if magic.startswith(_NPY_MAGIC):
+        raise DataError(
+            f"{path}: cannot be read as .npz: it is a single array (.npy), not an archive of "
+            f"named arrays; {fix}"
+        )
+    if not magic.startswith(_ZIP_MAGICS):
+        raise DataError(
+            f"{path}: cannot be read as .npz: it is not a zip archive of .npy arrays (it starts "
+            f"with {magic[:4]!r}); {fix}"
+        )
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                    header = member.tell()
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > info.file_size - header:
+                    raise DataError(
+                        f"{path}: array {info.filename[:-4]} declares shape {tuple(shape)} "
+                        f"({declared:,} bytes) but holds {info.file_size - header:,} bytes; the "
+                        f"file is damaged or truncated: {fix}"
+                    )
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path}: cannot be read as .npz ({_one_line(e, 160)}); {fix}") from None
 
 
 def load_digits() -> Dataset:
@@ -298,7 +353,36 @@ def _data_source(tfds: Any, builder: Any, split: str) -> Sequence[Any]:
         return builder.as_data_source(split=split)
 
 
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """TFDS's log lines and Python warnings (missing optional folders, version notes) kept off
+    stderr, unless ``STABNET_VERBOSE=1``: a failure is reported as one DataError line."""
+    if os.environ.get("STABNET_VERBOSE", "0") not in ("", "0"):
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("absl", "tensorflow_datasets", "tensorflow")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _tfds_arrays(
+    name: str, splits: Sequence[str], data_dir: str | None
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Any]:
+    """``{split: (images, labels)}`` and the builder's info, read with TFDS, quietly
+    (:func:`_tfds_arrays_loud`)."""
+    with _quiet_tfds():
+        return _tfds_arrays_loud(name, splits, data_dir)
+
+
+def _tfds_arrays_loud(
     name: str, splits: Sequence[str], data_dir: str | None
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Any]:
     """``{split: (images, labels)}`` and the builder's info, read with TFDS.
@@ -451,9 +535,10 @@ def load_dataset(
 
 def cifar10_corruptions() -> tuple[str, ...]:
     """The corruption names of TFDS's ``cifar10_corrupted`` (imports TFDS)."""
-    import tensorflow_datasets as tfds
+    with _quiet_tfds():
+        import tensorflow_datasets as tfds
 
-    configs = tfds.builder_cls("cifar10_corrupted").BUILDER_CONFIGS
+        configs = tfds.builder_cls("cifar10_corrupted").BUILDER_CONFIGS
     return tuple(dict.fromkeys(c.name.rsplit("_", 1)[0] for c in configs))
 
 

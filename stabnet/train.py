@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -64,7 +65,10 @@ class Preempted(RuntimeError):
     """SIGTERM/SIGINT: a checkpoint was written; run the same command again to resume."""
 
     def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint written")
+        super().__init__(
+            f"stopped by signal {signum} at step {step}; checkpoint written at step {step}; "
+            "rerun the same command to resume"
+        )
         self.signum, self.step = signum, step
 
 
@@ -352,7 +356,8 @@ def make_step_fns(
         return {"loss_sum": z, "correct": z, "steps": jnp.zeros([], jnp.int32),
                 "skipped": jnp.zeros([], jnp.int32), "halted": jnp.zeros([], bool),
                 "bad_step": jnp.full([], -1, jnp.int32),
-                "bad_where": jnp.zeros([3], bool)}  # fmt: skip
+                "bad_where": jnp.zeros([3], bool),
+                "last_good": jnp.full([], -1, jnp.int32)}  # fmt: skip
 
     def guarded_step(state: TrainState, acc, images, labels, mean):
         """:func:`train_step` with the non-finite policy: keep the old state and stop (halt all
@@ -378,6 +383,7 @@ def make_step_fns(
             "halted": acc["halted"] | (~finite if not skip else jnp.zeros([], bool)),
             "bad_step": jnp.where(first_bad, state.step, acc["bad_step"]),
             "bad_where": jnp.where(first_bad, where, acc["bad_where"]),
+            "last_good": jnp.where(accept, state.step + 1, acc["last_good"]),
         }
         return out, acc
 
@@ -535,6 +541,23 @@ def check_workdir(workdir: str) -> None:
         ) from None
 
 
+def _remove_if_only_ours(workdir: str) -> None:
+    """Remove ``workdir``, which this start created, if it holds nothing but what the refused
+    start left (the lock file, an empty checkpoint folder): a refused start leaves no trace."""
+    ours = {logbook.LOCK, "checkpoints"}
+    try:
+        names = set(os.listdir(workdir))
+        if not names <= ours:
+            return
+        if "checkpoints" in names:
+            os.rmdir(os.path.join(workdir, "checkpoints"))  # fails unless empty
+        if logbook.LOCK in names:
+            os.unlink(os.path.join(workdir, logbook.LOCK))
+        os.rmdir(workdir)
+    except OSError:
+        pass
+
+
 def fingerprint(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict[str, Any]:
     """What makes two checkpoints the same network, with an optimiser state of the same form
     (which transformations :func:`stabnet.constraints.build_optimizer` chains)."""
@@ -562,15 +585,35 @@ def data_digest(ds: data.Dataset) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str):
-    """Every check that can refuse the run, before any training: config, workdir, data, batch,
-    network, checkpoint compatibility. Returns what the run needs; raises ConfigError, DataError
-    or CheckpointError (one line each)."""
+def prepare(
+    config: ml_collections.ConfigDict, workdir: str, lock: logbook.WorkdirLock | None = None
+):
+    """Every check that can refuse the run, before any training: config, workdir (its lock and
+    its entries), data, batch, network, checkpoint compatibility. Returns what the run needs;
+    raises ConfigError, DataError, CheckpointError or WorkdirError (one line each). A workdir
+    that this start created is removed again when the start is refused."""
     config_lib.validate(config)
+    created = not os.path.lexists(workdir)
+    try:
+        return _prepare(config, workdir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if created:
+            _remove_if_only_ours(workdir)
+        raise
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str, lock: logbook.WorkdirLock | None):
     try:
         check_workdir(workdir)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
+    primary = jax.process_index() == 0
+    if lock is not None and primary:
+        lock.acquire()
+        logbook.remove_stale_temporaries(workdir)
+    logbook.check_entries(workdir, tensorboard=primary)
     d = config.data
     ds = data.load_dataset(
         d.name,
@@ -591,42 +634,306 @@ def prepare(config: ml_collections.ConfigDict, workdir: str):
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
     training_conv_impl(config)
-    ckpt = checkpoints.Checkpointer(
-        os.path.join(workdir, "checkpoints"), config.keep_checkpoints, fingerprint(config, ds)
-    )
+    try:
+        ckpt = checkpoints.Checkpointer(
+            os.path.join(workdir, "checkpoints"), config.keep_checkpoints, fingerprint(config, ds)
+        )
+    except OSError as e:
+        raise logbook.WorkdirError(
+            f"{os.path.join(workdir, 'checkpoints')} cannot be used ({e.strerror or e}); make it "
+            "a writable folder or move it away"
+        ) from None
     ckpt.check_compatible()
     return ds, mesh, ckpt
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+# Config fields that do not change a run's numbers: a resume may change them freely.
+RESUME_FREE = frozenset({
+    "num_train_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
+    "final_average_steps", "steps_per_dispatch", "progress_bar", "data.source",
+    "data.local_dir", "data.tfds_data_dir", "data.on_device", "data.eval_batch_size",
+    "model.conv_impl",
+})  # fmt: skip
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (JSON values: lists for tuples)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
+    """The fields, outside :data:`RESUME_FREE`, in which ``current`` (a config as JSON) differs
+    from ``previous`` (``config.json`` of the run being resumed): ``{field: (old, new)}``."""
+    old = _flat({k: v for k, v in previous.items() if k != "segments"})
+    new = _flat(json.loads(logbook.dumps(current)))
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+        if key in RESUME_FREE or key not in old or key not in new:
+            continue  # a field the older workdir lacks is not compared
+        a, b = old[key], new[key]
+        same = a == b or (isinstance(a, int | float) and isinstance(b, int | float)
+                          and float(a) == float(b))  # fmt: skip
+        if not same:
+            changes[key] = (a, b)
+    return changes
+
+
+def _read_config_json(path: str) -> dict[str, Any] | None:
+    """``config.json`` as a dict, or ``None`` where it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def config_record(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    start_step: int,
+    *,
+    allow_change: bool = False,
+) -> dict[str, Any]:
+    """What ``config.json`` is to hold for a run starting at ``start_step``: the config, and,
+    where a resume changed fields that change the numbers (allowed by ``allow_change``), a
+    ``segments`` list saying from which step each config was used. Raises ConfigError for a
+    change not allowed (before any work)."""
+    current = json.loads(logbook.dumps(config.to_dict()))
+    previous = _read_config_json(os.path.join(workdir, "config.json")) if start_step else None
+    if previous is None:
+        return current
+    changes = resume_changes(previous, current)
+    segments = previous.get("segments")
+    if changes:
+        if not allow_change:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            raise config_lib.ConfigError(
+                f"--workdir={workdir} holds a run at step {start_step} trained with another "
+                f"config ({what}); resume with the config it used, pass --allow_config_change "
+                "to go on with the new values (config.json records both), or use a new --workdir"
+            )
+        if not isinstance(segments, list):
+            old = {k: v for k, v in previous.items() if k != "segments"}
+            segments = [{"from_step": 0, "config": old}]
+        segments = [*segments, {"from_step": int(start_step),
+                                "changed": {k: b for k, (_, b) in changes.items()},
+                                "config": json.loads(json.dumps(current))}]  # fmt: skip
+    if isinstance(segments, list):
+        current["segments"] = segments
+    return current
+
+
+class Progress:
+    """What the training loop shows while it runs, on stderr: a progress bar with the time left
+    and the latest test accuracy where stderr is a terminal (``bar``), else one plain line every
+    ``every`` seconds (``None``: none) — step, loss, latest test accuracy, images/s, time left —
+    for log files (``nohup``, a cluster's batch system)."""
+
+    def __init__(self, total: int, start: int, batch: int, *, bar: bool, every: float | None,
+                 stream: Any = None):  # fmt: skip
+        self.total, self.batch, self.every = total, batch, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                            file=self.stream)  # fmt: skip
+        self.test: tuple[int, float] | None = None  # (step, accuracy) of the latest evaluation
+        self.loss = None  # the latest interval's training loss, for the bar
+        now = time.time()
+        self._last = (now, start, 0.0, 0)  # time, step, loss sum, finished steps at the last line
+        self._loss_sum, self._finished = 0.0, 0
+        self._rate_from: tuple[float, int] | None = None  # (time, step) after the first chunk
+
+    def chunk(self, step: int, n: int, loss_sum: float, finished: int) -> None:
+        """After a dispatch of ``n`` steps ending at ``step``."""
+        self._loss_sum += loss_sum
+        self._finished += finished
+        if self._rate_from is None:
+            self._rate_from = (time.time(), step)  # the first dispatch compiles: not counted
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.every is not None and time.time() - self._last[0] >= self.every:
+            self.print_line(step)
+
+    def evaluated(self, step: int, accuracy: float) -> None:
+        self.test = (step, accuracy)
+        self._postfix()
+
+    def logged(self, loss: float | None) -> None:
+        self.loss = loss
+        self._postfix()
+
+    def _postfix(self) -> None:
+        if self.bar is None:
+            return
+        shown = {}
+        if self.loss is not None:
+            shown["loss"] = f"{self.loss:.3f}"
+        if self.test is not None:
+            shown["test_acc"] = f"{self.test[1]:.4f}"
+        self.bar.set_postfix(shown)
+
+    def seconds_left(self, step: int) -> float | None:
+        if self._rate_from is None:
+            return None
+        t0, s0 = self._rate_from
+        if step <= s0 or time.time() <= t0:
+            return None
+        return (self.total - step) * (time.time() - t0) / (step - s0)
+
+    def line(self, step: int) -> str:
+        """The plain progress line at ``step``."""
+        now = time.time()
+        t, s, loss_sum, finished = self._last
+        new = self._finished - finished
+        loss = f"{(self._loss_sum - loss_sum) / new:.4f}" if new else "-"
+        test = f"{self.test[1]:.4f} (step {self.test[0]})" if self.test else "-"
+        rate = (step - s) * self.batch / (now - t) if now > t else 0.0
+        left = self.seconds_left(step)
+        eta = "?" if left is None else time.strftime("%H:%M:%S", time.gmtime(left))
+        if left is not None and left >= 86400:
+            eta = f"{int(left // 86400)}d {eta}"
+        width = len(str(self.total))
+        return (f"stabnet: step {step:>{width}}/{self.total} loss {loss} test_accuracy {test} "
+                f"{rate:.0f} images/s {eta} left")  # fmt: skip
+
+    def print_line(self, step: int) -> None:
+        print(self.line(step), file=self.stream, flush=True)
+        self._last = (time.time(), step, self._loss_sum, self._finished)
+
+    def close(self, step: int) -> None:
+        """At the end of training (``step``: the last one)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.every is not None and step != self._last[1]:
+            self.print_line(step)
+
+
+# A run whose last this many steps (or all its steps, if fewer) were skipped as non-finite fails:
+# its network stopped training, and its results would describe where it stopped.
+TRAILING_SKIPS_FAIL = 10
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    allow_config_change: bool = False,
+    progress_every: float | None = 60.0,
+) -> dict[str, Any]:
     """Train and evaluate one network as SPEC §4 describes; resume from ``workdir`` if it holds a
     checkpoint. Returns (and writes) ``results.json``'s content.
 
+    One process at a time: the workdir is locked (:class:`stabnet.logbook.WorkdirLock`) for the
+    whole call. A resume must not stop before its checkpoint, and must use the config that
+    started the run, up to the fields of :data:`RESUME_FREE` (``allow_config_change``: go on
+    with other values; ``config.json`` then records each segment's config). ``progress_every``:
+    seconds between plain progress lines on stderr where it is not a terminal (``None``: none).
+
     Raises:
-      ConfigError, DataError, CheckpointError, ValueError: bad input, before any work.
-      NonFiniteError: NaN/Inf with ``on_nonfinite="stop"`` (the last good checkpoint is kept).
+      ConfigError, DataError, CheckpointError, WorkdirError, ValueError: bad input, before
+        any work (the workdir as it was).
+      NonFiniteError: NaN/Inf with ``on_nonfinite="stop"``, or the last steps all skipped with
+        ``"skip"`` (the checkpoints are kept).
       Preempted: SIGTERM/SIGINT; a checkpoint was written.
+      WorkdirFault: the filesystem failed during the run (the checkpoints written are kept).
     """
+    lock = logbook.WorkdirLock(workdir)
+    try:
+        return _train_and_evaluate(config, workdir, lock, allow_config_change, progress_every)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    lock: logbook.WorkdirLock,
+    allow_config_change: bool,
+    progress_every: float | None,
+) -> dict[str, Any]:
     t_start = time.time()
-    ds, mesh, ckpt = prepare(config, workdir)
+    ds, mesh, ckpt = prepare(config, workdir, lock)
     primary = jax.process_index() == 0
+    plan = schedule_lib.of(config)
+    total = plan.num_train_steps
     model = model_from_config(config, ds.num_classes, training=True)
     state, tx, schedule = create_train_state(config, model, ds.image_shape)
     state = parallel.put_replicated(state, mesh)
+    fresh_key = state.key
     restored = ckpt.restore(state)
     start_step = 0
     if restored is not None:
         state, start_step = restored
+    if start_step > total:
+        scaled = f" (x schedule_scale={plan.scale})" if plan.scale != 1.0 else ""
+        raise config_lib.ConfigError(
+            f"--workdir={workdir} holds a checkpoint of step {start_step}, past "
+            f"num_train_steps={total}{scaled}; set --config.num_train_steps to {start_step} or "
+            "more to resume it, or use a new --workdir"
+        )
+    record = config_record(config, workdir, start_step, allow_change=allow_config_change)
+    if "segments" in record and record["segments"][-1]["from_step"] == start_step:
+        if "seed" in record["segments"][-1].get("changed", {}):
+            state = state.replace(key=fresh_key)  # the new seed's data order from here on
+    if restored is not None:
         print(f"stabnet: resuming from step {start_step} in {workdir}", flush=True)
-    if primary:
-        logbook.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
-    metrics_log = logbook.MetricsLog(workdir, tensorboard=primary)
-    rows = metrics_log.open(start_step) if primary else []
+    config_path = os.path.join(workdir, "config.json")
+    fix = "free space or fix the folder, then rerun the same command"
+    with logbook.io_errors("cannot write the workdir", fix):
+        lock.record_owner()
+        if primary and _read_config_json(config_path) != record:
+            logbook.write_json_atomic(config_path, record)
+        results_path = os.path.join(workdir, "results.json")
+        if primary and start_step < total and os.path.exists(results_path):
+            # results of a shorter run that this one continues: kept beside the new ones
+            aside = os.path.join(workdir, f"results.step{start_step}.json")
+            os.replace(results_path, aside)
+            print(f"stabnet: kept the results of step {start_step} as {aside}", flush=True)
+        metrics_log = logbook.MetricsLog(workdir, tensorboard=primary)
+        rows = metrics_log.open(start_step) if primary else []
+    try:
+        results = _run(config, workdir, ds, mesh, ckpt, model, state, tx, schedule, start_step,
+                       rows, metrics_log, progress_every, primary)  # fmt: skip
+    except logbook.WorkdirError:
+        raise
+    except OSError as e:
+        steps = ckpt.steps()
+        kept = (f"the newest checkpoint (step {steps[-1]}) is kept" if steps
+                else "no checkpoint was written yet")  # fmt: skip
+        raise logbook.WorkdirFault(
+            f"the workdir failed during the run ({e.filename or workdir}: "
+            f"{e.strerror or e}); {kept}: {fix}"
+        ) from None
+    finally:
+        metrics_log.close()
+    with logbook.io_errors("cannot write results.json", fix):
+        results["wall_seconds"] = time.time() - t_start
+        if primary:
+            logbook.write_json_atomic(os.path.join(workdir, "results.json"), results)
+    ckpt.close()
+    return results
 
+
+def _run(config, workdir, ds, mesh, ckpt, model, state, tx, schedule, start_step, rows,
+         metrics_log, progress_every, primary) -> dict[str, Any]:  # fmt: skip
+    """The training loop of :func:`train_and_evaluate` and the results (not yet written)."""
     mean = data.pixel_mean(ds.x_train)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     fns = make_step_fns(config, model, tx, mesh, len(ds.x_train))
-    eval_batch = -(-config.data.eval_batch_size // mesh.devices.size) * mesh.devices.size
+    # never larger than the test set (an absurd eval_batch_size would allocate it padded)
+    eval_size = min(config.data.eval_batch_size, len(ds.x_test))
+    eval_batch = -(-eval_size // mesh.devices.size) * mesh.devices.size
     test_arrays = padded_batches(ds.x_test, ds.y_test, eval_batch)
     on_device = parallel.put_replicated(
         {"mean": mean, "x_test": test_arrays[0], "y_test": test_arrays[1], "mask": test_arrays[2]},
@@ -635,6 +942,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.data.on_device:
         train_arrays = parallel.put_replicated((ds.x_train, ds.y_train), mesh)
     host_indices = jax.jit(batch_indices, static_argnums=(2, 3))
+    plan = schedule_lib.of(config)
+    total = plan.num_train_steps
+    progress = Progress(
+        total, start_step, config.batch_size,
+        bar=primary and bool(config.progress_bar) and sys.stderr.isatty(),
+        every=progress_every if primary and not sys.stderr.isatty() else None,
+    )  # fmt: skip
 
     def run_evaluation(step: int, write: bool = True) -> dict[str, Any]:
         sums = parallel.to_host(
@@ -650,6 +964,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              "test_accuracy": float(sums["correct"]) / len(ds.x_test)}  # fmt: skip
         if primary and write:
             rows.append(metrics_log.write(step, m))
+        progress.evaluated(step, m["test_accuracy"])
         return m
 
     orders = None  # the fast path's cache of the data order (EpochOrders), chunk to chunk
@@ -681,39 +996,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             describe_parts(flags) + "; finite when the step was re-run (nondeterministic)"
         )
 
-    plan = schedule_lib.of(config)
-    total = plan.num_train_steps
     boundaries = (plan.log_every, plan.eval_every, plan.checkpoint_every)
     step = start_step
+    last_finished = start_step  # the last step that was not skipped
     compile_seconds = None
-    bar = None
-    if primary and config.progress_bar and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
 
     def new_interval() -> dict[str, Any]:
         return {"loss_sum": 0.0, "correct": 0.0, "steps": 0, "skipped": 0, "t0": time.time()}
 
     def log_interval(step: int, state: TrainState, interval: dict[str, Any]) -> dict[str, Any]:
-        """Write the training row of the steps up to ``step`` (``state``'s) since the last one;
-        returns a fresh interval."""
-        seen = max(interval["steps"], 1)
+        """Write the training row of the steps up to ``step`` (``state``'s) since the last one
+        (no loss where every one of them was skipped); returns a fresh interval."""
+        seen = interval["steps"]
         elapsed = time.time() - interval["t0"]
-        row = {
-            "train_loss": interval["loss_sum"] / seen,
-            "train_accuracy": interval["correct"] / (seen * config.batch_size),
+        row: dict[str, Any] = {}
+        if seen:
+            row["train_loss"] = interval["loss_sum"] / seen
+            row["train_accuracy"] = interval["correct"] / (seen * config.batch_size)
+        row.update({
             "learning_rate": float(schedule(step - 1)),
-            "images_per_second": interval["steps"] * config.batch_size / elapsed,
+            "images_per_second": seen * config.batch_size / elapsed if elapsed > 0 else 0.0,
             **{k: float(v) for k, v in parallel.to_host(
                 constraints.constraint_metrics(state.params, state.opt_state)).items()},
-        }  # fmt: skip
+        })  # fmt: skip
         if interval["skipped"]:
             row["skipped_steps"] = int(interval["skipped"])
         if primary:
             rows.append(metrics_log.write(step, row))
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+            progress.logged(row.get("train_loss"))
         return new_interval()
 
     interval = new_interval()
@@ -734,6 +1044,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "set --config.on_nonfinite=skip to skip such steps"
                 )
             step = int(parallel.to_host(state.step))
+            if int(acc["last_good"]) >= 0:
+                last_finished = int(acc["last_good"])
             for k in ("loss_sum", "correct", "steps", "skipped"):
                 interval[k] += acc[k]
             if acc["skipped"]:
@@ -741,12 +1053,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       f"step {step} (the first at step {int(acc['bad_step'])}, "
                       f"{describe_parts(acc['bad_where'])})",
                       file=sys.stderr)  # fmt: skip
-            if bar is not None:
-                bar.update(n)
             if step % plan.log_every == 0 or step == total:
                 interval = log_interval(step, state, interval)
             if step % plan.eval_every == 0 or step == total:
                 run_evaluation(step)
+            progress.chunk(step, n, float(acc["loss_sum"]), int(acc["steps"]))
             if step % plan.checkpoint_every == 0 or step == total:
                 ckpt.save(step, state)
             if step < total and stop.requested():
@@ -755,19 +1066,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if step not in ckpt.steps():
                     ckpt.save(step, state)
                 metrics_log.close()
-                print(f"stabnet: checkpoint written at step {step}; rerun the same command to "
-                      "resume", file=sys.stderr, flush=True)  # fmt: skip
+                progress.close(step)
                 raise Preempted(stop.signum or signal.SIGTERM, step)
-    if bar is not None:
-        bar.close()
+    progress.close(step)
 
     if start_step == total:  # a finished run started again: evaluate, log nothing twice
         logged = any(r["step"] == total and "test_accuracy" in r for r in rows)
         run_evaluation(total, write=not logged)
+    trailing = total - last_finished
+    if start_step < total and trailing >= min(TRAILING_SKIPS_FAIL, total - start_step):
+        raise NonFiniteError(
+            f"every step after step {last_finished} (the last {trailing}) was non-finite and "
+            f"skipped: the network stopped training there; the checkpoints are kept (steps "
+            f"{ckpt.steps()}) but no results.json is written. Lower optim.learning_rate and "
+            "start a new --workdir"
+        )
     evals = [r for r in rows if "test_accuracy" in r]
     train_rows = [r for r in rows if "train_loss" in r]
     averaged = logbook.final_evaluations(rows, total, plan.average_window)
-    results = {
+    return {
         "final_test_accuracy": logbook.final_accuracy(rows, total, plan.average_window),
         "final_average": {
             "window_steps": plan.average_window,
@@ -779,6 +1096,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "test_loss": evals[-1]["test_loss"] if evals else None,
         "train_loss": train_rows[-1]["train_loss"] if train_rows else None,
         "steps": total,
+        "skipped_steps": sum(int(r.get("skipped_steps", 0)) for r in rows if r["step"] <= total),
         "params": n_params,
         "params_norm": params_norm(state.params),
         "depth": networks.paper_depth(config.model.variant, config.model.n),
@@ -790,10 +1108,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "processes": jax.process_count(),
         "conv_impl": model.cfg.conv_impl,
         "compile_seconds": compile_seconds,
-        "wall_seconds": time.time() - t_start,
+        "wall_seconds": None,
     }
-    if primary:
-        logbook.write_json_atomic(os.path.join(workdir, "results.json"), results)
-    metrics_log.close()
-    ckpt.close()
-    return results

@@ -328,9 +328,16 @@ def test_divergence_stops_with_the_step(tmp_path):
     # It says where: in the loss and/or in named parameter arrays, with counts.
     assert re.search(r"in the (loss|gradients of \d+ of \d+ arrays \(first: \S+\))", line), line
     assert not os.path.exists(os.path.join(workdir, "results.json"))
+    # Skipping: the steps are skipped and said so, but every step after the sixth is, so the
+    # run fails (its results would describe a network that stopped training) without results.
     skip = run_main(os.fspath(tmp_path / "s"), *args, "--config.on_nonfinite=skip")
-    assert skip.returncode == 0, skip.stderr[-3000:]
+    assert skip.returncode == 3, skip.stderr[-3000:]
     assert "skipped" in skip.stderr and "the first at step" in skip.stderr
+    assert re.search(r"every step after step \d+ \(the last \d+\) was non-finite and skipped",
+                     error_line(skip))  # fmt: skip
+    assert not os.path.exists(os.path.join(tmp_path, "s", "results.json"))
+    rows = logbook.read_jsonl(os.path.join(tmp_path, "s", "metrics.jsonl"))
+    assert rows and all(r.get("skipped_steps", 0) > 0 for r in rows if "learning_rate" in r)
 
 
 # ------------------------------------------------------------------------------------------
