@@ -1,4 +1,5 @@
-r"""The continuous-time systems of Section 3: convergence in τ and the bounds (SPEC §5).
+r"""The continuous-time systems of Section 3: convergence in τ and the bounds (docs/mathematics.md
+§5).
 
     python -m experiments.continuous                      # all three systems, T = 1
     python -m experiments.continuous --kind=resnet_s --T=2.0

@@ -1,4 +1,4 @@
-r"""The paper's figures and depth table from trained runs (SPEC §7).
+r"""The paper's figures and depth table from trained runs (docs/mathematics.md §7).
 
     python -m experiments.figures --workdirs=runs/d18,runs/d36 --out=figs
     python -m experiments.figures --workdirs='runs/*' --out=figs --eps=0.05 --delta=0.2
@@ -60,8 +60,8 @@ COMPARABILITY_NOTE = (
     "Only runs on the real CIFAR-10/100 (source `tfds:`) with the paper's full schedule are "
     "comparable with the paper's column. Any other data — the embedded digits, Fashion-MNIST, "
     "the JPEG-rebuilt CIFAR-10 copy in `shared/data` (a ResNet-20 that scores 91.7% on real "
-    "CIFAR-10 scores 81.0% on it, SPEC §8) — or a shorter schedule is **not comparable**: compare "
-    "such runs with each other (variant vs baseline, depth vs depth) only."
+    "CIFAR-10 scores 81.0% on it, docs/mathematics.md §8) — or a shorter schedule is **not "
+    "comparable**: compare such runs with each other (variant vs baseline, depth vs depth) only."
 )
 
 
@@ -237,13 +237,13 @@ def plot_accuracy_vs_step(workdirs: Sequence[str], path: str) -> str:
 
 def unstructured_noise(images01: np.ndarray, eps: float, seed: int = 0) -> np.ndarray:
     """``clip(x + ε·η, 0, 1)``, ``η`` i.i.d. standard normal (``numpy`` generator of ``seed``);
-    pixels in [0, 1] (SPEC §7, Table 5.4's unstructured noise)."""
+    pixels in [0, 1] (docs/mathematics.md §7, Table 5.4's unstructured noise)."""
     eta = np.random.default_rng(seed).standard_normal(images01.shape).astype(np.float32)
     return np.clip(images01 + eps * eta, 0.0, 1.0).astype(np.float32)
 
 
 def structured_noise(images01: np.ndarray, delta: float, fixed01: np.ndarray) -> np.ndarray:
-    """``clip(x + δ·x_s, 0, 1)`` with ``x_s`` one fixed image in [0, 1] (SPEC §7)."""
+    """``clip(x + δ·x_s, 0, 1)`` with ``x_s`` one fixed image in [0, 1] (docs/mathematics.md §7)."""
     return np.clip(images01 + delta * fixed01[None], 0.0, 1.0).astype(np.float32)
 
 
@@ -270,7 +270,7 @@ def _apply_fn(model: Any) -> Any:
 
 
 def forward(run: Any, images01: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Logits ``[N, K]`` and every layer's feature (SPEC §3 indices) of a loaded run
+    """Logits ``[N, K]`` and every layer's feature (docs/mathematics.md §3 indices) of a loaded run
     (:func:`stabnet.runs.load_run`) for images with pixels in [0, 1] (inference mode, running BN
     statistics; normalised as in training, ``x − mean``)."""
     from stabnet import data
@@ -373,7 +373,8 @@ def plot_probabilities(
 
 
 def block_layers(n: int) -> list[tuple[int, str]]:
-    """The layers whose outputs Figures 4.3–4.4 show, indexed as in SPEC §3: the convolution
+    """The layers whose outputs Figures 4.3–4.4 show, indexed as in docs/mathematics.md §3: the
+    convolution
     layer ``0``, the last residual layer of each stage (``n``, ``2n``, ``3n``, where the stage
     has one) and the pooling layers ``n+1``, ``2n+1``."""
     out = [(0, "conv layer 0")]

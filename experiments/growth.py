@@ -1,4 +1,5 @@
-r"""Feature growth without BatchNorm — the remark of the paper's Section 3.1 (SPEC §7).
+r"""Feature growth without BatchNorm — the remark of the paper's Section 3.1 (docs/mathematics.md
+§7).
 
     python -m experiments.growth --out=growth                      # n = 4, 300 steps, ~2 min
     python -m experiments.growth --out=growth --n=6 --steps=0      # initialisation only
@@ -7,7 +8,8 @@ The paper remarks that a standard (post-activation) ResNet **without** BN grows 
 by about ×10 every 3–4 residual layers, while the bounds of ResNet-D (3.9) and ResNet-S (3.11)
 forbid such growth. This experiment builds the standard ResNet, ResNet-D and ResNet-S with
 ``model.use_bn=False`` (a trained BN becomes a bias, a frozen BN the identity), and measures the
-mean ℓ₂ norm of the feature after every layer of Figure 4.1 (indexed as in SPEC §3, layers
+mean ℓ₂ norm of the feature after every layer of Figure 4.1 (indexed as in docs/mathematics.md §3,
+layers
 ``0 … 3n+1``) on a batch of real test images (normalised as in training):
 
 * at initialisation (the parameters ``train_and_evaluate`` starts from: same seed and key), and
@@ -88,7 +90,8 @@ def growth_config(
 
 def feature_norms(model: Any, variables: Any, x: Any) -> list[float]:
     """Mean over the batch of the ℓ₂ norm of each example's feature after every layer
-    ``0 … 3n+1`` of SPEC §3 (the logits, layer ``3n+2``, left out); inference mode."""
+    ``0 … 3n+1`` of docs/mathematics.md §3 (the logits, layer ``3n+2``, left out); inference
+    mode."""
     import jax
     import jax.numpy as jnp
 
@@ -308,7 +311,8 @@ def plot_growth(result: dict[str, Any], path: str) -> str:
         ax.axvline(p, color="0.6", linestyle=":", linewidth=1)
     ax.axvline(3 * n + 1, color="0.8", linestyle=":", linewidth=1)
     ax.set_xlabel(
-        f"layer index (SPEC §3; dotted: pooling {n + 1}, {2 * n + 1}, global {3 * n + 1})"
+        f"layer index (docs/mathematics.md §3; dotted: pooling {n + 1}, {2 * n + 1}, "
+        f"global {3 * n + 1})"
     )
     ax.set_ylabel("mean ℓ₂ feature norm")
     ax.set_title(f"Feature growth without BN, n = {n}, {s['data']} (paper, Section 3.1)")

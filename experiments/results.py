@@ -2,7 +2,7 @@ r"""The paper's Table 5.3, Table 5.4 and Figure 5.1, generated from runs (docs/r
 
     # copy finished workdirs into the repository's results (no checkpoints; Table 5.4's row is
     # computed from each run's last checkpoint on the way and kept as noise.json):
-    python -m experiments.results --export=~/runs/d18,~/runs/r18 --runs=results/runs
+    python -m experiments.results --export=d_depth18=~/runs/d18,~/runs/r18 --runs=results/runs
     # regenerate the tables and the figure from the runs under results/runs:
     python -m experiments.results --runs=results/runs --out=results
 
@@ -463,9 +463,10 @@ def _main(argv: list[str]) -> int:
     f = flags.FLAGS
     with cli.exit_codes():
         try:
-            for w in f.export or []:
+            for item in f.export or []:
+                name, _, w = item.rpartition("=")
                 w = os.path.expanduser(w)
-                dest = export_run(w, os.path.join(f.runs, figures.run_name(w)),
+                dest = export_run(w, os.path.join(f.runs, name or figures.run_name(w)),
                                   noise=f.noise, n_images=f.n_images)  # fmt: skip
                 print(f"results: exported {w} to {dest}", flush=True)
             if f.out:
@@ -483,7 +484,7 @@ def _define_flags() -> None:
 
     flags.DEFINE_string("runs", "results/runs", "Folder of run folders (read; --export writes).")
     flags.DEFINE_string("out", None, "Where the tables and Figure 5.1 go (none: export only).")
-    flags.DEFINE_list("export", None, "Finished workdirs to copy into --runs first.")
+    flags.DEFINE_list("export", None, "Finished workdirs [NAME=]WORKDIR to copy into --runs first.")
     flags.DEFINE_bool("noise", True, "With --export: compute Table 5.4's row (noise.json).")
     flags.DEFINE_integer("n_images", None, "With --export: test images for noise.json (all).")
 

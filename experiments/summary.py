@@ -1,6 +1,7 @@
 """Per-layer summary of a network: ``python -m experiments.summary --config=PATH [--json]``.
 
-Prints, for every layer of Figure 4.1 (indexed as in SPEC §3): its kind, output shape and number of
+Prints, for every layer of Figure 4.1 (indexed as in docs/mathematics.md §3): its kind, output
+shape and number of
 trainable parameters, then the totals and the paper's depth. ``--json`` prints one JSON object
 with ``params`` (trainable), ``depth`` and ``layers``. Needs no data: the input shape comes from
 the data set's name.

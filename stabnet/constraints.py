@@ -1,7 +1,7 @@
 """Regularisers and constraints of Table 4.1 as Optax transformations, and the optimiser.
 
 The optimiser is SGD with momentum on the data loss plus the smooth Frobenius terms, followed by
-proximal steps for the non-smooth terms (SPEC §4)::
+proximal steps for the non-smooth terms (docs/mathematics.md §4)::
 
     g ← ∇loss + 2λK                     (Frobenius decay, λ‖K‖²_F, masked)
     m ← μ m + g;  u ← −η_t m            (optax.trace, scale_by_learning_rate)
@@ -264,7 +264,8 @@ def norm_method(name: str = "auto") -> str:
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """``η_t = η₀ · factor^⌊t / decay_every⌋`` (SPEC §4: 0.1, ÷10 every 24K or 32K steps;
+    """``η_t = η₀ · factor^⌊t / decay_every⌋`` (docs/mathematics.md §4: 0.1, ÷10 every 24K or 32K
+    steps;
     ``decay_every`` scaled by ``schedule_scale``)."""
     return optax.exponential_decay(
         config.optim.learning_rate,
@@ -299,7 +300,8 @@ def build_optimizer(
     params: Params,
     grids: Mapping[str, tuple[int, int]],
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The whole optimiser of SPEC §4 from ``config`` (``model.*``, ``optim.*``): the chained
+    """The whole optimiser of docs/mathematics.md §4 from ``config`` (``model.*``, ``optim.*``):
+    the chained
     transformation and the learning-rate schedule."""
     opt, variant = config.optim, config.model.variant
     schedule = learning_rate_schedule(config)

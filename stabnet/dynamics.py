@@ -1,4 +1,5 @@
-r"""The continuous-time systems of the paper's Section 3 (SPEC §5) and their discretisation.
+r"""The continuous-time systems of the paper's Section 3 (docs/mathematics.md §5) and their
+discretisation.
 
 Three differential inclusions on the non-negative orthant, ``x(0) = x₀ ≥ 0``, with
 time-dependent operators ``A(t)`` and biases ``b(t)`` (callables of ``t``):
@@ -20,7 +21,7 @@ accurate, ``‖x_N − x(T)‖ = O(τ)``. :func:`solve` runs it with :func:`jax.
 Operators are :class:`Dense` matrices (features are vectors) or circular :class:`Conv`
 convolutions (features are images ``[H, W, C]``, the paper's periodic boundary condition).
 
-Bounds (SPEC §5, inferred; ``‖·‖ = ‖·‖₂``, ``a(s) = ‖A₁(s)‖‖A₂(s)‖``)::
+Bounds (docs/mathematics.md §5, inferred; ``‖·‖ = ‖·‖₂``, ``a(s) = ‖A₁(s)‖‖A₂(s)‖``)::
 
     (3.6)  ‖x(t)‖ ≤ ‖x₀‖e^{∫₀ᵗa} + ∫₀ᵗ (‖A₂‖‖b₁‖ + ‖b₂‖)(s) e^{∫ₛᵗa} ds     standard, ResNet-D
     (3.7)  ‖x(t) − y(t)‖ ≤ ‖x₀ − y₀‖ e^{∫₀ᵗa}                               standard, ResNet-D
@@ -131,7 +132,8 @@ class Dense(NamedTuple):
 
 class Conv(NamedTuple):
     """``A_K``: circular stride-1 convolution with a filter ``kernel`` [kh, kw, c_in, c_out],
-    acting on images [H, W, c_in] (SPEC §1). The adjoint is :func:`stabnet.ops.conv_transpose`,
+    acting on images [H, W, c_in] (docs/mathematics.md §1). The adjoint is
+    :func:`stabnet.ops.conv_transpose`,
     the norm the exact FFT norm :func:`stabnet.norms.fft_norm` on the input's ``H×W`` grid."""
 
     kernel: jax.Array

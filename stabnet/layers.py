@@ -7,7 +7,8 @@ Each layer is a pure function ``f(params, x, *, stats, train, cfg) -> (y, used)`
 * ``stats``  – the running BN statistics (``mean*``, ``var*``), read at inference;
 * ``used``   – the BN statistics this call normalised with, so a caller can update running averages.
 
-The ``flax.linen`` modules at the bottom only declare the variables (with SPEC §4's initialisers),
+The ``flax.linen`` modules at the bottom only declare the variables (with docs/mathematics.md §4's
+initialisers),
 call the pure function and keep the running averages; all the mathematics is in the functions.
 
 The three residual layers share one skeleton, ``x⁺ = σ(x ± BN₂(outer(σ(BN₁(A_{K₁} x)))))``; a
@@ -37,9 +38,10 @@ class LayerConfig:
     """Choices shared by every layer of a network.
 
     Attributes:
-      padding: boundary condition of every stride-1 and stride-2 convolution (SPEC §1).
+      padding: boundary condition of every stride-1 and stride-2 convolution (docs/mathematics.md
+      §1).
       use_bn: ``False`` removes BatchNorm: a trained BN becomes a bias ``+β``, a frozen BN the
-        identity (the "ResNet without BN" of SPEC §7).
+        identity (the "ResNet without BN" of docs/mathematics.md §7).
       bn_eps: ``ε`` of BN.
       bn_momentum: momentum of the running averages.
       bn_stats: how BN computes the batch statistics (:func:`stabnet.ops.batch_norm`).
@@ -264,12 +266,14 @@ def fully_connected(params: Params, g: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------
-# Thin flax.linen wrappers: declare variables with SPEC §4's initialisers, call the functions.
+# Thin flax.linen wrappers: declare variables with docs/mathematics.md §4's initialisers, call the
+# functions.
 # --------------------------------------------------------------------------------------------
 
 
 def uniform_scaling(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-    """ "Uniform scaling" of the convolution layer: ``U[−√(3/fan_in), √(3/fan_in)]`` (SPEC §4)."""
+    """ "Uniform scaling" of the convolution layer: ``U[−√(3/fan_in), √(3/fan_in)]``
+    (docs/mathematics.md §4)."""
     limit = jnp.sqrt(3.0 / (shape[0] * shape[1] * shape[2]))
     return jax.random.uniform(key, shape, dtype, -limit, limit)
 
@@ -278,7 +282,8 @@ he_truncated_normal = nn.initializers.variance_scaling(2.0, "fan_in", "truncated
 
 
 def nonnegative_he(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
-    """``|he_truncated_normal|``: ResNet-D's outer filter starts feasible, ``K₂ ≥ 0`` (SPEC §4)."""
+    """``|he_truncated_normal|``: ResNet-D's outer filter starts feasible, ``K₂ ≥ 0``
+    (docs/mathematics.md §4)."""
     return jnp.abs(he_truncated_normal(key, shape, dtype))
 
 

@@ -1,4 +1,4 @@
-"""The network of the paper's Figure 4.1 for every variant (SPEC §3).
+"""The network of the paper's Figure 4.1 for every variant (docs/mathematics.md §3).
 
 Depth parameter ``n ≥ 1``, widths ``(16, 32, 64)``::
 
@@ -82,7 +82,7 @@ def check_architecture(
 
 
 def layer_specs(n: int, widths: Sequence[int] = (16, 32, 64)) -> list[LayerSpec]:
-    """The rows of Figure 4.1 for depth parameter ``n``, indexed as in SPEC §3."""
+    """The rows of Figure 4.1 for depth parameter ``n``, indexed as in docs/mathematics.md §3."""
     w0, w1, w2 = widths
     specs = [LayerSpec(0, "conv", w0)]
     specs += [LayerSpec(k, "res", w0) for k in range(1, n + 1)]
@@ -112,7 +112,7 @@ class StableResNet(nn.Module):
 
     Attributes:
       variant: ``resnet`` (baseline, (3.1)), ``resnet_d`` (4.1), ``resnet_s`` (4.2) or
-        ``resnet_s_certified`` (SPEC §2, beyond the paper).
+        ``resnet_s_certified`` (docs/mathematics.md §2, beyond the paper).
       n: depth parameter.
       num_classes: ``K``.
       widths: channel widths of the three stages.
@@ -138,7 +138,8 @@ class StableResNet(nn.Module):
         self, x: jax.Array, train: bool = False, return_features: bool = False
     ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
         """Logits ``[N, K]``; with ``return_features`` also the list of every layer's output,
-        ``features[k]`` = output of layer ``k`` of SPEC §3 (the last entry is the logits)."""
+        ``features[k]`` = output of layer ``k`` of docs/mathematics.md §3 (the last entry is the
+        logits)."""
         check_architecture(self.variant, self.n, x.shape[1:], self.num_classes, self.widths)
         form = self.residual_form
         cfg = self.cfg

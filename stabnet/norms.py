@@ -1,4 +1,4 @@
-"""Operator norms of the paper's linear maps (SPEC §4, §6).
+"""Operator norms of the paper's linear maps (docs/mathematics.md §4, §6).
 
 * :func:`fft_norm` – the **exact** ℓ₂ norm of a circular convolution (any grid, ``c_in ≠ c_out``,
   stride 1 or 2, optionally followed by ``diag(s)``). ``A_K`` is block-circulant, so the DFT

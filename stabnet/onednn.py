@@ -2,7 +2,8 @@
 
 XLA:CPU runs the CIFAR networks' 3×3 convolutions in Eigen (its YNNPACK path refuses layers of
 16 channels), at about half the speed of oneDNN's kernels on a 2-core AVX-512 CPU; a ResNet-D
-depth-18 training step is ~1.5× faster with these (benchmarks/RESULTS.md, eleventh session).
+depth-18 training step is ~1.5× faster with these (benchmarks/RESULTS.md, "oneDNN against XLA's
+convolutions").
 
 :func:`conv_valid` is the "VALID" cross-correlation of ``x`` [N,H,W,Ci] with ``kernel``
 [kh,kw,Ci,Co] at a given stride, in the dtypes :func:`supports` (float32; bfloat16 with AVX-512),
@@ -124,7 +125,8 @@ def _single_threaded_blas() -> None:
     LAPACK through SciPy's OpenBLAS, whose idle threads spin after each call and take the cores
     from oneDNN's OpenMP team: traced, s_depth11's convolutions ran 49 ms a step longer with the
     constraints than without, and 16 ms shorter with OpenBLAS on one thread
-    (benchmarks/RESULTS.md, eleventh session). The solves are of matrices of at most 64×64."""
+    (benchmarks/RESULTS.md, "OpenBLAS on one thread"). The solves are of matrices of at most
+    64×64."""
     import scipy.linalg  # noqa: F401  (loads the OpenBLAS that jaxlib's LAPACK kernels use)
     import threadpoolctl
 
@@ -181,7 +183,7 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     """The "VALID" cross-correlation ``y[n,i,j,o] = Σ_{a,b,c} x[n,s·i+a,s·j+b,c] K[a,b,c,o]`` of
     ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co] at stride ``s``:
     ``[N, (H−kh)//s + 1, (W−kw)//s + 1, Co]``, in the dtype of both (float32, or bfloat16 with
-    float32 accumulation). The linear map ``A_K`` of SPEC §1 once ``x`` is padded
+    float32 accumulation). The linear map ``A_K`` of docs/mathematics.md §1 once ``x`` is padded
     (:func:`stabnet.ops.conv`)."""
     if not available():
         raise Unavailable(f"oneDNN convolutions are unavailable: {unavailable_reason()}")

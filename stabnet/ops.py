@@ -1,4 +1,4 @@
-"""Linear and pointwise building blocks of the paper's layers (SPEC §1–§2).
+"""Linear and pointwise building blocks of the paper's layers (docs/mathematics.md §1–§2).
 
 Everything here is a pure function of arrays. Features are NHWC; filters are HWIO
 (``[3, 3, c_in, c_out]``), the layout of :func:`jax.lax.conv_general_dilated`.
@@ -32,7 +32,8 @@ BN_STATS_FORMS: tuple[str, ...] = typing.get_args(BNStatsForm)
 PADDINGS: tuple[str, ...] = ("circular", "zeros")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # Below this many multiply-adds per filter tap (N·H·W·Ci·Co), the side-by-side correlation is
-# faster unpadded on XLA:CPU (benchmarks/RESULTS.md, eighth session).
+# faster unpadded on XLA:CPU (benchmarks/RESULTS.md, "Right padding only from 2²² multiply-adds per
+# tap").
 _RIGHT_PAD_MIN_MACS = 1 << 22
 
 
@@ -52,7 +53,8 @@ def conv(
     crop: bool | None = None,
     impl: ConvImpl = "xla",
 ) -> jax.Array:
-    """``A_K x``: cross-correlation of ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co] (SPEC §1).
+    """``A_K x``: cross-correlation of ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co]
+    (docs/mathematics.md §1).
 
     The input is padded by ``k // 2`` on each side (periodically, or with zeros) and the
     correlation is taken with the given stride, so stride 1 keeps ``H×W`` and stride 2 gives
@@ -188,7 +190,7 @@ def batch_norm(
     eps: float = 1e-5,
     stats: BNStatsForm = "one_pass",
 ) -> tuple[jax.Array, jax.Array, BNStats]:
-    """``BN(z) = γ ⊙ (z − μ)/√(v + ε) + β`` per channel (SPEC §1).
+    """``BN(z) = γ ⊙ (z − μ)/√(v + ε) + β`` per channel (docs/mathematics.md §1).
 
     In training ``μ, v`` are the statistics of this batch over N, H, W (under ``jit`` with a
     sharded batch this is the *global* batch); at inference they are the running ``mean``,
@@ -250,7 +252,8 @@ def update_running(running: BNStats, batch: BNStats, momentum: float) -> BNStats
 
 
 def avg_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
-    """``P``: average pooling with the given window and stride, zero padding counted (SPEC (4.4)).
+    """``P``: average pooling with the given window and stride, zero padding counted
+    (docs/mathematics.md §2, (4.4)).
 
     The sum over each ``window×window`` patch is divided by ``window²`` whether or not the patch
     overlaps the zero border, so ``P`` is a fixed non-negative linear map. ``window = 1`` is plain

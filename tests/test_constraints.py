@@ -1,4 +1,5 @@
-"""Tests of stabnet.constraints: Table 4.1 masks, proximal steps, spectral rescaling (SPEC §4).
+"""Tests of stabnet.constraints: Table 4.1 masks, proximal steps, spectral rescaling
+(docs/mathematics.md §4).
 
 Parameters are random trees with the shapes of a real network (``jax.eval_shape`` of the
 initialiser, so nothing is compiled); the optimiser is driven eagerly for a few steps with large

@@ -1,4 +1,5 @@
-"""The continuous-time systems of Section 3 (stabnet.dynamics, SPEC §5): forcing terms, operators,
+"""The continuous-time systems of Section 3 (stabnet.dynamics, docs/mathematics.md §5): forcing
+terms, operators,
 first-order convergence of the forward-backward scheme, the bounds (3.6)–(3.12) along trajectories,
 the ResNet-S step condition, negative controls, and the experiment script."""
 

@@ -1,4 +1,5 @@
-"""Tests of the layer equations of stabnet.layers (SPEC §2) against numpy transcriptions."""
+"""Tests of the layer equations of stabnet.layers (docs/mathematics.md §2) against numpy
+transcriptions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the network of Figure 4.1 (stabnet.networks, SPEC §3)."""
+"""Tests of the network of Figure 4.1 (stabnet.networks, docs/mathematics.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of stabnet.norms against dense matrices and numpy SVD (SPEC §4, §6)."""
+"""Tests of stabnet.norms against dense matrices and numpy SVD (docs/mathematics.md §4, §6)."""
 
 from __future__ import annotations
 

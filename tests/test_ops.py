@@ -1,4 +1,4 @@
-"""Tests of stabnet.ops against independent numpy references (SPEC §1–§2).
+"""Tests of stabnet.ops against independent numpy references (docs/mathematics.md §1–§2).
 
 The references here (dense convolution matrices built tap by tap, ``np.roll`` convolutions,
 numpy pooling and BN formulas) are also imported by the other core test modules.

@@ -1,4 +1,5 @@
-"""The paper's named configurations (SPEC §3–§4), shared by the one-line config files."""
+"""The paper's named configurations (docs/mathematics.md §3–§4), shared by the one-line config
+files."""
 
 import ml_collections
 

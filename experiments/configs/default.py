@@ -1,4 +1,5 @@
-"""Default configuration: the paper's training protocol (SPEC §4) for ResNet-D, n = 3, CIFAR-10.
+"""Default configuration: the paper's training protocol (docs/mathematics.md §4) for ResNet-D,
+n = 3, CIFAR-10.
 
 Named configs import this and change a few fields. Every field is checked by
 :func:`stabnet.config.validate` before any work starts; unknown keys are refused.
