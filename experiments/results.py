@@ -288,11 +288,11 @@ def noise_row(folder: str, *, n_images: int | None = None, seed: int = 0) -> dic
         "test_images": n,
         "seed": seed,
         "structured_index": 0,
-        "clean": 100.0 * noise["clean"],
+        "clean": round(100.0 * noise["clean"], 4),
         "eps": list(TABLE_5_4_EPS),
-        "unstructured": [100.0 * a for a in noise["unstructured"]["accuracy"]],
+        "unstructured": [round(100.0 * a, 4) for a in noise["unstructured"]["accuracy"]],
         "deltas": list(TABLE_5_4_DELTAS),
-        "structured": [100.0 * a for a in noise["structured"]["accuracy"]],
+        "structured": [round(100.0 * a, 4) for a in noise["structured"]["accuracy"]],
     }
 
 
