@@ -100,8 +100,9 @@ def describe_flag_error(e: BaseException, argv: list[str]) -> str:
                 return f"--config={config}: {path} got the wrong :ARG ({last})"
             return f"--config={config}: {last}"
     message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-    message = message.strip().strip("'\"").replace("\\'", "'").replace('\\"', '"')
-    hint = re.search(r"'?(\w+)'? Did you mean \"(\w+)\" instead of \"(\w+)\"", message)
+    message = message.replace("\\n", " ").strip().strip("'\"")
+    message = message.replace("\\'", "'").replace('\\"', '"')
+    hint = re.search(r"'?(\w+)'?\s+Did you mean \"(\w+)\" instead of \"(\w+)\"", message)
     if hint:
         bad = next((a.split("=")[0] for a in argv if a.startswith("--config.") and
                     re.search(rf"\b{re.escape(hint.group(1))}\b", a)), None)  # fmt: skip

@@ -347,16 +347,17 @@ def remove_stale_temporaries(workdir: str) -> None:
 
 
 @contextlib.contextmanager
-def io_errors(what: str, fix: str) -> Iterator[None]:
-    """Turn an ``OSError`` (disk full, a vanished or read-only folder) into one
-    :class:`WorkdirError` line: ``<what>: <path>: <reason>; <fix>``."""
+def io_errors(what: str, fix: str, error: type[WorkdirError] = WorkdirError) -> Iterator[None]:
+    """Turn an ``OSError`` (disk full, a vanished or read-only folder) into one ``error``
+    (:class:`WorkdirError`, or :class:`WorkdirFault` during a run) line:
+    ``<what>: <path>: <reason>; <fix>``."""
     try:
         yield
     except WorkdirError:
         raise
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
-        raise WorkdirError(f"{what}:{where} {_reason(e)}; {fix}") from None
+        raise error(f"{what}:{where} {_reason(e)}; {fix}") from None
 
 
 class WorkdirFault(WorkdirError):

@@ -16,6 +16,7 @@ of ``(seed, step)``, so a run resumed from a checkpoint continues exactly.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -39,6 +40,7 @@ from jax import lax
 from stabnet import checkpoints, constraints, data, layers, logbook, networks, onednn, parallel
 from stabnet import config as config_lib
 from stabnet import schedule as schedule_lib
+from stabnet.lipschitz import training_loss
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +324,7 @@ def make_step_fns(
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     pad, flip = config.data.augment_pad, config.data.augment_flip
     skip = config.on_nonfinite == "skip"
+    data_loss = training_loss(config)  # config.loss: cross-entropy (4.6) by default
 
     def sgd_step(state: TrainState, images, labels, mean):
         """One SGD step with constraints on a global batch (pure; may produce non-finite):
@@ -336,7 +339,7 @@ def make_step_fns(
                 train=True,
                 mutable=["batch_stats"],
             )
-            return jnp.mean(cross_entropy(logits, labels)), (logits, updated.get("batch_stats", {}))
+            return jnp.mean(data_loss(logits, labels)), (logits, updated.get("batch_stats", {}))
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -888,6 +891,11 @@ def _train_and_evaluate(
             state = state.replace(key=fresh_key)  # the new seed's data order from here on
     if restored is not None:
         print(f"stabnet: resuming from step {start_step} in {workdir}", flush=True)
+    finished = _finished_results(workdir) if start_step == total else None
+    if finished is not None:  # a finished run started again: its results stand as they are
+        print(f"stabnet: {workdir} holds a finished run of {total} steps; results.json kept")
+        ckpt.close()
+        return finished
     config_path = os.path.join(workdir, "config.json")
     fix = "free space or fix the folder, then rerun the same command"
     with logbook.io_errors("cannot write the workdir", fix):
@@ -917,12 +925,18 @@ def _train_and_evaluate(
         ) from None
     finally:
         metrics_log.close()
-    with logbook.io_errors("cannot write results.json", fix):
+    with logbook.io_errors("cannot write results.json", fix, logbook.WorkdirFault):
         results["wall_seconds"] = time.time() - t_start
         if primary:
             logbook.write_json_atomic(os.path.join(workdir, "results.json"), results)
     ckpt.close()
     return results
+
+
+def _finished_results(workdir: str) -> dict[str, Any] | None:
+    """``results.json`` of a finished run in ``workdir``, or ``None`` (missing or damaged)."""
+    raw = _read_config_json(os.path.join(workdir, "results.json"))
+    return raw if raw is not None and "final_test_accuracy" in raw else None
 
 
 def _run(config, workdir, ds, mesh, ckpt, model, state, tx, schedule, start_step, rows,
@@ -1054,6 +1068,8 @@ def _run(config, workdir, ds, mesh, ckpt, model, state, tx, schedule, start_step
                       f"{describe_parts(acc['bad_where'])})",
                       file=sys.stderr)  # fmt: skip
             if step % plan.log_every == 0 or step == total:
+                if not os.path.isdir(workdir):  # its files would be written nowhere
+                    raise FileNotFoundError(errno.ENOENT, "the workdir vanished", workdir)
                 interval = log_interval(step, state, interval)
             if step % plan.eval_every == 0 or step == total:
                 run_evaluation(step)
