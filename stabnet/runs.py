@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any
+import sys
+import time
+from typing import IO, Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from stabnet import checkpoints, data, networks, parallel, train
 
@@ -69,3 +73,141 @@ def load_run(workdir: str, dataset: data.Dataset | None = None) -> Run:
     state, step = restored
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     return Run(workdir, config, model, variables, ds, step, data.pixel_mean(ds.x_train))
+
+
+# --------------------------------------------------------------------------------------------
+# Test-set samples, their confidence intervals, and progress lines of the analysis tools.
+# --------------------------------------------------------------------------------------------
+
+Z95 = 1.959963984540054  # the two-sided 95 % quantile of the standard normal
+
+
+def on_accelerator() -> bool:
+    """Whether JAX computes on a GPU or TPU (the analyses then use the whole test set)."""
+    return jax.default_backend() != "cpu"
+
+
+def sample_indices(n_total: int, n: int | None, seed: int) -> np.ndarray:
+    """Indices of a test-set sample: all ``n_total`` in order when ``n`` is ``None`` or at least
+    ``n_total``, else ``n`` drawn uniformly at random without replacement (``seed``), sorted.
+    Samples of one seed are nested: the smaller one is part of the larger."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    rng = np.random.default_rng([seed, 0x5A3E])
+    return np.sort(rng.permutation(n_total)[:n])
+
+
+def sample_info(n_total: int, indices: np.ndarray, seed: int) -> dict[str, Any]:
+    """The report's description of a sample from :func:`sample_indices`."""
+    whole = len(indices) == n_total
+    return {
+        "n": int(len(indices)),
+        "of": int(n_total),
+        "whole_test_set": whole,
+        "how": "the whole test set"
+        if whole
+        else f"uniform random sample without replacement (seed {seed})",
+    }
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (95 % by default) of a binomial proportion ``successes / n``.
+
+    Unlike the normal approximation it stays inside [0, 1] and keeps its coverage near 0 and 1
+    (accuracies of 0 % and 100 % are common under attack). Sampling without replacement from a
+    finite test set only narrows the true interval, so this one is conservative.
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def accuracy_interval(correct: Any) -> list[float]:
+    """``[low, high]``: the 95 % Wilson interval of the mean of a boolean array."""
+    c = np.asarray(correct, bool).reshape(-1)
+    return list(wilson_interval(float(c.sum()), int(c.size)))
+
+
+def mean_interval(values: Any, z: float = Z95) -> list[float]:
+    """``[low, high]``: a 95 % normal-approximation interval of the mean of ``values``."""
+    v = np.asarray(values, np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return [math.nan, math.nan]
+    half = z * float(v.std(ddof=1)) / math.sqrt(v.size) if v.size > 1 else math.inf
+    return [float(v.mean()) - half, float(v.mean()) + half]
+
+
+class Progress:
+    """Plain progress lines on stderr for the analysis tools: which stage, how far, time left.
+
+    ``stage(name, total)`` starts stage ``k`` of the declared ``stages`` and prints
+    ``[tool k/K] name …``; ``advance()`` counts work units and prints ``done/total`` with the
+    elapsed time and an estimate of the time left at most every ``interval`` seconds (and at the
+    end of the stage); ``finish()`` prints the total time. The lines are the same in a terminal and
+    in a log file.
+    """
+
+    def __init__(
+        self, tool: str, stages: int, *, stream: IO[str] | None = None, interval: float = 10.0
+    ):
+        self.tool, self.stages, self.interval = tool, stages, interval
+        self.stream = stream
+        self.index = 0
+        self.t_start = time.monotonic()
+        self.name, self.total, self.done = "", 0, 0
+        self.t_stage = self.t_last = self.t_start
+        self.cpu_start = self.cpu_stage = _cpu_seconds()
+        self.timings: dict[str, dict[str, float]] = {}
+
+    def _print(self, text: str) -> None:
+        print(f"[{self.tool} {self.index}/{self.stages}] {text}",
+              file=self.stream or sys.stderr, flush=True)  # fmt: skip
+
+    def _close_stage(self) -> None:
+        if self.name:
+            self.timings[self.name] = {
+                "seconds": time.monotonic() - self.t_stage,
+                "cpu_seconds": _cpu_seconds() - self.cpu_stage,
+            }
+
+    def stage(self, name: str, total: int = 0, detail: str = "") -> None:
+        """Start the next stage (``total`` work units, 0: not counted)."""
+        self._close_stage()
+        self.index += 1
+        self.name, self.total, self.done = name, int(total), 0
+        self.t_stage = self.t_last = time.monotonic()
+        self.cpu_stage = _cpu_seconds()
+        self._print(f"{name}{f' ({detail})' if detail else ''} …")
+
+    def advance(self, units: int = 1) -> None:
+        """Count ``units`` of the stage's work as done; print a line now and then."""
+        self.done += units
+        now = time.monotonic()
+        if now - self.t_last < self.interval and self.done < self.total:
+            return
+        self.t_last = now
+        spent = now - self.t_stage
+        left = spent / self.done * (self.total - self.done) if self.done else math.nan
+        eta = f", ~{left:.0f} s left" if self.done < self.total and math.isfinite(left) else ""
+        self._print(f"{self.name}: {self.done}/{self.total} ({spent:.0f} s{eta})")
+
+    def finish(self) -> float:
+        """Print the total time; return it in seconds."""
+        self._close_stage()
+        total = time.monotonic() - self.t_start
+        cpu = _cpu_seconds() - self.cpu_start
+        stages = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in self.timings.items())
+        print(f"[{self.tool}] done in {total:.0f} s (CPU time {cpu:.0f} s; {stages})",
+              file=self.stream or sys.stderr, flush=True)  # fmt: skip
+        return total
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads, user and system) so far."""
+    t = os.times()
+    return t.user + t.system

@@ -309,3 +309,70 @@ def test_theorem_checks_apply_where_their_hypotheses_hold(reports, variant, theo
     checks = [c for c in got["checks"] if f"Thm {theorem}" in c["name"]]
     assert len(checks) == count and all(c["applies"] and c["ok"] for c in checks), checks
     assert got["violations"] == []
+
+
+def test_chunked_measurements_match_one_batch(trained_runs, monkeypatch):
+    """Measured chunk by chunk (the whole test set on an accelerator), the per-image values are
+    those of one batch: the same sample, feature norms, growth and ``f(0)``; the sensitivities
+    (other random directions per chunk) stay within their bounds; the report states its sample
+    and 95 % intervals of the means."""
+    run = runs.load_run(trained_runs["resnet_d"])
+    kw = dict(n_images=10, ascent_steps=2, seed=0, magnitudes=(1e-2,), per_layer=True)
+    one = stability.analyze(run, **kw)
+    monkeypatch.setattr(stability, "CHUNK", 4)
+    chunked = stability.analyze(run, **kw)
+    assert one["sample"]["chunk"] == 10 and chunked["sample"]["chunk"] == 4
+    assert chunked["sample"]["n"] == 10 and not chunked["sample"]["whole_test_set"]
+    assert chunked["violations"] == [] and all(c["ok"] for c in chunked["checks"])
+    for key in ("growth_measured_max", "growth_zero_input", "input_norm_mean"):
+        assert chunked[key] == pytest.approx(one[key], rel=1e-5), key
+    for a, b in zip(one["layers"], chunked["layers"], strict=True):
+        assert b["feature_norm_mean"] == pytest.approx(a["feature_norm_mean"], rel=1e-5)
+        assert b["growth_ratio_max"] == pytest.approx(a["growth_ratio_max"], rel=1e-5)
+        lo, hi = b["growth_ratio_mean_ci95"]
+        assert lo <= b["growth_ratio_mean"] <= hi
+        assert b["sensitivity"]["n_images"] == 10
+    asc = chunked["sensitivity"]["ascent"]
+    assert asc["l2_mean_ci95"][0] <= asc["l2_mean"] <= asc["l2_mean_ci95"][1]
+    whole = stability.analyze(run, n_images=None, ascent_steps=0, magnitudes=(1e-2,),
+                              per_layer=False)  # fmt: skip
+    assert whole["sample"]["whole_test_set"] and whole["sample"]["n"] == len(run.dataset.x_test)
+
+
+def test_gradient_ascent_finds_the_top_singular_value():
+    """For a linear map the ascent's ratio is at most ‖A‖₂ and, after enough steps, close to it
+    (and never below the random start's ratio)."""
+    a = jax.random.normal(jax.random.key(0), (6, 6))
+    top = float(jnp.linalg.norm(a, 2))
+
+    def fn(variables, x):
+        return x @ variables["a"].T
+
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    u0 = jax.random.normal(jax.random.key(2), (3, 6))
+    steps = []
+    got = np.asarray(stability.gradient_ascent(fn, {"a": a}, x, u0, jnp.float32(0.1), 200,
+                                               on_step=lambda: steps.append(1)))  # fmt: skip
+    start = np.linalg.norm(np.asarray(u0 @ a.T), axis=1) / np.linalg.norm(np.asarray(u0), axis=1)
+    assert len(steps) == 200
+    assert np.all(got <= top * (1 + 1e-5)) and np.all(got >= start * (1 - 1e-6))
+    assert np.all(got >= 0.99 * top)
+
+
+def test_cli_defaults_and_progress(trained_runs, tmp_path):
+    from experiments import analyze
+
+    assert analyze.default_n_images(None, True) is None
+    assert analyze.default_n_images(None, False) == (None if runs.on_accelerator() else 256)
+    assert analyze.default_n_images(40, False) == 40
+    workdir = trained_runs["resnet"]
+    cmd = [sys.executable, "-m", "experiments.analyze", f"--workdir={workdir}", "--n_images=6",
+           f"--outdir={tmp_path}", "--ascent_steps=1", "--per_layer=false"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("[analyze 1/5] loading the run", "[analyze 2/5] operator norms",
+                  "[analyze 4/5] sensitivity: 1/1", "[analyze] done in"):  # fmt: skip
+        assert stage in proc.stderr, proc.stderr[-3000:]
+    assert "6 of 360 test images, uniform random sample" in proc.stdout
+    with open(os.path.join(tmp_path, "stability.json")) as f:
+        assert json.load(f)["sample"]["n"] == 6
