@@ -38,7 +38,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -239,6 +239,7 @@ def forward_logits(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
     clip: bool = True,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Logits ``[jobs, K]`` (float64) of ``clip(x + ε·η + δ·x_s + r·η/‖η‖₂, 0, 1)`` per job.
 
@@ -247,7 +248,8 @@ def forward_logits(
     (default: the image index, so the noise of an image does not depend on the batching).
     ``images`` are uint8 (``x = img/255``) or floats in [0, 1]. All jobs run in fixed-size
     batches through one compiled forward pass. ``clip=False``: the corrupted images as they are,
-    outside [0, 1] too (the same compiled pass).
+    outside [0, 1] too (the same compiled pass). ``on_batch(k)``: called after each batch with
+    the number of its jobs.
     """
     j = _jitted(clf)
     u01 = as_unit(images)
@@ -270,6 +272,8 @@ def forward_logits(
         if out is None:
             out = np.zeros((count, z.shape[1]))
         out[jobs[mask]] = z[mask]
+        if on_batch is not None:
+            on_batch(int(mask.sum()))
     assert out is not None
     return out
 
@@ -288,6 +292,7 @@ def corrupted_correct(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
     clip: bool = True,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Per level ``(ε, δ)`` and image, whether ``clip(x + ε·η + δ·x_s, 0, 1)`` is classified
     correctly (Table 5.4); ``x = images/255``. Returns bool ``[len(levels), n]``.
@@ -302,7 +307,7 @@ def corrupted_correct(
     img = np.tile(np.arange(n), count)
     z = forward_logits(
         clf, images, image_of_job=img, eps=lv[:, 0], delta=lv[:, 1], x_s=x_s, seed=seed,
-        batch_size=batch_size, clip=clip,
+        batch_size=batch_size, clip=clip, on_batch=on_batch,
     )  # fmt: skip
     return (np.argmax(z, -1) == np.asarray(labels)[img]).reshape(count, n)
 
@@ -336,15 +341,20 @@ def noise_accuracies(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
     clip: bool = True,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """The row of Table 5.4 for one network: clean, unstructured ``ε…``, structured ``δ…``.
 
     ``structured_image`` is ``x_s`` in [0, 1] units ``[H, W, C]``; ``clip``: the corrupted
     images clipped to [0, 1] (the default), or not. Returns
-    ``{"clean", "unstructured": {"eps", "accuracy"}, "structured": {"deltas", "accuracy"}}``.
+    ``{"clean", "clean_ci95", "unstructured": {"eps", "accuracy", "ci95"}, "structured":
+    {"deltas", "accuracy", "ci95"}}``; ``ci95`` are the 95 % Wilson intervals of the accuracies
+    over the images (:func:`stabnet.runs.accuracy_interval`).
     """
+    from stabnet import runs
+
     levels = [(0.0, 0.0), *((float(e), 0.0) for e in eps), *((0.0, float(d)) for d in deltas)]
-    acc = corrupted_correct(
+    right = corrupted_correct(
         clf,
         images,
         labels,
@@ -353,12 +363,16 @@ def noise_accuracies(
         seed=seed,
         batch_size=batch_size,
         clip=clip,
-    ).mean(axis=1)
-    acc = [float(a) for a in acc]
+        on_batch=on_batch,
+    )
+    acc = [float(a) for a in right.mean(axis=1)]
+    ci = [runs.accuracy_interval(r) for r in right]
+    k = 1 + len(eps)
     return {
         "clean": acc[0],
-        "unstructured": {"eps": [float(e) for e in eps], "accuracy": acc[1 : 1 + len(eps)]},
-        "structured": {"deltas": [float(d) for d in deltas], "accuracy": acc[1 + len(eps) :]},
+        "clean_ci95": ci[0],
+        "unstructured": {"eps": [float(e) for e in eps], "accuracy": acc[1:k], "ci95": ci[1:k]},
+        "structured": {"deltas": [float(d) for d in deltas], "accuracy": acc[k:], "ci95": ci[k:]},
     }
 
 
@@ -370,13 +384,17 @@ def cifar10c_accuracies(
     n_images: int | None = None,
     tfds_data_dir: str | None = None,
     batch_size: int = DEFAULT_BATCH,
+    indices: np.ndarray | None = None,
+    on_set: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Accuracy on CIFAR-10-C (Hendrycks & Dietterich) through
     :func:`stabnet.data.load_cifar10_corrupted`, per corruption and severity.
 
     Returns ``{"status": "ok", "accuracy": {corruption: {severity: acc}}, "mean": …}``, or
     ``{"status": "unavailable", "reason": …}`` when the data cannot be read (offline, no TFDS
-    copy): the rest of the report goes on without it.
+    copy): the rest of the report goes on without it. ``indices``: the test images evaluated
+    (CIFAR-10-C keeps the test set's order; default the first ``n_images``, or all); ``on_set``
+    is called with 1 after each corruption and severity.
     """
     j = _jitted(clf)
     try:
@@ -390,9 +408,13 @@ def cifar10c_accuracies(
                 x, y = data.load_cifar10_corrupted(name, int(sev), tfds_data_dir=tfds_data_dir)
             except data.DataError as e:
                 return {"status": "unavailable", "reason": str(e), "accuracy": acc}
-            if n_images is not None:
+            if indices is not None:
+                x, y = x[indices], y[indices]
+            elif n_images is not None:
                 x, y = x[:n_images], y[:n_images]
             acc.setdefault(name, {})[str(sev)] = corrupted_accuracy(j, x, y, batch_size=batch_size)
+            if on_set is not None:
+                on_set(1)
     values = [a for per in acc.values() for a in per.values()]
     return {"status": "ok", "accuracy": acc, "mean": float(np.mean(values)) if values else None}
 
@@ -521,6 +543,7 @@ def certify(
     lipschitz: float,
     *,
     batch_size: int = DEFAULT_BATCH,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Certified ℓ₂ radii ``margin/(√2 L)`` of correctly classified images (0 for the others).
 
@@ -529,7 +552,7 @@ def certify(
     prediction (``margin`` = top logit − runner-up). Returns ``{"radius", "correct", "margin",
     "logits"}`` as numpy arrays.
     """
-    logits = forward_logits(clf, images, batch_size=batch_size)
+    logits = forward_logits(clf, images, batch_size=batch_size, on_batch=on_batch)
     top2 = np.sort(logits, axis=-1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     correct = np.argmax(logits, -1) == np.asarray(labels)
@@ -573,6 +596,7 @@ def pgd_fooled(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
     clean_wrong: np.ndarray | None = None,
+    on_job: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Per radius and image, whether the image is misclassified clean or ℓ₂ PGD found a
     misclassified ``clip(x + δ, 0, 1)``, ``‖δ‖₂ ≤ r`` ("robust accuracy" is ``1 −`` its mean).
@@ -582,9 +606,15 @@ def pgd_fooled(
     ball), ``α = rel_step·r/steps``; the start is uniform in the ball (random start), one per
     restart, drawn per (restart, radius, image) — independent of ``batch_size``. An image counts
     as fooled if *any* point tried (clean, start, every iterate) is misclassified: each is an
-    admissible perturbation. A batch stops early once every image in it is fooled (the result
-    cannot change). ``r = 0`` is the clean prediction. All radii share the batches.
-    ``clean_wrong`` (per image, misclassified clean) saves a pass when already known.
+    admissible perturbation; and an image fooled at a radius counts as fooled at every larger
+    one (the larger ball holds the same perturbation), so its attacks there are not run.
+    ``r = 0`` is the clean prediction. ``clean_wrong`` (per image, misclassified clean) saves a
+    pass when already known.
+
+    The attacks (jobs: one radius and image each, smallest radii first) stream through a batch of
+    ``batch_size`` slots: a job leaves its slot as soon as it fools the network or has tried its
+    ``steps`` iterates, and the next job takes the slot, so no step is spent on an image already
+    fooled. ``on_job(k)`` is called with the number of jobs finished (or skipped) after each step.
 
     Returns:
       bool ``[len(radii), n]``, or ``[n]`` for a single float ``radii``.
@@ -593,32 +623,70 @@ def pgd_fooled(
     rs = _float32_down(np.asarray([radii] if single else radii, np.float64))
     j = _jitted(clf)
     u01 = as_unit(images)
+    labels = np.asarray(labels)
     n, count = len(images), len(rs)
     if clean_wrong is None:
         clean_wrong = _clean_wrong(j, images, labels, batch_size)
-    wrong = np.asarray(clean_wrong, bool)
-    out = np.tile(wrong, count)
-    attacked = np.flatnonzero(np.repeat(rs > 0, n))  # jobs: radius index · n + image index
-    for restart in range(max(restarts, 1) if len(attacked) else 0):
+    out = np.tile(np.asarray(clean_wrong, bool), (count, 1))  # [radius, image]
+    # larger[ri]: the radii at least rs[ri] (a perturbation found at rs[ri] is admissible there)
+    larger = [np.flatnonzero(rs >= r) for r in rs]
+    order = [ri for ri in np.argsort(rs, kind="stable") if rs[ri] > 0]
+    slots = max(1, min(batch_size, n * len(order))) if order else 0
+    for restart in range(max(restarts, 1) if order else 0):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), restart)
-        for pos, mask in _batches(len(attacked), batch_size):
-            jobs = attacked[pos]
-            img = jobs % n
-            keep = mask & ~out[jobs]
-            if not keep.any():
-                continue
-            u, y = jnp.asarray(u01[img]), jnp.asarray(labels[img])
-            r = jnp.asarray(rs[jobs // n])
-            alpha = r * (rel_step / max(steps, 1))
-            d = j.pgd_start(u, jnp.asarray(jobs, jnp.uint32), key, r)
-            fooled = jnp.asarray(~keep)  # padding and images already fooled count as done
-            # steps + 1 calls: the last one only records whether the final iterate fools.
-            for step in range(steps + 1):
-                d, fooled = j.pgd_step(j.clf.variables, j.clf.mean, u, y, d, fooled, r, alpha)
-                if step % 5 == 4 and bool(np.all(np.asarray(fooled))):
+        queue = iter([int(ri) * n + i for ri in order for i in range(n)])
+        job = np.full(slots, -1)  # the job in each slot (radius index · n + image), −1: none
+        calls = np.zeros(slots, int)  # PGD calls made by the slot's job
+        u = y = d = fooled = r = alpha = None
+        exhausted = False
+        while True:
+            empty = np.flatnonzero(job < 0)
+            new = np.zeros(slots, bool)
+            skipped = 0
+            for s_ in empty:
+                for nxt in queue:
+                    if out[nxt // n, nxt % n]:  # already fooled (clean, or at a smaller radius)
+                        skipped += 1
+                        continue
+                    job[s_], calls[s_], new[s_] = nxt, 0, True
                     break
-            out[jobs[keep]] |= np.asarray(fooled)[keep]
-    out = out.reshape(count, n)
+                else:
+                    exhausted = True
+                    break
+            if on_job is not None and skipped:
+                on_job(skipped)
+            active = job >= 0
+            if not active.any():
+                break
+            if new.any():
+                jobs = np.where(active, job, 0)
+                img = jobs % n
+                r_new = jnp.asarray(rs[jobs // n])
+                u_new, y_new = jnp.asarray(u01[img]), jnp.asarray(labels[img])
+                d_new = j.pgd_start(u_new, jnp.asarray(jobs, jnp.uint32), key, r_new)
+                if u is None:
+                    u, y, d, r = u_new, y_new, d_new, r_new
+                    fooled = jnp.asarray(~active)
+                else:
+                    m = jnp.asarray(new)
+                    u = jnp.where(_col(m), u_new, u)
+                    d = jnp.where(_col(m), d_new, d)
+                    y, r = jnp.where(m, y_new, y), jnp.where(m, r_new, r)
+                    fooled = jnp.where(m, False, fooled) | jnp.asarray(~active)
+                alpha = r * (rel_step / max(steps, 1))
+            # steps + 1 calls per job: the last one only records whether the final iterate fools.
+            d, fooled = j.pgd_step(j.clf.variables, j.clf.mean, u, y, d, fooled, r, alpha)
+            calls[active] += 1
+            f = np.asarray(fooled) & active
+            for s_ in np.flatnonzero(f):
+                ri, i = divmod(int(job[s_]), n)
+                out[larger[ri], i] = True
+            done = active & (f | (calls >= steps + 1))
+            job[done] = -1
+            if on_job is not None and done.any():
+                on_job(int(done.sum()))
+            if exhausted and not (job >= 0).any():
+                break
     return out[0] if single else out
 
 
@@ -630,6 +698,7 @@ def random_noise_fooled(
     *,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Per radius and image, whether ``clip(x + r·d, 0, 1)``, ``d`` a uniformly random unit
     direction, is misclassified: the baseline PGD has to beat. Shapes as :func:`pgd_fooled`.
@@ -642,6 +711,7 @@ def random_noise_fooled(
     z = forward_logits(
         clf, images, image_of_job=img, radius=np.repeat(rs, n),
         key_index=np.arange(count * n) + (1 << 30), seed=seed, batch_size=batch_size,
+        on_batch=on_batch,
     )  # fmt: skip
     out = (np.argmax(z, -1) != np.asarray(labels)[img]).reshape(count, n)
     return out[0] if single else out
@@ -703,6 +773,7 @@ def robustness_report(
     cifar10c_severities: Sequence[int] = DEFAULT_CIFAR10C_SEVERITIES,
     tfds_data_dir: str | None = None,
     clip_corruptions: bool = True,
+    progress: Any | None = None,
 ) -> dict[str, Any]:
     """Table 5.4 (corrupted test images), certified ℓ₂ accuracy and PGD accuracy of one run.
 
@@ -713,16 +784,22 @@ def robustness_report(
       structured_index: index of ``x_s`` in the full test set.
       radii: ℓ₂ radii in [0,1]-pixel units; ``None`` → :func:`default_radii` of the data set.
       pgd_steps, pgd_rel_step, pgd_restarts: the attack (:func:`pgd_fooled`).
-      n_images: the first ``n_images`` test images for the noise table (``None``: all).
-      n_attack: the first ``n_attack`` test images for certificates and PGD (``None``:
-        ``n_images``).
-      seed: of the noise and the PGD starts.
+      n_images: a uniform random sample of ``n_images`` test images for the noise table and
+        CIFAR-10-C (``None``: the whole test set); :func:`stabnet.runs.sample_indices`.
+      n_attack: a sample of ``n_attack`` test images for certificates and PGD (``None``:
+        ``n_images``); drawn with the same seed, so the smaller sample is part of the larger.
+      seed: of the samples, the noise and the PGD starts.
       cifar10c: try CIFAR-10-C (only for ``cifar10`` runs; reported "unavailable" offline).
       clip_corruptions: Table 5.4's corrupted images clipped to the pixel range [0, 1] (the
         default), or fed as they are. Certificates, PGD and random noise always stay in [0, 1].
+      progress: a :class:`stabnet.runs.Progress` of 5 stages (noise, CIFAR-10-C, certificates,
+        PGD, random noise), or ``None``: silent.
 
     Returns:
-      A JSON-able dict (see :func:`write_report`); ``report["violation"]`` is True (and a
+      A JSON-able dict (see :func:`write_report`): every accuracy comes with its 95 % Wilson
+      interval over the images (``…_ci95``) and ``sample`` / ``attack_sample`` say which images
+      were used (``indices`` where a sample is not the whole test set); ``report["violation"]``
+      is True (and a
       :class:`CertificateViolation` warning is raised) if certified accuracy ever exceeded PGD
       accuracy, or PGD broke a certified image.
     """
@@ -740,40 +817,76 @@ def robustness_report(
             raise ValueError(f"{name}={list(values)!r} is invalid; allowed: finite values ≥ 0")
     if pgd_steps < 1 or pgd_restarts < 1 or not pgd_rel_step > 0:
         raise ValueError("pgd_steps and pgd_restarts must be ≥ 1 and pgd_rel_step > 0")
+    from stabnet import runs
+
     radii = tuple(float(r) for r in (default_radii(ds.name) if radii is None else radii))
-    n_img = min(n_images or n_test, n_test)
-    n_att = min(n_attack or n_img, n_test)
+    idx = runs.sample_indices(n_test, n_images, seed)
+    idx_att = runs.sample_indices(n_test, n_attack or len(idx), seed)
+    n_img, n_att = len(idx), len(idx_att)
     x, y = ds.x_test, ds.y_test
     clf = Classifier.from_run(run)
     j = _Jitted(clf)
     x_s = np.asarray(to_unit(x[structured_index]))
 
+    def stage(name: str, total: int = 0, detail: str = "") -> Callable[[int], None] | None:
+        if progress is None:
+            return None
+        progress.stage(name, total, detail)
+        return progress.advance
+
+    levels = 1 + len(eps) + len(deltas)
+    tick = stage("noise (Table 5.4)", levels * n_img,
+                 f"{levels} levels × {n_img} images")  # fmt: skip
     noise = noise_accuracies(
-        j, x[:n_img], y[:n_img], eps=eps, deltas=deltas, structured_image=x_s, seed=seed,
-        batch_size=batch_size, clip=clip_corruptions,
+        j, x[idx], y[idx], eps=eps, deltas=deltas, structured_image=x_s, seed=seed,
+        batch_size=batch_size, clip=clip_corruptions, on_batch=tick,
     )  # fmt: skip
     noise["structured"].update(index=structured_index, label=int(y[structured_index]))
 
     if not cifar10c:
+        stage("CIFAR-10-C", detail="skipped")
         c10c: dict[str, Any] = {"status": "skipped"}
     elif ds.name != "cifar10":
+        stage("CIFAR-10-C", detail=f"not applicable to {ds.name}")
         c10c = {"status": "not applicable", "reason": f"the run was trained on {ds.name}"}
     else:
+        try:
+            names = tuple(cifar10c_corruptions or data.cifar10_corruptions())
+        except Exception:  # TFDS missing or broken: cifar10c_accuracies says why
+            names = ()
+        tick = stage("CIFAR-10-C", len(names) * len(cifar10c_severities),
+                     f"{n_img} images per corruption and severity")  # fmt: skip
         c10c = cifar10c_accuracies(
-            j, corruptions=cifar10c_corruptions, severities=cifar10c_severities,
-            n_images=n_images, tfds_data_dir=tfds_data_dir, batch_size=batch_size,
+            j, corruptions=names or None, severities=cifar10c_severities,
+            tfds_data_dir=tfds_data_dir, batch_size=batch_size, indices=idx, on_set=tick,
         )  # fmt: skip
+        if c10c.get("status") == "ok":
+            c10c["n_images"] = n_img
 
+    tick = stage("Lipschitz bound and certificates", n_att, f"{n_att} images")
     lip = lipschitz_bound(clf.model, clf.variables, ds.image_shape[:2])
-    xa, ya = x[:n_att], y[:n_att]
-    cert = certify(j, xa, ya, lip.total, batch_size=batch_size)
+    xa, ya = x[idx_att], y[idx_att]
+    cert = certify(j, xa, ya, lip.total, batch_size=batch_size, on_batch=tick)
+    attacked = sum(r > 0 for r in radii)
+    tick = stage("PGD", attacked * n_att * pgd_restarts,
+                 f"{attacked} radii × {n_att} images × {pgd_restarts} start(s), at most "
+                 f"{pgd_steps} steps each")  # fmt: skip
     pgd = pgd_fooled(
         j, xa, ya, radii, steps=pgd_steps, rel_step=pgd_rel_step, restarts=pgd_restarts,
-        seed=seed, batch_size=batch_size, clean_wrong=~cert["correct"],
+        seed=seed, batch_size=batch_size, clean_wrong=~cert["correct"], on_job=tick,
     )  # fmt: skip
-    rnd = random_noise_fooled(j, xa, ya, radii, seed=seed, batch_size=batch_size)
+    tick = stage("random noise", len(radii) * n_att, f"{len(radii)} radii × {n_att} images")
+    rnd = random_noise_fooled(j, xa, ya, radii, seed=seed, batch_size=batch_size, on_batch=tick)
     violations = check_certificates(radii, cert, pgd)
     correct_radii = cert["radius"][cert["correct"]]
+    certified_right = [cert["correct"] & (cert["radius"] >= r) for r in radii]
+
+    def sample(indices: np.ndarray) -> dict[str, Any]:
+        info = runs.sample_info(n_test, indices, seed)
+        if not info["whole_test_set"]:
+            info["indices"] = indices.tolist()
+        return info
+
     report = {
         "workdir": os.fspath(getattr(run, "workdir", "")),
         "variant": clf.model.variant,
@@ -785,7 +898,10 @@ def robustness_report(
         "corruptions_clipped": bool(clip_corruptions),
         "n_images": n_img,
         "n_attack": n_att,
+        "sample": sample(idx),
+        "attack_sample": sample(idx_att),
         "clean_accuracy": noise["clean"],
+        "clean_accuracy_ci95": noise["clean_ci95"],
         "unstructured": noise["unstructured"],
         "structured": noise["structured"],
         "table": table_row(noise),
@@ -800,8 +916,11 @@ def robustness_report(
         "certified": {
             "radii": list(radii),
             "certified_accuracy": certified_accuracy(cert, radii),
+            "certified_accuracy_ci95": [runs.accuracy_interval(c) for c in certified_right],
             "pgd_accuracy": [float(np.mean(~f)) for f in pgd],
+            "pgd_accuracy_ci95": [runs.accuracy_interval(~f) for f in pgd],
             "random_noise_accuracy": [float(np.mean(~f)) for f in rnd],
+            "random_noise_accuracy_ci95": [runs.accuracy_interval(~f) for f in rnd],
             "clean_accuracy": float(np.mean(cert["correct"])),
             "median_radius": float(np.median(correct_radii)) if len(correct_radii) else 0.0,
             "max_radius": float(np.max(correct_radii)) if len(correct_radii) else 0.0,
@@ -841,16 +960,54 @@ def _label(report: Mapping[str, Any]) -> str:
     return f"{plots.variant_label(report['variant'])} depth {report['depth']}"
 
 
+def _pct(acc: float, ci: Sequence[float] | None) -> str:
+    """``76.30`` or, with a 95 % interval, ``76.30 (73.55–78.86)`` (%)."""
+    cell = f"{100 * acc:.2f}"
+    return cell if ci is None else f"{cell} ({100 * ci[0]:.2f}–{100 * ci[1]:.2f})"
+
+
+def _sampled(report: Mapping[str, Any], key: str = "sample") -> bool:
+    s = report.get(key)
+    return bool(s) and not s.get("whole_test_set", True)
+
+
+def table_cis(report: Mapping[str, Any]) -> dict[str, list[float]]:
+    """The 95 % intervals of Table 5.4's columns (:func:`table_row`), where the report has them."""
+    if "clean_accuracy_ci95" not in report:
+        return {}
+    out = {"clean": report["clean_accuracy_ci95"]}
+    u, s = report["unstructured"], report["structured"]
+    for e, ci in zip(u["eps"], u.get("ci95", ()), strict=False):
+        out[f"unstructured ε={e:g}"] = ci
+    for d, ci in zip(s["deltas"], s.get("ci95", ()), strict=False):
+        out[f"structured δ={d:g}"] = ci
+    return out
+
+
+def sample_sentence(report: Mapping[str, Any], key: str = "sample") -> str:
+    """``The whole test set (10000 images)`` or ``1000 of 10000 test images (uniform random
+    sample …); in parentheses the 95 % Wilson interval`` for the report's markdown."""
+    s = report.get(key)
+    if not s:
+        return f"{report['n_images' if key == 'sample' else 'n_attack']} test images"
+    if s["whole_test_set"]:
+        return f"The whole test set ({s['n']} images)"
+    return (f"{s['n']} of {s['of']} test images ({s['how']}); in parentheses the 95 % Wilson "
+            "interval of each accuracy over the sample")  # fmt: skip
+
+
 def table_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
-    """Table 5.4 for several runs: one row per run, accuracies in %; a run whose corrupted images
-    were not clipped to [0, 1] says so in its data column."""
+    """Table 5.4 for several runs: one row per run, accuracies in % (with their 95 % interval
+    where a sample of the test set was used); a run whose corrupted images were not clipped to
+    [0, 1] says so in its data column."""
     cols = list(reports[0]["table"])
     lines = [
         "| network | data | " + " | ".join(cols) + " |",
         "|---|---|" + "---|" * len(cols),
     ]
     for r in reports:
-        cells = [f"{100 * r['table'].get(c, float('nan')):.2f}" for c in cols]
+        cis = table_cis(r) if _sampled(r) else {}
+        cells = [_pct(r["table"].get(c, float("nan")), cis.get(c)) for c in cols]
         data_ = r["data"] + ("" if r.get("corruptions_clipped", True) else ", unclipped")
         lines.append(f"| {_label(r)} | {data_} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -865,9 +1022,13 @@ def certified_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     ]
     for r in reports:
         c = r["certified"]
+        sampled = _sampled(r, "attack_sample")
         for key, name in (("certified_accuracy", "certified"), ("pgd_accuracy", "PGD"),
                           ("random_noise_accuracy", "random noise")):  # fmt: skip
-            cells = " | ".join(f"{100 * a:.2f}" for a in c[key])
+            cis = c.get(f"{key}_ci95") if sampled else None
+            cells = " | ".join(
+                _pct(a, None if cis is None else cis[i]) for i, a in enumerate(c[key])
+            )
             lines.append(f"| {_label(r)} | {r['lipschitz']['bound']:.3g} | {name} | {cells} |")
     return "\n".join(lines)
 
@@ -890,7 +1051,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     out += [
         "## Accuracy under input noise (Table 5.4)",
         "",
-        f"{report['n_images']} test images; unstructured `x + ε·η`, η ~ N(0, 1) (seed "
+        f"{sample_sentence(report)}. Unstructured `x + ε·η`, η ~ N(0, 1) (seed "
         f"{report['seed']}); structured `x + δ·x_s`, x_s = test image {s['index']} (label "
         f"{s['label']}); pixels in [0, 1], "
         f"{'clipped' if report.get('corruptions_clipped', True) else 'not clipped'}, then the "
@@ -934,8 +1095,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         "## Certified vs attacked accuracy (ℓ₂, [0,1]-pixel units)",
         "",
-        f"{report['n_attack']} test images; certified radius = margin/(√2·L); PGD: {p['steps']} "
-        f"steps, step {p['rel_step']:g}·r/steps, {p['restarts']} random start(s), cross-entropy. "
+        f"{sample_sentence(report, 'attack_sample')}. Certified radius = margin/(√2·L); PGD: "
+        f"at most {p['steps']} "
+        f"steps, step {p['rel_step']:g}·r/steps, {p['restarts']} random start(s), cross-entropy; "
+        "an image fooled at a radius counts as fooled at every larger one. "
         f"Median certified radius of correct images: {c['median_radius']:.3g} "
         f"(max {c['max_radius']:.3g}).",
         "",

@@ -54,9 +54,16 @@ def _images(run: runs.Run, n: int = N_IMAGES) -> tuple[np.ndarray, np.ndarray]:
     return run.dataset.x_test[:n], run.dataset.y_test[:n]
 
 
+def _sample(e: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The test images of the report's noise table (a random sample, or the whole test set)."""
+    ds, s = e["run"].dataset, e["report"]["sample"]
+    idx = np.asarray(s["indices"]) if "indices" in s else np.arange(len(ds.x_test))
+    return ds.x_test[idx], ds.y_test[idx]
+
+
 def test_zero_noise_is_clean_accuracy(evaluated):
     for variant, e in evaluated.items():
-        x, y = _images(e["run"])
+        x, y = _sample(e)
         logits = jax.jit(e["run"].logits)(x)  # the training code's path: normalize, model.apply
         clean = np.asarray(jnp.argmax(logits, -1)) == y
         right = robustness.corrupted_correct(
@@ -234,7 +241,7 @@ def test_violation_is_detected_and_loud(capsys):
 
 def test_cifar10c_unavailable_or_evaluated(evaluated, monkeypatch):
     e = evaluated["resnet"]
-    x, y = _images(e["run"])
+    x, y = _sample(e)
 
     def offline(corruption, severity, tfds_data_dir=None):
         raise data.DataError("tfds:cifar10_corrupted (no network)")
@@ -292,6 +299,12 @@ def test_cli(trained_runs, tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("stabnet: error: --eps=a,b")
+    # Progress: every stage named, with how far it is; the sample stated in the report.
+    for stage in ("[robustness 1/7] loading the run", "[robustness 2/7] noise (Table 5.4)",
+                  "[robustness 5/7] PGD", "[robustness 6/7] random noise: 32/32",
+                  "[robustness] done in"):  # fmt: skip
+        assert stage in proc.stderr, proc.stderr[-3000:]
+    assert "16 of 360 test images" in (tmp_path / "out" / "robustness.md").read_text()
 
 
 @pytest.mark.parametrize("clip", [True, False])
@@ -370,3 +383,95 @@ def test_lipschitz_bound_agrees_with_the_stability_analysis(evaluated):
         assert evaluated[variant]["report"]["lipschitz"]["bound"] == pytest.approx(
             report["sensitivity_bound"], rel=1e-6
         ), variant
+
+
+def test_report_states_its_sample_and_wilson_intervals(evaluated, tmp_path):
+    """A sampled report says which images it used (a seeded uniform sample, the attack's nested
+    in the noise table's) and gives every accuracy with a 95 % Wilson interval around it."""
+    r = evaluated["resnet"]["report"]
+    s, a = r["sample"], r["attack_sample"]
+    n_test = len(evaluated["resnet"]["run"].dataset.x_test)
+    assert s["n"] == N_IMAGES and s["of"] == n_test and not s["whole_test_set"]
+    assert len(set(s["indices"])) == N_IMAGES and s["indices"] != list(range(N_IMAGES))
+    assert set(a["indices"]) <= set(s["indices"])
+    pairs = [(r["clean_accuracy"], r["clean_accuracy_ci95"])]
+    for key in ("unstructured", "structured"):
+        pairs += list(zip(r[key]["accuracy"], r[key]["ci95"], strict=True))
+    c = r["certified"]
+    for key in ("certified_accuracy", "pgd_accuracy", "random_noise_accuracy"):
+        pairs += list(zip(c[key], c[f"{key}_ci95"], strict=True))
+    for acc, (lo, hi) in pairs:
+        assert 0.0 <= lo <= acc <= hi <= 1.0
+        assert hi - lo > 0.02  # 64 images: a wide interval
+    lo, hi = r["clean_accuracy_ci95"]
+    assert (lo, hi) == pytest.approx(runs.wilson_interval(round(r["clean_accuracy"] * 64), 64))
+    text = robustness.report_markdown(r)
+    assert f"{N_IMAGES} of {n_test} test images" in text and "95 % Wilson" in text
+    assert f"{100 * r['clean_accuracy']:.2f} ({100 * lo:.2f}–{100 * hi:.2f})" in text
+
+
+def test_wilson_interval_and_samples():
+    # Reference values (Wilson 1927; e.g. statsmodels' proportion_confint(method="wilson")).
+    assert runs.wilson_interval(8, 10) == pytest.approx((0.4901625, 0.9433178), abs=1e-6)
+    assert runs.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775328), abs=1e-6)
+    assert runs.wilson_interval(10, 10) == pytest.approx((0.7224672, 1.0), abs=1e-6)
+    # Coverage: a 95 % interval holds the true proportion in about 95 % of samples.
+    rng = np.random.default_rng(0)
+    hits = [lo <= 0.3 <= hi for lo, hi in
+            (runs.wilson_interval(k, 200) for k in rng.binomial(200, 0.3, 2000))]  # fmt: skip
+    assert 0.93 <= np.mean(hits) <= 0.97
+    small, large = runs.sample_indices(1000, 50, 3), runs.sample_indices(1000, 200, 3)
+    assert len(set(small)) == 50 and np.all(np.diff(small) > 0) and set(small) <= set(large)
+    assert not np.array_equal(small, runs.sample_indices(1000, 50, 4))
+    np.testing.assert_array_equal(runs.sample_indices(1000, None, 3), np.arange(1000))
+    np.testing.assert_array_equal(runs.sample_indices(1000, 5000, 3), np.arange(1000))
+    info = runs.sample_info(1000, small, 3)
+    assert info["n"] == 50 and not info["whole_test_set"] and "seed 3" in info["how"]
+
+
+def test_streamed_pgd_is_plain_pgd(evaluated):
+    """The streamed attack (jobs leave their slot once fooled, the next job takes it) finds
+    exactly what plain PGD finds from the same random starts with every image run to the end:
+    fooled at any of the start and the ``steps`` iterates; several radii share the slots, a
+    smaller batch gives the same answer, and an image fooled at a radius is fooled at every
+    larger one."""
+    e = evaluated["resnet"]
+    j = e["jitted"]
+    x, y = _images(e["run"])
+    u, labels = jnp.asarray(x, jnp.float32) / 255.0, jnp.asarray(y)
+    clean_wrong = np.zeros(len(x), bool)
+    steps, radius = 6, 0.5
+    r = jnp.full(len(x), robustness._float32_down(np.asarray([radius]))[0])
+    key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    d = j.pgd_start(u, jnp.arange(len(x), dtype=jnp.uint32), key, r)
+    fooled = jnp.zeros(len(x), bool)
+    for _ in range(steps + 1):
+        d, fooled = j.pgd_step(j.clf.variables, j.clf.mean, u, labels, d, fooled, r,
+                               r * (robustness.PGD_REL_STEP / steps))  # fmt: skip
+    want = np.asarray(fooled)
+    assert 0 < want.sum() < len(x)  # some fooled, some not: the test can tell
+    got = robustness.pgd_fooled(j, x, y, radius, steps=steps, clean_wrong=clean_wrong,
+                                batch_size=BATCH)  # fmt: skip
+    np.testing.assert_array_equal(got, want)
+    calls = []
+    small = robustness.pgd_fooled(j, x, y, radius, steps=steps, clean_wrong=clean_wrong,
+                                  batch_size=8, on_job=calls.append)  # fmt: skip
+    np.testing.assert_array_equal(small, want)
+    assert sum(calls) == len(x)
+    radii = [0.0, 0.1, radius, 1.0]
+    many = robustness.pgd_fooled(j, x, y, radii, steps=steps, clean_wrong=clean_wrong,
+                                 batch_size=BATCH)  # fmt: skip
+    assert not many[0].any() and np.all(many[2] >= want)
+    assert np.all(many[1:] >= many[:-1])  # nested balls
+
+
+def test_cli_sample_sizes():
+    from experiments import robustness as cli_robustness
+
+    sizes = cli_robustness.sample_sizes
+    cpu = (cli_robustness.CPU_IMAGES, cli_robustness.CPU_ATTACK)
+    assert sizes(None, None, full_test_set=False, accelerator=False) == cpu
+    assert sizes(None, None, full_test_set=False, accelerator=True) == (None, None)
+    assert sizes(300, None, full_test_set=False, accelerator=False) == (300, 300)
+    assert sizes(300, 40, full_test_set=True, accelerator=False) == (None, None)
+    assert sizes(None, 40, full_test_set=False, accelerator=True) == (None, 40)
