@@ -192,6 +192,23 @@ class MetricsLog:
             self._tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1)
         return rows
 
+    def check_in_place(self) -> None:
+        """Raise ``FileNotFoundError`` if ``metrics.jsonl`` (or the workdir holding it) was
+        removed or replaced since :meth:`open`: rows appended to a removed file would be lost
+        (and orbax would recreate the folder for its checkpoints)."""
+        if self._file is None:
+            return
+        st = os.fstat(self._file.fileno())
+        try:
+            now = os.stat(self.path)
+            gone = st.st_nlink == 0 or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
+        except OSError:
+            gone = True
+        if gone:
+            raise FileNotFoundError(
+                errno.ENOENT, "removed during the run (the workdir vanished?)", self.path
+            )
+
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         row = {"step": int(step), **_jsonable(dict(metrics))}
         assert self._file is not None, "MetricsLog.open() first"

@@ -16,7 +16,6 @@ of ``(seed, step)``, so a run resumed from a checkpoint continues exactly.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import hashlib
 import json
@@ -1067,9 +1066,9 @@ def _run(config, workdir, ds, mesh, ckpt, model, state, tx, schedule, start_step
                       f"step {step} (the first at step {int(acc['bad_step'])}, "
                       f"{describe_parts(acc['bad_where'])})",
                       file=sys.stderr)  # fmt: skip
+            if primary:
+                metrics_log.check_in_place()  # before anything is written nowhere
             if step % plan.log_every == 0 or step == total:
-                if not os.path.isdir(workdir):  # its files would be written nowhere
-                    raise FileNotFoundError(errno.ENOENT, "the workdir vanished", workdir)
                 interval = log_interval(step, state, interval)
             if step % plan.eval_every == 0 or step == total:
                 run_evaluation(step)

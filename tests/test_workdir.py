@@ -386,3 +386,30 @@ def test_a_signal_before_training_exits_cleanly_in_one_line(tmp_path, signum, de
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("stabnet: stopped by"), err[-3000:]
     assert "done" not in out
+
+
+def test_a_finished_run_started_again_keeps_its_results(finished):
+    before = snapshot(finished)
+    results = train.train_and_evaluate(tiny(10), os.fspath(finished))
+    assert results == strict_json((finished / "results.json").read_text())
+    after = snapshot(finished)
+    after.pop(logbook.LOCK, None), before.pop(logbook.LOCK, None)  # the owner's pid
+    assert after == before
+
+
+def test_a_workdir_that_vanishes_during_the_run_is_one_line(tmp_path, monkeypatch):
+    import shutil
+
+    workdir = tmp_path / "w"
+    real = logbook.MetricsLog.write
+
+    def write(self, step, metrics):
+        out = real(self, step, metrics)
+        if step == 5 and "test_accuracy" in metrics:
+            shutil.rmtree(workdir)
+        return out
+
+    monkeypatch.setattr(logbook.MetricsLog, "write", write)
+    with pytest.raises(SystemExit) as e, cli.exit_codes():
+        train.train_and_evaluate(tiny(10), os.fspath(workdir))
+    assert e.value.code == cli.EXIT_WORKDIR_FAULT
