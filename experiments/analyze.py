@@ -9,7 +9,7 @@ sensitivity (:func:`stabnet.stability.analyze`), writes ``DIR/analysis/stability
 the stage and how far it is.
 
 The measurements use a uniform random sample of the test set (``--n_images``, drawn with
-``--seed``; 256 images on a CPU, where a CIFAR depth-18 run then takes about a minute) or the
+``--seed``; 128 images on a CPU, where a CIFAR depth-18 run then takes 1–2 minutes) or the
 whole test set (the default on a GPU or TPU, or ``--full_test_set``). The report states the
 sample and gives 95 % intervals of the means; maxima are over the images measured.
 
@@ -28,7 +28,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir of a trained run (holds config.json, checkpoints/).")
-CPU_IMAGES = 256
+CPU_IMAGES = 128
 flags.DEFINE_integer(
     "n_images",
     None,

@@ -68,6 +68,7 @@ PGD_REL_STEP = 2.5  # total step length over the attack, in units of r: α = 2.5
 _DENSE_POOL_LIMIT = 4096  # grids up to this many pixels get the exact ‖P‖₂ from a dense matrix
 _VIOLATION_TOL = 0.0
 DEFAULT_BATCH = 1024
+_PGD_MIN_SLOTS = 32
 _LEMMA_RTOL = 1e-5  # float32 slack of the ‖A‖₂ ≤ √2 flag (not of the bound)
 
 
@@ -611,10 +612,11 @@ def pgd_fooled(
     ``r = 0`` is the clean prediction. ``clean_wrong`` (per image, misclassified clean) saves a
     pass when already known.
 
-    The attacks (jobs: one radius and image each, smallest radii first) stream through a batch of
-    ``batch_size`` slots: a job leaves its slot as soon as it fools the network or has tried its
+    The attacks (jobs: one radius and image each, smallest radii first) stream through a batch
+    of slots: a job leaves its slot as soon as it fools the network or has tried its
     ``steps`` iterates, and the next job takes the slot, so no step is spent on an image already
-    fooled. ``on_job(k)`` is called with the number of jobs finished (or skipped) after each step.
+    fooled; the slots are about a sixteenth of the jobs (at least :data:`_PGD_MIN_SLOTS`, at most
+    ``batch_size``). ``on_job(k)`` is called with the number of jobs finished (or skipped).
 
     Returns:
       bool ``[len(radii), n]``, or ``[n]`` for a single float ``radii``.
@@ -631,7 +633,9 @@ def pgd_fooled(
     # larger[ri]: the radii at least rs[ri] (a perturbation found at rs[ri] is admissible there)
     larger = [np.flatnonzero(rs >= r) for r in rs]
     order = [ri for ri in np.argsort(rs, kind="stable") if rs[ri] > 0]
-    slots = max(1, min(batch_size, n * len(order))) if order else 0
+    # Slots: at most batch_size, and about 1/16 of the jobs, so that the tail (the last jobs
+    # running in a batch that is no longer full) costs little next to the jobs' own steps.
+    slots = max(1, min(batch_size, max(_PGD_MIN_SLOTS, n * len(order) // 16))) if order else 0
     for restart in range(max(restarts, 1) if order else 0):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), restart)
         queue = iter([int(ri) * n + i for ri in order for i in range(n)])

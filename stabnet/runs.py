@@ -201,7 +201,10 @@ class Progress:
         self._close_stage()
         total = time.monotonic() - self.t_start
         cpu = _cpu_seconds() - self.cpu_start
-        stages = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in self.timings.items())
+        stages = ", ".join(
+            f"{k} {v['seconds']:.0f} s (CPU {v['cpu_seconds']:.0f} s)"
+            for k, v in self.timings.items()
+        )
         print(f"[{self.tool}] done in {total:.0f} s (CPU time {cpu:.0f} s; {stages})",
               file=self.stream or sys.stderr, flush=True)  # fmt: skip
         return total

@@ -303,12 +303,6 @@ def _adam(learning_rate: float | jax.Array) -> optax.GradientTransformation:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _ascent_init(fn: Callable, variables: Any, x: jax.Array, u0: jax.Array, learning_rate):
-    """``(f(x), Adam state at u0)`` of :func:`gradient_ascent`."""
-    return fn(variables, x), _adam(learning_rate).init(u0)
-
-
-@functools.partial(jax.jit, static_argnums=0)
 def _ascent_step(fn: Callable, variables: Any, x: jax.Array, fx: jax.Array, u: jax.Array,
                  state: Any, best: jax.Array, radius: jax.Array, learning_rate):  # fmt: skip
     """One Adam step of :func:`gradient_ascent`; ``best`` takes the ratios at ``u``."""
@@ -320,12 +314,6 @@ def _ascent_step(fn: Callable, variables: Any, x: jax.Array, fx: jax.Array, u: j
     return optax.apply_updates(u, upd), state, jnp.maximum(best, r)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _ascent_last(fn: Callable, variables: Any, x: jax.Array, fx: jax.Array, u: jax.Array,
-                 best: jax.Array, radius: jax.Array) -> jax.Array:  # fmt: skip
-    return jnp.maximum(best, _ascent_ratios(fn, variables, x, fx, u, radius)[1])
-
-
 def gradient_ascent(
     fn: Callable,
     variables: Any,
@@ -335,6 +323,7 @@ def gradient_ascent(
     steps: int,
     learning_rate: float | jax.Array = 0.1,
     *,
+    fx: jax.Array | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> jax.Array:
     """The largest ℓ₂ sensitivity ratio found by Adam ascent, per example ``[N]``.
@@ -345,19 +334,23 @@ def gradient_ascent(
     result is never below that random probe. For small ``radius`` this approximates the local
     Jacobian norm ``‖J_f(x)‖₂`` (power iteration on ``JᵀJ`` in disguise).
 
-    The steps run as a Python loop over one jitted step (compiled once per ``fn`` and shape):
-    XLA:CPU ran the same step 4–5× slower inside a ``lax.scan`` (a ResNet-D depth-18 on 256
-    CIFAR images: 5.6 s of CPU time per step against 1.1 s). ``on_step`` is called after each.
+    The steps run as a Python loop over one jitted step (compiled once per ``fn`` and shape, the
+    only compilation here when ``fx = fn(variables, x)`` is given): XLA:CPU ran the same step
+    4–5× slower inside a ``lax.scan`` (a ResNet-D depth-18 on 256 CIFAR images: 5.6 s of CPU
+    time per step against 1.1 s). The ratio at the last iterate comes from one more step, whose
+    update is dropped. ``on_step`` is called after each of the ``steps``.
     """
     radius = jnp.asarray(radius, jnp.float32)
     lr = jnp.asarray(learning_rate, jnp.float32)
-    fx, state = _ascent_init(fn, variables, x, u0, lr)
+    if fx is None:
+        fx = _forward(fn, variables, x)
+    state = _adam(lr).init(u0)
     u, best = u0, jnp.zeros(x.shape[0], jnp.float32)
     for _ in range(int(steps)):
         u, state, best = _ascent_step(fn, variables, x, fx, u, state, best, radius, lr)
         if on_step is not None:
             on_step()
-    return _ascent_last(fn, variables, x, fx, u, best, radius)
+    return _ascent_step(fn, variables, x, fx, u, state, best, radius, lr)[2]
 
 
 def sensitivity_arrays(
@@ -376,14 +369,22 @@ def sensitivity_arrays(
     ascent_l2 [N] or None)`` for one Gaussian direction per example and absolute radius (drawn
     from ``rng``) and the Adam ascent (:func:`gradient_ascent`) at ``radii[ascent_index]``."""
     dirs = rng.standard_normal((len(radii), *x.shape)).astype(np.float32)
-    r2, rinf = random_probe(fn, variables, x, dirs, radii, forward=forward)
+    fwd = forward or functools.partial(_forward, fn, variables)
+    seen: dict[str, jax.Array] = {}
+
+    def probe_forward(xs: jax.Array) -> jax.Array:  # [x, x + δ₁, …]: keeps f(x) for the ascent
+        y = fwd(xs)
+        seen["fx"] = y[: x.shape[0]]
+        return y
+
+    r2, rinf = random_probe(fn, variables, x, dirs, radii, forward=probe_forward)
     if ascent_steps <= 0:
         if on_step is not None:
             on_step()
         return r2, rinf, None
     asc = gradient_ascent(
         fn, variables, x, jnp.asarray(dirs[ascent_index]), jnp.float32(radii[ascent_index]),
-        int(ascent_steps), on_step=on_step,
+        int(ascent_steps), fx=seen["fx"], on_step=on_step,
     )  # fmt: skip
     return r2, rinf, np.asarray(asc, np.float64)
 

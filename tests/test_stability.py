@@ -363,7 +363,8 @@ def test_cli_defaults_and_progress(trained_runs, tmp_path):
     from experiments import analyze
 
     assert analyze.default_n_images(None, True) is None
-    assert analyze.default_n_images(None, False) == (None if runs.on_accelerator() else 256)
+    cpu = None if runs.on_accelerator() else analyze.CPU_IMAGES
+    assert analyze.default_n_images(None, False) == cpu
     assert analyze.default_n_images(40, False) == 40
     workdir = trained_runs["resnet"]
     cmd = [sys.executable, "-m", "experiments.analyze", f"--workdir={workdir}", "--n_images=6",
