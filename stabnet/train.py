@@ -511,9 +511,17 @@ class _StopSignal:
 
     def _handle(self, signum, frame):
         del frame
+        if self.signum is not None:  # a second one: go now, without a checkpoint
+            os.write(
+                2,
+                f"stabnet: stopped by a second signal {signum}; not checkpointed: "
+                "rerun the same command to resume from the last checkpoint\n".encode(),
+            )
+            os._exit(128 + signum)
         self.signum = signum
-        print(f"stabnet: got signal {signum}; finishing the current steps and checkpointing",
-              file=sys.stderr, flush=True)  # fmt: skip
+        if sys.stderr.isatty():  # at the terminal, at once: the steps under way take a while
+            print(f"stabnet: got signal {signum}; finishing the current steps and checkpointing"
+                  " (again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -812,12 +820,12 @@ class Progress:
         print(self.line(step), file=self.stream, flush=True)
         self._last = (time.time(), step, self._loss_sum, self._finished)
 
-    def close(self, step: int) -> None:
-        """At the end of training (``step``: the last one)."""
+    def close(self, step: int, *, line: bool = True) -> None:
+        """At the end of training (``step``: the last one); ``line``: a last plain line."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif self.every is not None and step != self._last[1]:
+        elif line and self.every is not None and step != self._last[1]:
             self.print_line(step)
 
 
@@ -1081,7 +1089,7 @@ def _run(config, workdir, ds, mesh, ckpt, model, state, tx, schedule, start_step
                 if step not in ckpt.steps():
                     ckpt.save(step, state)
                 metrics_log.close()
-                progress.close(step)
+                progress.close(step, line=False)
                 raise Preempted(stop.signum or signal.SIGTERM, step)
     progress.close(step)
 
