@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from stabnet import constraints, layers, networks, norms, ops
+from stabnet import constraints, layers, lipschitz, networks, norms, ops
 
 
 class ConfigError(ValueError):
@@ -74,7 +74,7 @@ SCHEMA: dict[str, Field] = {
     "data.augment_flip": _BOOL,
     "data.on_device": _BOOL,
     "data.eval_batch_size": _int(1),
-    "model.variant": _choice(*networks.VARIANTS),
+    "model.variant": _choice(*networks.ALL_VARIANTS),
     "model.n": _int(1, 1000),
     "model.widths": _WIDTHS,
     "model.padding": _choice(*ops.PADDINGS),
@@ -86,6 +86,7 @@ SCHEMA: dict[str, Field] = {
     "model.dtype": _choice("float32", "bfloat16"),
     "model.conv_impl": _choice("auto", *ops.CONV_IMPLS),
     **{f"model.{k}": _choice(*v) for k, v in layers.FORM_OPTIONS.items()},
+    "model.downsampling": _choice(*layers.DOWNSAMPLINGS),
     "optim.learning_rate": _float(0.0, 100.0, open_lo=True),
     "optim.momentum": _float(0.0, 1.0),
     "optim.nesterov": _BOOL,
@@ -98,6 +99,9 @@ SCHEMA: dict[str, Field] = {
     "optim.norm_method": _choice("auto", *norms.NORM_METHODS),
     "optim.norm_screen": _BOOL,
     "optim.projection": _choice(*constraints.SPECTRAL_PROJECTIONS),
+    "loss.name": _choice(*lipschitz.LOSSES),
+    "loss.temperature": _float(0.0, 1e6, open_lo=True),
+    "loss.margin": _float(0.0, 1e6),
 }
 
 
@@ -129,6 +133,13 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
         )
         if bad_type or not field.check(value):
             raise ConfigError(f"config field {key}={value!r} is invalid; allowed: {field.allowed}")
+    if items["model.variant"] in layers.LIPSCHITZ_VARIANTS:
+        _check_lipschitz(items)
+    elif items["model.downsampling"] != "pool":
+        raise ConfigError(
+            f"config field model.downsampling={items['model.downsampling']!r} applies to "
+            f"{', '.join(layers.LIPSCHITZ_VARIANTS)} only; allowed: pool"
+        )
     try:
         networks.check_architecture(
             items["model.variant"], items["model.n"], (4, 4, 1), 1, tuple(items["model.widths"])
@@ -139,6 +150,28 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
         )  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_lipschitz(items: Mapping[str, Any]) -> None:
+    """The fields the Lipschitz ResNet-S (:mod:`stabnet.lipschitz`) cannot take: BN (its scale
+    is not bounded), a pooling window without room for the filter, scale-carrying projection
+    (the scale of its filters is the function)."""
+    variant = items["model.variant"]
+    if items["model.use_bn"]:
+        raise ConfigError(
+            f"config field model.use_bn=True is invalid with model.variant={variant!r}; "
+            "allowed: false (BN's inference scale is not bounded by the optimiser)"
+        )
+    if items["model.pool_window"] < 3 and items["model.downsampling"] == "pool":
+        raise ConfigError(
+            f"config field model.pool_window={items['model.pool_window']!r} is invalid with "
+            f"model.variant={variant!r}; allowed: 3, 5, … (‖P‖₂ = 1 leaves no room for A_p)"
+        )
+    if items["optim.projection"] == "scale_carrying":
+        raise ConfigError(
+            f"config field optim.projection='scale_carrying' is invalid with "
+            f"model.variant={variant!r}; allowed: auto, plain (the filters' scale is the function)"
+        )
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -14,7 +14,9 @@ paths such as ``res5/K2`` (module names follow Figure 4.1, see :mod:`stabnet.net
 * :func:`soft_threshold` – ``prox`` of ``η_t λ‖·‖₁``, entrywise ``sign(v)·max(|v| − η_t λ, 0)``;
 * :func:`nonnegative` – projection of ResNet-D's outer filters onto ``K₂ ≥ 0``;
 * :func:`spectral_rescale` – ``K ← K·min(1, c/‖A_K‖₂)`` for ResNet-S filters (and the certified
-  ResNet-S, which has no BN in its residual layers), with the exact FFT norm.
+  ResNet-S, which has no BN in its residual layers), with the exact FFT norm;
+* :func:`stabnet.lipschitz.projection` – the same rescaling of every filter of the Lipschitz
+  ResNet-S (first convolution, residual, pooling and fully connected layers).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from stabnet import layers, norms, norms_kernel
+from stabnet import layers, lipschitz, norms, norms_kernel
 from stabnet import schedule as schedule_lib
 
 Params = Any
@@ -322,6 +324,11 @@ def build_optimizer(
     if form.outer != "adjoint":
         return optax.chain(*chain), schedule
     method = norm_method(opt.get("norm_method", "auto"))  # absent in older workdirs
+    if variant in layers.LIPSCHITZ_VARIANTS:  # every layer bounded (stabnet.lipschitz)
+        bounded = lipschitz.projection(
+            grids, config.model.pool_window, padding=config.model.padding, method=method
+        )
+        return optax.chain(*chain, bounded), schedule
     if config.model.padding == "zeros":  # bound the zero-padded maps from above
         grids = {name: norms.zero_padding_grid(hw, params[name]["K"].shape[:2])
                  for name, hw in grids.items() if "K" in params.get(name, {})}  # fmt: skip

@@ -157,7 +157,17 @@ RESIDUAL_FORMS: dict[str, ResidualForm] = {
     "resnet_d": ResidualForm(-1, "K2", "trained", "frozen", "abs_he"),
     "resnet_s": ResidualForm(-1, "adjoint", "trained", "frozen"),  # (4.2) σ(x − BN₀(AᵀσBN(Ax)))
     "resnet_s_certified": ResidualForm(-1, "adjoint", "bias", "none"),  # σ(x − Aᵀσ(Ax + b))
+    # the same residual layer in a network without BN whose every layer is bounded
+    # (stabnet.lipschitz; beyond the paper, built on docs/mathematics.md §2 and §6)
+    "resnet_s_lipschitz": ResidualForm(-1, "adjoint", "bias", "none"),
 }
+
+# Variants built without BatchNorm whose every layer is norm-bounded by the optimiser
+# (stabnet.lipschitz): model.use_bn must be false for them.
+LIPSCHITZ_VARIANTS: tuple[str, ...] = ("resnet_s_lipschitz",)
+# model.downsampling: the paper's pooling layer (4.4), or space-to-depth with a bounded 1×1 map
+# (:func:`downsampling_layer`, the Lipschitz ResNet-S only).
+DOWNSAMPLINGS: tuple[str, ...] = ("pool", "space_to_depth")
 
 # The parts of ResNet-D's layer that its ablations change (model.sign, model.outer_bn,
 # model.outer_init); "paper" keeps the variant's own.
@@ -253,6 +263,41 @@ def pooling_layer(
     )
     skip = ops.pad_channels(ops.avg_pool(x, cfg.pool_window), kp.shape[-1])
     return jax.nn.relu(skip - jax.nn.relu(z)), used
+
+
+def space_to_depth(x: jax.Array) -> jax.Array:
+    """``S``: each 2×2 block of pixels becomes one pixel with ``4c`` channels, ordered
+    ``(dy, dx, c)``. A permutation of the entries, so ``‖S x‖ = ‖x‖`` in every ℓ_p norm."""
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h // 2, w // 2, 4 * c)
+
+
+def downsampling_layer(params: Params, x: jax.Array) -> jax.Array:
+    """Norm-preserving downsampling (beyond the paper; the Lipschitz ResNet-S's alternative to
+    the pooling layer (4.4)): ``x⁺ = M S x + b``, ``S`` :func:`space_to_depth` (an isometry) and
+    ``M`` a ``4c × c'`` matrix applied at every pixel, whose ℓ₂ operator norm on the whole feature
+    is ``‖M‖₂``; with ``‖M‖₂ ≤ 1`` the layer is 1-Lipschitz in ℓ₂."""
+    m = params["M"]
+    return space_to_depth(x) @ m.astype(x.dtype) + params["b"].astype(x.dtype)
+
+
+def haar_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """``M`` of :func:`downsampling_layer` as the orthonormal 2-D Haar bands of each channel:
+    column ``j`` is band ``j // c`` (LL, LH, HL, HH, each ``±1/2`` on the block's four pixels)
+    of channel ``j % c``; columns beyond ``4c`` are zero. The columns are orthonormal, so
+    ``‖M‖₂ = 1`` and smooth features keep their energy (the LL band)."""
+    del key
+    rows, cols = shape
+    c = rows // 4
+    bands = 0.5 * jnp.asarray(
+        [[1, 1, 1, 1], [1, 1, -1, -1], [1, -1, 1, -1], [1, -1, -1, 1]], dtype
+    )  # [band, (dy, dx)]
+    m = jnp.zeros(shape, dtype)
+    for j in range(min(cols, rows)):
+        band, ch = divmod(j, c)
+        m = m.at[jnp.arange(4) * c + ch, j].set(bands[band])
+    return m
 
 
 def global_pooling(x: jax.Array) -> jax.Array:
@@ -373,6 +418,21 @@ class PoolingLayer(_Layer):
         params, stats = self.bn_variables("", self.features)
         params["Kp"] = self.param("Kp", he_truncated_normal, (3, 3, x.shape[-1], self.features))
         return self.run(pooling_layer, params, stats, x, train)
+
+
+class Downsampling(nn.Module):
+    """Linen wrapper of :func:`downsampling_layer` (``M`` Haar-initialised, ``b`` zero)."""
+
+    features: int = 32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        del train
+        params = {
+            "M": self.param("M", haar_init, (4 * x.shape[-1], self.features)),
+            "b": self.param("b", nn.initializers.zeros, (self.features,)),
+        }
+        return downsampling_layer(params, x)
 
 
 class FullyConnected(nn.Module):

@@ -27,7 +27,13 @@ import jax.numpy as jnp
 
 from stabnet import layers, ops
 
-VARIANTS: tuple[str, ...] = tuple(layers.RESIDUAL_FORMS)
+# The variants of the paper's experiments, which the analysis, the robustness report and the
+# parametrised tests iterate; the Lipschitz ResNet-S (stabnet.lipschitz) is built by the same code
+# but kept out of that loop until the analysis knows its theorem (ALL_VARIANTS has every one).
+VARIANTS: tuple[str, ...] = tuple(
+    v for v in layers.RESIDUAL_FORMS if v not in layers.LIPSCHITZ_VARIANTS
+)
+ALL_VARIANTS: tuple[str, ...] = tuple(layers.RESIDUAL_FORMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +64,8 @@ def check_architecture(
 ) -> None:
     """Raise ``ValueError`` naming the field and the allowed values if the network is impossible."""
     if variant not in layers.RESIDUAL_FORMS:
-        raise ValueError(f"model.variant={variant!r} is unknown; allowed: {', '.join(VARIANTS)}")
+        allowed = ", ".join(ALL_VARIANTS)
+        raise ValueError(f"model.variant={variant!r} is unknown; allowed: {allowed}")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"model.n={n!r} is invalid; allowed: an integer ≥ 1")
     if len(widths) != 3 or any(not isinstance(w, int) or w < 1 for w in widths):
@@ -111,14 +118,17 @@ class StableResNet(nn.Module):
     """Figure 4.1 with the residual layer of ``variant``.
 
     Attributes:
-      variant: ``resnet`` (baseline, (3.1)), ``resnet_d`` (4.1), ``resnet_s`` (4.2) or
-        ``resnet_s_certified`` (docs/mathematics.md §2, beyond the paper).
+      variant: ``resnet`` (baseline, (3.1)), ``resnet_d`` (4.1), ``resnet_s`` (4.2),
+        ``resnet_s_certified`` or ``resnet_s_lipschitz`` (docs/mathematics.md §2, beyond the
+        paper; the latter without BN, every layer bounded by :mod:`stabnet.lipschitz`).
       n: depth parameter.
       num_classes: ``K``.
       widths: channel widths of the three stages.
       cfg: padding, BN, pooling window and compute dtype (:class:`stabnet.layers.LayerConfig`).
       form: the residual form when it is not the variant's own (an ablation,
         :func:`stabnet.layers.residual_form`); ``None``: ``RESIDUAL_FORMS[variant]``.
+      downsampling: layers ``n+1`` and ``2n+1``: ``pool``, the pooling layer (4.4), or
+        ``space_to_depth`` (:func:`stabnet.layers.downsampling_layer`).
     """
 
     variant: str
@@ -127,6 +137,7 @@ class StableResNet(nn.Module):
     widths: tuple[int, int, int] = (16, 32, 64)
     cfg: layers.LayerConfig = layers.LayerConfig()
     form: layers.ResidualForm | None = None
+    downsampling: str = "pool"
 
     @property
     def residual_form(self) -> layers.ResidualForm:
@@ -150,6 +161,8 @@ class StableResNet(nn.Module):
                 x = layers.ConvLayer(cfg, spec.channels, name=spec.name)(x, train)
             elif spec.kind == "res":
                 x = layers.ResidualLayer(cfg, form, name=spec.name)(x, train)
+            elif spec.kind == "pool" and self.downsampling == "space_to_depth":
+                x = layers.Downsampling(spec.channels, name=spec.name)(x, train)
             elif spec.kind == "pool":
                 x = layers.PoolingLayer(cfg, spec.channels, name=spec.name)(x, train)
             elif spec.kind == "global_pool":
@@ -177,6 +190,7 @@ def build_model(
     sign: str = "paper",
     outer_bn: str = "paper",
     outer_init: str = "paper",
+    downsampling: str = "pool",
 ) -> StableResNet:
     """Construct :class:`StableResNet`, validating every argument first (``ValueError``).
     ``sign``, ``outer_bn``, ``outer_init``: ablations of the residual form
@@ -193,6 +207,20 @@ def build_model(
     if not isinstance(pool_window, int) or pool_window < 1 or pool_window % 2 == 0:
         raise ValueError(f"model.pool_window={pool_window!r} is invalid; allowed: 1, 3, 5, …")
     check_architecture(variant, n, (4, 4, 1), num_classes, widths)
+    if variant in layers.LIPSCHITZ_VARIANTS and use_bn:
+        raise ValueError(
+            f"model.use_bn=True is invalid with model.variant={variant!r} (BN's inference scale is "
+            "not bounded by the optimiser); allowed: false"
+        )
+    if downsampling not in layers.DOWNSAMPLINGS:
+        allowed = ", ".join(layers.DOWNSAMPLINGS)
+        raise ValueError(f"model.downsampling={downsampling!r} is unknown; allowed: {allowed}")
+    if downsampling != "pool" and variant not in layers.LIPSCHITZ_VARIANTS:
+        allowed = ", ".join(layers.LIPSCHITZ_VARIANTS)
+        raise ValueError(
+            f"model.downsampling={downsampling!r} applies to {allowed} only, not "
+            f"model.variant={variant!r}; use pool"
+        )
     form = layers.residual_form(variant, sign, outer_bn, outer_init)
     cfg = layers.LayerConfig(
         padding=padding,
@@ -205,7 +233,9 @@ def build_model(
         conv_impl=conv_impl,
     )
     own = form == layers.RESIDUAL_FORMS[variant]
-    return StableResNet(variant, n, num_classes, tuple(widths), cfg, None if own else form)
+    return StableResNet(
+        variant, n, num_classes, tuple(widths), cfg, None if own else form, downsampling
+    )
 
 
 def init_variables(

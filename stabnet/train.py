@@ -139,6 +139,7 @@ def model_from_config(
         sign=m.get("sign", "paper"),  # the ablations; absent in older workdirs
         outer_bn=m.get("outer_bn", "paper"),
         outer_init=m.get("outer_init", "paper"),
+        downsampling=m.get("downsampling", "pool"),  # stabnet.lipschitz; absent in older workdirs
     )
 
 

@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.eval_batch_size = 1000
 
     config.model = ml_collections.ConfigDict()
-    config.model.variant = "resnet_d"  # resnet | resnet_d | resnet_s | resnet_s_certified
+    config.model.variant = "resnet_d"  # resnet | resnet_d | resnet_s | resnet_s_certified |
+    # resnet_s_lipschitz (no BN, every layer bounded; experiments/configs/lipschitz_digits.py)
     config.model.n = 3
     config.model.widths = (16, 32, 64)
     config.model.padding = "circular"  # circular | zeros
@@ -55,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.sign = "paper"  # paper | minus | plus: the branch subtracted or added
     config.model.outer_bn = "paper"  # paper | frozen | trained: BN₀ (γ = 1, β = 0) or a trained BN
     config.model.outer_init = "paper"  # paper | abs_he | he: K₂ started ≥ 0 or signed
+    # Layers n+1 and 2n+1: pool (the pooling layer (4.4)) | space_to_depth (resnet_s_lipschitz
+    # only: x ↦ M·S(x) + b, S space-to-depth, ‖M‖₂ ≤ 1; stabnet.layers.downsampling_layer)
+    config.model.downsampling = "pool"
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 0.1
@@ -71,4 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.projection = "auto"
     config.optim.norm_method = "auto"  # ‖A_K‖₂: eigh, screened, squaring, fused; auto: by backend
     config.optim.norm_screen = False  # squaring, fused: bound a shortlist of frequencies only
+
+    # The data loss (stabnet.lipschitz.training_loss): cross_entropy (4.6) | margin_cross_entropy
+    # (CE(T·(f − m·e_y))/T) | hinge (max(0, m − logit margin)); T and m unused by cross_entropy.
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = "cross_entropy"
+    config.loss.temperature = 1.0
+    config.loss.margin = 0.0
     return config
