@@ -77,7 +77,7 @@ def _start(workdir: str, steps: int) -> subprocess.Popen:
                       stderr=subprocess.PIPE)  # fmt: skip
 
 
-def _wait_for_training(workdir: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for_training(workdir: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     path = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
