@@ -11,6 +11,7 @@ def get_config(dataset=None):
     config = paper_config("resnet_s_lipschitz", n=3, dataset=dataset)
     digits = lipschitz_digits.get_config()
     config.model.use_bn = False
+    config.model.downsampling = digits.model.downsampling
     config.optim.regularizers = digits.optim.regularizers
     config.optim.learning_rate = digits.optim.learning_rate
     config.loss = digits.loss
