@@ -1,4 +1,4 @@
-"""Stability analysis of a trained run (Theorems 4.1, 4.2; SPEC §6).
+"""Stability analysis of a trained run (Theorems 4.1, 4.2; docs/mathematics.md §6).
 
     python -m experiments.analyze --workdir=DIR [--n_images=N | --full_test_set] [--ascent_steps=50]
 

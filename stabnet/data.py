@@ -1,4 +1,5 @@
-"""Image-classification data in memory, validated, and the preprocessing of SPEC §4 in JAX.
+"""Image-classification data in memory, validated, and the preprocessing of docs/mathematics.md §4
+in JAX.
 
 Sources, tried in this order by ``source="auto"``:
 
@@ -574,7 +575,7 @@ def load_cifar10_corrupted(
 
 
 # --------------------------------------------------------------------------------------------
-# Preprocessing and augmentation (SPEC §4), pure JAX.
+# Preprocessing and augmentation (docs/mathematics.md §4), pure JAX.
 # --------------------------------------------------------------------------------------------
 
 

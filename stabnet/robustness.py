@@ -3,7 +3,8 @@ from a global Lipschitz bound (beyond the paper), and an ℓ₂ PGD attack that 
 
 Units. Every perturbation lives in **[0, 1] pixel units, before normalisation**: a uint8 test
 image becomes ``x = img/255``, the corrupted ``x̃`` is clipped to ``[0, 1]`` and the network sees
-``x̃ − mean`` (SPEC §4, §7). The per-pixel mean subtraction is a translation (Lipschitz 1), so a
+``x̃ − mean`` (docs/mathematics.md §4, §7). The per-pixel mean subtraction is a translation
+(Lipschitz 1), so a
 Lipschitz bound of the network in its own input is one of the map ``[0,1]``-image → logits.
 
 1. **Corruptions (Table 5.4, Section 5).** Unstructured noise ``x̃ = x + ε·η`` with ``η`` i.i.d.
@@ -485,7 +486,7 @@ def lipschitz_bound(
     * normalisation ``u − mean``: a translation, 1;
     * convolution layer (4.3): ``‖Ã₀‖₂`` (BN folded, Remark 4.3);
     * residual layer (3.1), ResNet-D (4.1), ResNet-S (4.2): ``1 + ‖Ã₂‖₂‖Ã₁‖₂`` (the constant of
-      Theorem 4.1, SPEC §6);
+      Theorem 4.1, docs/mathematics.md §6);
     * certified ResNet-S layer ``σ(x − Aᵀσ(Ax + b))``: the difference map is ``(I − AᵀDA)(x − y)``
       and ``0 ⪯ AᵀDA ⪯ ‖A‖₂² I``, so its norm is ``≤ max(1, ‖A‖₂² − 1)`` — exactly 1 when
       ``‖A‖₂ ≤ √2`` (Lemma A.1, condition (4.11)); otherwise the bound (still rigorous) is

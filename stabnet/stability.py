@@ -2,11 +2,13 @@
 
 Given a trained run (:func:`stabnet.runs.load_run`), :func:`analyze` computes
 
-1. **Per layer** (indexed as in SPEC §3: ``conv0``, ``res{k}``, ``pool{k}``, ``gp{3n+1}``,
+1. **Per layer** (indexed as in docs/mathematics.md §3: ``conv0``, ``res{k}``, ``pool{k}``,
+``gp{3n+1}``,
    ``fc{3n+2}``) the ℓ₂ and ℓ∞ operator norms of every *effective* (BN-folded, running
    statistics) operator (Remark 4.3, :func:`stabnet.norms.effective_operators`), the hypotheses of
    **Theorem 4.1** (ResNet-D: ``‖Ã₀‖_∞ ≤ 1``, ``‖W‖_∞ ≤ 1``, ``K₂ ≥ 0``) and **Theorem 4.2**
-   (ResNet-S: ``‖Ã₀‖₂ ≤ 1``, ``‖W‖₂ ≤ 1``, ``‖Ã_k‖₂ ≤ √2``), and their constants (SPEC §6):
+   (ResNet-S: ``‖Ã₀‖₂ ≤ 1``, ``‖W‖₂ ≤ 1``, ``‖Ã_k‖₂ ≤ √2``), and their constants
+   (docs/mathematics.md §6):
    ``C_A = ‖W‖‖Ã₀‖ Π_res(1 + ‖Ã_{k,2}‖‖Ã_{k,1}‖) Π_pool(1 + ‖Ã_p‖)`` (in ℓ₂ and in ℓ∞),
    ``C = ‖W‖₂‖Ã₀‖₂(1 + ‖Ã_{n+1}‖₂)(1 + ‖Ã_{2n+1}‖₂)`` (depth-independent) and the growth constant
    ``C_b``.
@@ -113,7 +115,8 @@ def global_pool_norm(hw: Sequence[int]) -> float:
 
     ``g_c = (1/hw) Σ_p x_{p,c}``; by Cauchy–Schwarz ``g_c² ≤ (1/hw) Σ_p x_{p,c}²`` and summing
     over ``c`` gives ``‖g‖₂ ≤ (hw)^{-1/2}‖x‖₂``, with equality for a spatially constant ``x``.
-    This is the contraction SPEC §6 mentions (in ℓ∞ global pooling is merely non-expansive).
+    This is the contraction docs/mathematics.md §6 mentions (in ℓ∞ global pooling is merely
+    non-expansive).
     """
     h, w = hw
     return 1.0 / math.sqrt(h * w)
@@ -632,7 +635,8 @@ def analyze(
     per_layer: bool = True,
     progress: Any | None = None,
 ) -> dict[str, Any]:
-    """Stability report of a trained run (Theorems 4.1, 4.2; SPEC §6). See the module docstring.
+    """Stability report of a trained run (Theorems 4.1, 4.2; docs/mathematics.md §6). See the
+    module docstring.
 
     Args:
       run: a :class:`stabnet.runs.Run` (``model``, ``variables``, ``dataset``, ``mean``, …).
@@ -696,7 +700,7 @@ def analyze(
     sens_bound = float(np.prod([lip[s.name]["l2"] for s in specs]))
     sens_bound_linf = float(np.prod([lip[s.name]["linf"] for s in specs]))
 
-    # ---- theorem constants (SPEC §6) ---------------------------------------------------------
+    # ---- theorem constants (docs/mathematics.md §6) ------------------------------------------
     res = [s for s in specs if s.kind == "res"]
     pools = [s for s in specs if s.kind == "pool"]
     conv0, fc = specs[0].name, specs[-1].name
@@ -748,7 +752,7 @@ def analyze(
                 "holds": certified,
                 "note": "Lemma A.1 needs the branch Aᵀσ(Ax+b) exactly; with a second BN "
                 "(resnet_s) it is diag(s₂)A_Kᵀσ(diag(s₁)A_K x + b), which is not of that form "
-                "(SPEC §2, certified variant)",
+                "(docs/mathematics.md §2, certified variant)",
             },
         }
         p_n1, p_2n1 = (table[f"{s.name}/Ap"]["l2_upper"] for s in pools)

@@ -1,4 +1,4 @@
-"""Training and evaluation (SPEC §4): ``train_and_evaluate(config, workdir)``.
+"""Training and evaluation (docs/mathematics.md §4): ``train_and_evaluate(config, workdir)``.
 
 The fast path, on by default: the data set lives on the devices, each step draws its batch by
 index from its epoch's order (drawn once per epoch, :class:`EpochOrders`) and augments it there
@@ -148,7 +148,7 @@ def create_train_state(
     model: networks.StableResNet,
     image_shape: tuple[int, int, int],
 ) -> tuple[TrainState, optax.GradientTransformation, optax.Schedule]:
-    """Initial state (SPEC §4 initialisers), the optimiser and its schedule."""
+    """Initial state (docs/mathematics.md §4 initialisers), the optimiser and its schedule."""
     root = jax.random.PRNGKey(config.seed)
     variables = networks.init_variables(model, jax.random.fold_in(root, INIT_KEY), image_shape)
     grids = networks.layer_grids(model.n, image_shape[:2])
@@ -299,7 +299,8 @@ class StepFns:
 def step_counters_from(new: Any, old: Any) -> Any:
     """``old`` optimiser state with its step counters (the ``count`` fields of optax's states,
     which index the learning-rate schedule) taken from ``new``: a skipped step keeps the moments
-    and parameters but not the schedule's place, so the rate decays at the steps of SPEC §4."""
+    and parameters but not the schedule's place, so the rate decays at the steps of
+    docs/mathematics.md §4."""
 
     def pick(path, a, b):
         return a if getattr(path[-1], "name", None) == "count" else b
@@ -842,7 +843,8 @@ def train_and_evaluate(
     allow_config_change: bool = False,
     progress_every: float | None = 60.0,
 ) -> dict[str, Any]:
-    """Train and evaluate one network as SPEC §4 describes; resume from ``workdir`` if it holds a
+    """Train and evaluate one network as docs/mathematics.md §4 describes; resume from ``workdir``
+    if it holds a
     checkpoint. Returns (and writes) ``results.json``'s content.
 
     One process at a time: the workdir is locked (:class:`stabnet.logbook.WorkdirLock`) for the

@@ -373,7 +373,8 @@ def test_pgd_stays_in_its_ball_and_the_box(evaluated):
 
 def test_lipschitz_bound_agrees_with_the_stability_analysis(evaluated):
     """Two implementations of the product of layer bounds (robustness: dense ``‖P‖`` and the
-    certified layer's Lemma A.1 form; stability: per-layer constants of SPEC §6) give the same
+    certified layer's Lemma A.1 form; stability: per-layer constants of docs/mathematics.md §6)
+    give the same
     end-to-end bound for circular padding."""
     from stabnet import stability
 

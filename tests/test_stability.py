@@ -1,4 +1,5 @@
-"""Tests of the stability analysis (Theorems 4.1, 4.2; SPEC §6) on the session's trained runs."""
+"""Tests of the stability analysis (Theorems 4.1, 4.2; docs/mathematics.md §6) on the session's
+trained runs."""
 
 from __future__ import annotations
 

@@ -46,9 +46,10 @@ def test_workdir_outputs(short_run):
                 "params_norm", "wall_seconds"):  # fmt: skip
         assert key in results, key
     assert results == read_results(workdir)
-    # A run shorter than final_average_steps averages every evaluation.
-    mean = np.mean([r["test_accuracy"] for r in eval_rows])
-    assert results["final_test_accuracy"] == pytest.approx(mean)
+    # A run shorter than final_average_steps averages the evaluations of its last 1/14 only
+    # (60 steps: the last 4, so the step-60 evaluation), and results.json says so.
+    assert results["final_test_accuracy"] == pytest.approx(eval_rows[-1]["test_accuracy"])
+    assert results["final_average"] == {"window_steps": 4, "evaluations": 1, "from_step": 60}
 
 
 def test_evaluation_counts_every_test_image_once(short_run):
