@@ -9,9 +9,14 @@ import tempfile
 import pytest
 
 # One persistent XLA compilation cache for the test session and the subprocesses it starts: the
-# end-to-end tests compile the same small networks many times.
+# end-to-end tests compile the same small networks many times. One per pytest-xdist worker: two
+# processes reading and writing one cache crashed XLA's deserialisation (a segmentation fault).
 os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "stabnet-test-jax-cache")
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(
+        tempfile.gettempdir(),
+        f"stabnet-test-jax-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}",
+    ),
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
