@@ -445,7 +445,7 @@ def collect(
     written: dict[str, Any] = {}
     if finished:
         written = figures.make_all(finished, out, per_run=per_run, **kw)
-    written["results"] = results.write_tables(workdirs, out)
+    written["results"] = results.write_tables(workdirs, os.path.join(out, "paper_tables"))
     lines = ["# Sweep", "", f"root: `{root}`; finished runs collected: {len(finished)}", ""]
     if status:
         lines += ["| run | status | seconds | note |", "|---|---|---|---|"]
