@@ -182,12 +182,8 @@ def table_5_3_rows(infos: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         depth = networks.paper_depth(variant, n)
         ours = finished_mean(key)
         baseline = finished_mean(("resnet", "", n, dataset, proto))
-        paper = (
-            figures.PAPER_TABLE_5_3.get((variant, depth, dataset))
-            if not abl and proto == "full"
-            else None
-        )
-        paper_ref = figures.PAPER_TABLE_5_3.get((variant, depth, dataset)) if not abl else None
+        paper_ref = None if abl else figures.PAPER_TABLE_5_3.get((variant, depth, dataset))
+        paper = paper_ref if proto == "full" else None  # a difference only on the same protocol
         if done:
             status = "finished"
         elif runs:

@@ -94,6 +94,13 @@ def bound_of(name: str) -> float:
     return BOUNDS[name.rstrip("0123456789")]
 
 
+def random_step(tx, params, state, rng):
+    """One optimiser step of ``tx`` on standard-normal gradients: ``(params, state)``."""
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+
 def test_variant_is_built_without_bn_and_kept_out_of_the_paper_loop():
     assert "resnet_s_lipschitz" in networks.ALL_VARIANTS
     assert "resnet_s_lipschitz" not in networks.VARIANTS
@@ -163,9 +170,7 @@ def test_every_constraint_holds_after_every_step(padding, downsampling):
     state = tx.init(params)
     rng = np.random.default_rng(1)
     for step in range(3):
-        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-        updates, state = tx.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = random_step(tx, params, state, rng)
         after = layer_norms(params, grids)
         if padding == "zeros":  # the zero-padded maps are bounded by the circular ones on (h+2)²
             after = {k: v for k, v in after.items() if k.startswith("fc")}
@@ -217,9 +222,7 @@ def test_network_lipschitz_constant_on_random_pairs(downsampling):
     state = tx.init(params)
     rng = np.random.default_rng(2)
     for _ in range(2):
-        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-        updates, state = tx.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = random_step(tx, params, state, rng)
     bound, per = lipschitz.lipschitz_bound(params, grids, (2, 2), 3)
     assert bound <= 0.5 * (1 + TOL) and per["global_pool"] == 0.5
     for name, value in layer_norms(params, grids).items():
