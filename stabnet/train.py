@@ -284,18 +284,6 @@ def describe_parts(flags: Any) -> str:
     return "in the " + " and ".join(p for p, f in zip(NONFINITE_PARTS, flags, strict=True) if f)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepFns:
-    """The jitted functions of one run (built by :func:`make_step_fns`)."""
-
-    chunk: Callable[..., Any]  # fast path: (state, acc, orders, x_train, y_train, mean, num_steps)
-    step: Callable[..., Any]  # straightforward path: (state, acc, images, labels, mean)
-    evaluate: Callable[..., Any]  # (state, x_test, y_test, mask, mean) → sums
-    new_acc: Callable[[], Any]
-    no_orders: Callable[[], EpochOrders]  # an empty cache of the data order, for the first chunk
-    diagnose: Callable[..., Any]  # (state, images, labels, mean) → nonfinite_summary of the step
-
-
 def step_counters_from(new: Any, old: Any) -> Any:
     """``old`` optimiser state with its step counters (the ``count`` fields of optax's states,
     which index the learning-rate schedule) taken from ``new``: a skipped step keeps the moments
@@ -308,6 +296,207 @@ def step_counters_from(new: Any, old: Any) -> Any:
     return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
+# --------------------------------------------------------------------------------------------
+# The steps: pure functions of the state and the data, bound and jitted in make_step_fns.
+# --------------------------------------------------------------------------------------------
+
+
+def sgd_step(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    mean: jax.Array,
+    *,
+    model: networks.StableResNet,
+    tx: optax.GradientTransformation,
+    data_loss: Callable[[jax.Array, jax.Array], jax.Array],
+    pad: int,
+    flip: bool,
+) -> tuple[TrainState, jax.Array, jax.Array, Any]:
+    """One SGD step with constraints on a global batch (pure; may produce non-finite):
+    ``(new state, loss, correct, gradients)``. The batch is augmented (``pad``, ``flip``) with
+    the key of ``(state.key, state.step)``; ``data_loss`` is the per-example loss."""
+    aug_key = jax.random.fold_in(jax.random.fold_in(state.key, _AUGMENT), state.step)
+    x = data.augment(aug_key, data.normalize(images, mean), pad=pad, flip=flip)
+
+    def loss_fn(params):
+        logits, updated = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.mean(data_loss(logits, labels)), (logits, updated.get("batch_stats", {}))
+
+    (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = TrainState(state.step + 1, params, stats, opt_state, state.key)
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+    return new, loss, correct, grads
+
+
+def train_step(
+    state: TrainState, images: jax.Array, labels: jax.Array, mean: jax.Array, **step: Any
+) -> tuple[TrainState, jax.Array, jax.Array, jax.Array]:
+    """:func:`sgd_step` (``step``: its keywords) and which of ``NONFINITE_PARTS`` went
+    non-finite (``bool[3]``)."""
+    new, loss, correct, grads = sgd_step(state, images, labels, mean, **step)
+    bad = jnp.stack([~jnp.isfinite(loss), ~all_finite(grads), ~all_finite(new.params)])
+    return new, loss, correct, bad
+
+
+def diagnose_step(
+    state: TrainState, images: jax.Array, labels: jax.Array, mean: jax.Array, **step: Any
+) -> jax.Array:
+    """:func:`sgd_step` re-run with every array checked on its own: :func:`nonfinite_summary`."""
+    new, loss, _, grads = sgd_step(state, images, labels, mean, **step)
+    return nonfinite_summary(loss, grads, new.params)
+
+
+def new_acc() -> dict[str, jax.Array]:
+    """Empty step metrics, summed on the device over a dispatch by :func:`guarded_step`."""
+    z = jnp.zeros([], jnp.float32)
+    return {"loss_sum": z, "correct": z, "steps": jnp.zeros([], jnp.int32),
+            "skipped": jnp.zeros([], jnp.int32), "halted": jnp.zeros([], bool),
+            "bad_step": jnp.full([], -1, jnp.int32),
+            "bad_where": jnp.zeros([3], bool),
+            "last_good": jnp.full([], -1, jnp.int32)}  # fmt: skip
+
+
+def guarded_step(
+    state: TrainState,
+    acc: dict[str, jax.Array],
+    images: jax.Array,
+    labels: jax.Array,
+    mean: jax.Array,
+    *,
+    step_fn: Callable[..., Any],
+    skip: bool,
+    shard: jax.sharding.Sharding,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``step_fn`` (:func:`train_step`, bound) with the non-finite policy: keep the old state and
+    stop (halt all later steps), or ``skip`` the step (advance ``step`` only); the batch is
+    sharded by ``shard``. Adds the step's metrics to ``acc`` (:func:`new_acc`)."""
+    images = lax.with_sharding_constraint(images, shard)
+    labels = lax.with_sharding_constraint(labels, shard)
+    new, loss, correct, where = step_fn(state, images, labels, mean)
+    finite = ~jnp.any(where)
+    accept = finite & ~acc["halted"]
+    if skip:  # the step and the schedule count on: optax's step counters from `new`
+        fallback = state.replace(
+            step=state.step + 1, opt_state=step_counters_from(new.opt_state, state.opt_state)
+        )
+    else:
+        fallback = state
+    out = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, fallback)
+    first_bad = ~finite & ~acc["halted"] & (acc["bad_step"] < 0)
+    acc = {
+        "loss_sum": acc["loss_sum"] + jnp.where(accept, loss, 0.0),
+        "correct": acc["correct"] + jnp.where(accept, correct, 0).astype(jnp.float32),
+        "steps": acc["steps"] + accept.astype(jnp.int32),
+        "skipped": acc["skipped"] + (~finite & ~acc["halted"]).astype(jnp.int32),
+        "halted": acc["halted"] | (~finite if not skip else jnp.zeros([], bool)),
+        "bad_step": jnp.where(first_bad, state.step, acc["bad_step"]),
+        "bad_where": jnp.where(first_bad, where, acc["bad_where"]),
+        "last_good": jnp.where(accept, state.step + 1, acc["last_good"]),
+    }
+    return out, acc
+
+
+def train_chunk(
+    state: TrainState,
+    acc: dict[str, jax.Array],
+    orders: EpochOrders,
+    x_train: jax.Array,
+    y_train: jax.Array,
+    mean: jax.Array,
+    num_steps: int,
+    *,
+    step_fn: Callable[..., Any],
+    num_train: int,
+    batch: int,
+    order_cache: bool = True,
+) -> tuple[TrainState, dict[str, jax.Array], EpochOrders]:
+    """``num_steps`` of ``step_fn`` (:func:`guarded_step`, bound) on the ``num_train`` training
+    examples resident on the devices, each step drawing its batch by index; ``orders``: the
+    data-order cache (returned for the next chunk).
+
+    A chunk of at most one epoch's steps spans two epochs at most: their orders are drawn at most
+    once per epoch (:class:`EpochOrders`). A longer one (tiny data sets), or ``order_cache=False``,
+    draws every step's order afresh (the same batches)."""
+    per_epoch = num_train // batch
+    cached = order_cache and num_steps <= per_epoch
+    if cached:
+        orders = refresh_epoch_orders(orders, state.key, state.step // per_epoch)
+
+    def body(carry, _):
+        state, acc = carry
+        if cached:
+            idx = cached_batch_indices(orders, state.step, batch)
+        else:
+            idx = batch_indices(state.key, state.step, num_train, batch)
+        return step_fn(state, acc, x_train[idx], y_train[idx], mean), None
+
+    if num_steps == 1:
+        state, acc = body((state, acc), None)[0]
+    else:
+        (state, acc), _ = lax.scan(body, (state, acc), None, length=num_steps)
+    return state, acc, orders
+
+
+def eval_step(
+    variables: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    mean: jax.Array,
+    *,
+    model: networks.StableResNet,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy (4.6) and correct predictions of one test batch (inference: running
+    BN statistics), over the examples where ``mask`` is 1."""
+    logits = model.apply(variables, data.normalize(images, mean), train=False)
+    right = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    loss = cross_entropy(logits, labels)
+    return jnp.sum(loss * mask), jnp.sum(right * mask)
+
+
+def evaluate(
+    state: TrainState,
+    x_test: jax.Array,
+    y_test: jax.Array,
+    mask: jax.Array,
+    mean: jax.Array,
+    *,
+    model: networks.StableResNet,
+    shard: jax.sharding.Sharding,
+) -> dict[str, jax.Array]:
+    """:func:`eval_step` over the batches of :func:`padded_batches`, each sharded by ``shard``:
+    ``{"loss_sum", "correct"}``."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    def body(sums, xs):
+        images, labels, m = (lax.with_sharding_constraint(a, shard) for a in xs)
+        loss, right = eval_step(variables, images, labels, m, mean, model=model)
+        return (sums[0] + loss, sums[1] + right), None
+
+    (loss, correct), _ = lax.scan(body, (0.0, 0.0), (x_test, y_test, mask))
+    return {"loss_sum": loss, "correct": correct}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+    """The jitted functions of one run (built by :func:`make_step_fns`)."""
+
+    chunk: Callable[..., Any]  # fast path: (state, acc, orders, x_train, y_train, mean, num_steps)
+    step: Callable[..., Any]  # straightforward path: (state, acc, images, labels, mean)
+    evaluate: Callable[..., Any]  # (state, x_test, y_test, mask, mean) → sums
+    new_acc: Callable[[], Any]
+    no_orders: Callable[[], EpochOrders]  # an empty cache of the data order, for the first chunk
+    diagnose: Callable[..., Any]  # (state, images, labels, mean) → nonfinite_summary of the step
+
+
 def make_step_fns(
     config: ml_collections.ConfigDict,
     model: networks.StableResNet,
@@ -316,137 +505,35 @@ def make_step_fns(
     num_train: int,
     order_cache: bool = True,
 ) -> StepFns:
-    """Build the jitted train chunk, train step and evaluation for ``model`` on ``mesh``.
+    """The step functions above bound to ``config``, ``model`` and ``tx`` and jitted for ``mesh``:
+    state, metrics and test set replicated, batches sharded; the train step and chunk donate
+    their state and metrics (the chunk its data-order cache too).
 
     ``order_cache=False`` makes the chunk draw every step's epoch order afresh (the same batches,
     slower; for ``benchmarks/forms.py --op=order``)."""
-    batch = config.batch_size
-    per_epoch = num_train // batch
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    pad, flip = config.data.augment_pad, config.data.augment_flip
-    skip = config.on_nonfinite == "skip"
-    data_loss = training_loss(config)  # config.loss: cross-entropy (4.6) by default
-
-    def sgd_step(state: TrainState, images, labels, mean):
-        """One SGD step with constraints on a global batch (pure; may produce non-finite):
-        ``(new state, loss, correct, gradients)``."""
-        aug_key = jax.random.fold_in(jax.random.fold_in(state.key, _AUGMENT), state.step)
-        x = data.augment(aug_key, data.normalize(images, mean), pad=pad, flip=flip)
-
-        def loss_fn(params):
-            logits, updated = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                x,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            return jnp.mean(data_loss(logits, labels)), (logits, updated.get("batch_stats", {}))
-
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = TrainState(state.step + 1, params, stats, opt_state, state.key)
-        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-        return new, loss, correct, grads
-
-    def train_step(state: TrainState, images, labels, mean):
-        """:func:`sgd_step` and which of ``NONFINITE_PARTS`` went non-finite (``bool[3]``)."""
-        new, loss, correct, grads = sgd_step(state, images, labels, mean)
-        bad = jnp.stack([~jnp.isfinite(loss), ~all_finite(grads), ~all_finite(new.params)])
-        return new, loss, correct, bad
-
-    def new_acc():
-        z = jnp.zeros([], jnp.float32)
-        return {"loss_sum": z, "correct": z, "steps": jnp.zeros([], jnp.int32),
-                "skipped": jnp.zeros([], jnp.int32), "halted": jnp.zeros([], bool),
-                "bad_step": jnp.full([], -1, jnp.int32),
-                "bad_where": jnp.zeros([3], bool),
-                "last_good": jnp.full([], -1, jnp.int32)}  # fmt: skip
-
-    def guarded_step(state: TrainState, acc, images, labels, mean):
-        """:func:`train_step` with the non-finite policy: keep the old state and stop (halt all
-        later steps), or skip the step (advance ``step`` only)."""
-        images = lax.with_sharding_constraint(images, shard)
-        labels = lax.with_sharding_constraint(labels, shard)
-        new, loss, correct, where = train_step(state, images, labels, mean)
-        finite = ~jnp.any(where)
-        accept = finite & ~acc["halted"]
-        if skip:  # the step and the schedule count on: optax's step counters from `new`
-            fallback = state.replace(
-                step=state.step + 1, opt_state=step_counters_from(new.opt_state, state.opt_state)
-            )
-        else:
-            fallback = state
-        out = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, fallback)
-        first_bad = ~finite & ~acc["halted"] & (acc["bad_step"] < 0)
-        acc = {
-            "loss_sum": acc["loss_sum"] + jnp.where(accept, loss, 0.0),
-            "correct": acc["correct"] + jnp.where(accept, correct, 0).astype(jnp.float32),
-            "steps": acc["steps"] + accept.astype(jnp.int32),
-            "skipped": acc["skipped"] + (~finite & ~acc["halted"]).astype(jnp.int32),
-            "halted": acc["halted"] | (~finite if not skip else jnp.zeros([], bool)),
-            "bad_step": jnp.where(first_bad, state.step, acc["bad_step"]),
-            "bad_where": jnp.where(first_bad, where, acc["bad_where"]),
-            "last_good": jnp.where(accept, state.step + 1, acc["last_good"]),
-        }
-        return out, acc
-
-    @functools.partial(
-        jax.jit,
-        static_argnums=6,
-        in_shardings=(rep, rep, rep, rep, rep, rep),
-        out_shardings=rep,
-        donate_argnums=(0, 1, 2),
-    )
-    def chunk(state, acc, orders, x_train, y_train, mean, num_steps):
-        # A chunk of at most one epoch's steps spans two epochs at most: their orders are drawn
-        # at most once per epoch (EpochOrders). A longer one (tiny data sets) draws per step.
-        cached = order_cache and num_steps <= per_epoch
-        if cached:
-            orders = refresh_epoch_orders(orders, state.key, state.step // per_epoch)
-
-        def body(carry, _):
-            state, acc = carry
-            if cached:
-                idx = cached_batch_indices(orders, state.step, batch)
-            else:
-                idx = batch_indices(state.key, state.step, num_train, batch)
-            return guarded_step(state, acc, x_train[idx], y_train[idx], mean), None
-
-        if num_steps == 1:
-            state, acc = body((state, acc), None)[0]
-        else:
-            (state, acc), _ = lax.scan(body, (state, acc), None, length=num_steps)
-        return state, acc, orders
-
-    step = jax.jit(
+    sgd = {"model": model, "tx": tx, "data_loss": training_loss(config),
+           "pad": config.data.augment_pad, "flip": config.data.augment_flip}  # fmt: skip
+    step = functools.partial(
         guarded_step,
-        in_shardings=(rep, rep, shard, shard, rep),
-        out_shardings=rep,
-        donate_argnums=(0, 1),
+        step_fn=functools.partial(train_step, **sgd),
+        skip=config.on_nonfinite == "skip",
+        shard=shard,
     )
-
-    @functools.partial(jax.jit, in_shardings=rep, out_shardings=rep)
-    def evaluate(state, x_test, y_test, mask, mean):
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-
-        def body(sums, xs):
-            images, labels, m = (lax.with_sharding_constraint(a, shard) for a in xs)
-            logits = model.apply(variables, data.normalize(images, mean), train=False)
-            right = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-            loss = cross_entropy(logits, labels)
-            return (sums[0] + jnp.sum(loss * m), sums[1] + jnp.sum(right * m)), None
-
-        (loss, correct), _ = lax.scan(body, (0.0, 0.0), (x_test, y_test, mask))
-        return {"loss_sum": loss, "correct": correct}
-
-    @functools.partial(jax.jit, in_shardings=(rep, shard, shard, rep), out_shardings=rep)
-    def diagnose(state, images, labels, mean):
-        new, loss, _, grads = sgd_step(state, images, labels, mean)
-        return nonfinite_summary(loss, grads, new.params)
-
-    no_orders = jax.jit(functools.partial(no_epoch_orders, num_train), out_shardings=rep)
-    return StepFns(chunk, step, evaluate, jax.jit(new_acc, out_shardings=rep), no_orders, diagnose)
+    chunk = functools.partial(
+        train_chunk, step_fn=step, num_train=num_train, batch=config.batch_size,
+        order_cache=order_cache,
+    )  # fmt: skip
+    jit = functools.partial(jax.jit, out_shardings=rep)
+    diagnose = functools.partial(diagnose_step, **sgd)
+    return StepFns(
+        chunk=jit(chunk, static_argnums=6, in_shardings=(rep,) * 6, donate_argnums=(0, 1, 2)),
+        step=jit(step, in_shardings=(rep, rep, shard, shard, rep), donate_argnums=(0, 1)),
+        evaluate=jit(functools.partial(evaluate, model=model, shard=shard), in_shardings=rep),
+        new_acc=jit(new_acc),
+        no_orders=jit(functools.partial(no_epoch_orders, num_train)),
+        diagnose=jit(diagnose, in_shardings=(rep, shard, shard, rep)),
+    )
 
 
 def run_on_device(
@@ -835,6 +922,9 @@ class Progress:
 # its network stopped training, and its results would describe where it stopped.
 TRAILING_SKIPS_FAIL = 10
 
+# What a filesystem failure during the run tells the user to do.
+_FIX = "free space or fix the folder, then rerun the same command"
+
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
@@ -844,8 +934,7 @@ def train_and_evaluate(
     progress_every: float | None = 60.0,
 ) -> dict[str, Any]:
     """Train and evaluate one network as docs/mathematics.md §4 describes; resume from ``workdir``
-    if it holds a
-    checkpoint. Returns (and writes) ``results.json``'s content.
+    if it holds a checkpoint. Returns (and writes) ``results.json``'s content.
 
     One process at a time: the workdir is locked (:class:`stabnet.logbook.WorkdirLock`) for the
     whole call. A resume must not stop before its checkpoint, and must use the config that
@@ -863,37 +952,66 @@ def train_and_evaluate(
     """
     lock = logbook.WorkdirLock(workdir)
     try:
-        return _train_and_evaluate(config, workdir, lock, allow_config_change, progress_every)
+        t_start = time.time()
+        ds, mesh, ckpt = prepare(config, workdir, lock)
+        model = model_from_config(config, ds.num_classes, training=True)
+        state, tx, schedule = create_train_state(config, model, ds.image_shape)
+        state = parallel.put_replicated(state, mesh)
+        state, start_step, record = resume(config, workdir, ckpt, state, allow_config_change)
+        total = schedule_lib.of(config).num_train_steps
+        finished = _finished_results(workdir) if start_step == total else None
+        if finished is not None:  # a finished run started again: its results stand as they are
+            print(f"stabnet: {workdir} holds a finished run of {total} steps; results.json kept")
+            ckpt.close()
+            return finished
+        metrics_log, rows = open_workdir(workdir, lock, record, start_step, total)
+        try:
+            loop = _Loop.start(config, ds, mesh, ckpt, model, (tx, schedule),
+                               (metrics_log, rows), start_step, progress_every)  # fmt: skip
+            state, last_finished, compile_seconds = train_loop(loop, state, start_step)
+            if start_step == total:  # a finished run started again: evaluate, log nothing twice
+                logged = any(r["step"] == total and "test_accuracy" in r for r in rows)
+                evaluate_and_log(loop, state, total, write=not logged)
+            if start_step < total:
+                check_trailing_skips(loop, start_step, last_finished)
+            results = run_results(loop, state, compile_seconds)
+        except logbook.WorkdirError:
+            raise
+        except OSError as e:
+            raise _workdir_fault(e, workdir, ckpt.steps()) from None
+        finally:
+            metrics_log.close()
+        with logbook.io_errors("cannot write results.json", _FIX, logbook.WorkdirFault):
+            results["wall_seconds"] = time.time() - t_start
+            if loop.primary:
+                logbook.write_json_atomic(os.path.join(workdir, "results.json"), results)
+        ckpt.close()
+        return results
     finally:
         lock.release()
 
 
-def _train_and_evaluate(
+def resume(
     config: ml_collections.ConfigDict,
     workdir: str,
-    lock: logbook.WorkdirLock,
+    ckpt: checkpoints.Checkpointer,
+    state: TrainState,
     allow_config_change: bool,
-    progress_every: float | None,
-) -> dict[str, Any]:
-    t_start = time.time()
-    ds, mesh, ckpt = prepare(config, workdir, lock)
-    primary = jax.process_index() == 0
+) -> tuple[TrainState, int, dict[str, Any]]:
+    """``state`` restored from ``ckpt``'s newest good checkpoint (as it is where there is none),
+    its step, and what ``config.json`` is to hold (:func:`config_record`). A resume whose config
+    changes the seed draws the new seed's data order from there on. Raises ConfigError for a
+    checkpoint past ``num_train_steps`` or a config change not allowed."""
     plan = schedule_lib.of(config)
-    total = plan.num_train_steps
-    model = model_from_config(config, ds.num_classes, training=True)
-    state, tx, schedule = create_train_state(config, model, ds.image_shape)
-    state = parallel.put_replicated(state, mesh)
     fresh_key = state.key
     restored = ckpt.restore(state)
-    start_step = 0
-    if restored is not None:
-        state, start_step = restored
-    if start_step > total:
+    state, start_step = restored if restored is not None else (state, 0)
+    if start_step > plan.num_train_steps:
         scaled = f" (x schedule_scale={plan.scale})" if plan.scale != 1.0 else ""
         raise config_lib.ConfigError(
             f"--workdir={workdir} holds a checkpoint of step {start_step}, past "
-            f"num_train_steps={total}{scaled}; set --config.num_train_steps to {start_step} or "
-            "more to resume it, or use a new --workdir"
+            f"num_train_steps={plan.num_train_steps}{scaled}; set --config.num_train_steps to "
+            f"{start_step} or more to resume it, or use a new --workdir"
         )
     record = config_record(config, workdir, start_step, allow_change=allow_config_change)
     if "segments" in record and record["segments"][-1]["from_step"] == start_step:
@@ -901,15 +1019,20 @@ def _train_and_evaluate(
             state = state.replace(key=fresh_key)  # the new seed's data order from here on
     if restored is not None:
         print(f"stabnet: resuming from step {start_step} in {workdir}", flush=True)
-    finished = _finished_results(workdir) if start_step == total else None
-    if finished is not None:  # a finished run started again: its results stand as they are
-        print(f"stabnet: {workdir} holds a finished run of {total} steps; results.json kept")
-        ckpt.close()
-        return finished
-    config_path = os.path.join(workdir, "config.json")
-    fix = "free space or fix the folder, then rerun the same command"
-    with logbook.io_errors("cannot write the workdir", fix):
+    return state, start_step, record
+
+
+def open_workdir(
+    workdir: str, lock: logbook.WorkdirLock, record: dict[str, Any], start_step: int, total: int
+) -> tuple[logbook.MetricsLog, list[dict[str, Any]]]:
+    """Before the first step: the lock's owner and ``config.json`` written, the results of a
+    shorter run that this one continues set aside, and the metrics log opened at
+    ``start_step``. Returns the log and its rows so far (none on other processes than the
+    first)."""
+    primary = jax.process_index() == 0
+    with logbook.io_errors("cannot write the workdir", _FIX):
         lock.record_owner()
+        config_path = os.path.join(workdir, "config.json")
         if primary and _read_config_json(config_path) != record:
             logbook.write_json_atomic(config_path, record)
         results_path = os.path.join(workdir, "results.json")
@@ -920,27 +1043,17 @@ def _train_and_evaluate(
             print(f"stabnet: kept the results of step {start_step} as {aside}", flush=True)
         metrics_log = logbook.MetricsLog(workdir, tensorboard=primary)
         rows = metrics_log.open(start_step) if primary else []
-    try:
-        results = _run(config, workdir, ds, mesh, ckpt, model, state, tx, schedule, start_step,
-                       rows, metrics_log, progress_every, primary)  # fmt: skip
-    except logbook.WorkdirError:
-        raise
-    except OSError as e:
-        steps = ckpt.steps()
-        kept = (f"the newest checkpoint (step {steps[-1]}) is kept" if steps
-                else "no checkpoint was written yet")  # fmt: skip
-        raise logbook.WorkdirFault(
-            f"the workdir failed during the run ({e.filename or workdir}: "
-            f"{e.strerror or e}); {kept}: {fix}"
-        ) from None
-    finally:
-        metrics_log.close()
-    with logbook.io_errors("cannot write results.json", fix, logbook.WorkdirFault):
-        results["wall_seconds"] = time.time() - t_start
-        if primary:
-            logbook.write_json_atomic(os.path.join(workdir, "results.json"), results)
-    ckpt.close()
-    return results
+    return metrics_log, rows
+
+
+def _workdir_fault(e: OSError, workdir: str, steps: list[int]) -> logbook.WorkdirFault:
+    """The one-line error of a filesystem failure during the run (``steps``: the checkpoints)."""
+    kept = (f"the newest checkpoint (step {steps[-1]}) is kept" if steps
+            else "no checkpoint was written yet")  # fmt: skip
+    return logbook.WorkdirFault(
+        f"the workdir failed during the run ({e.filename or workdir}: {e.strerror or e}); "
+        f"{kept}: {_FIX}"
+    )
 
 
 def _finished_results(workdir: str) -> dict[str, Any] | None:
@@ -949,164 +1062,243 @@ def _finished_results(workdir: str) -> dict[str, Any] | None:
     return raw if raw is not None and "final_test_accuracy" in raw else None
 
 
-def _run(config, workdir, ds, mesh, ckpt, model, state, tx, schedule, start_step, rows,
-         metrics_log, progress_every, primary) -> dict[str, Any]:  # fmt: skip
-    """The training loop of :func:`train_and_evaluate` and the results (not yet written)."""
-    mean = data.pixel_mean(ds.x_train)
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    fns = make_step_fns(config, model, tx, mesh, len(ds.x_train))
-    # never larger than the test set (an absurd eval_batch_size would allocate it padded)
-    eval_size = min(config.data.eval_batch_size, len(ds.x_test))
-    eval_batch = -(-eval_size // mesh.devices.size) * mesh.devices.size
-    test_arrays = padded_batches(ds.x_test, ds.y_test, eval_batch)
-    on_device = parallel.put_replicated(
-        {"mean": mean, "x_test": test_arrays[0], "y_test": test_arrays[1], "mask": test_arrays[2]},
-        mesh,
-    )
-    if config.data.on_device:
-        train_arrays = parallel.put_replicated((ds.x_train, ds.y_train), mesh)
-    host_indices = jax.jit(batch_indices, static_argnums=(2, 3))
-    plan = schedule_lib.of(config)
-    total = plan.num_train_steps
-    progress = Progress(
-        total, start_step, config.batch_size,
-        bar=primary and bool(config.progress_bar) and sys.stderr.isatty(),
-        every=progress_every if primary and not sys.stderr.isatty() else None,
-    )  # fmt: skip
+@dataclasses.dataclass
+class _Loop:
+    """What the training loop and its helpers share: the run's config, data, devices, jitted
+    steps, checkpoints, metrics log and progress display."""
 
-    def run_evaluation(step: int, write: bool = True) -> dict[str, Any]:
-        sums = parallel.to_host(
-            fns.evaluate(
-                state,
-                on_device["x_test"],
-                on_device["y_test"],
-                on_device["mask"],
-                on_device["mean"],
-            )  # fmt: skip
-        )
-        m = {"test_loss": float(sums["loss_sum"]) / len(ds.x_test),
-             "test_accuracy": float(sums["correct"]) / len(ds.x_test)}  # fmt: skip
-        if primary and write:
-            rows.append(metrics_log.write(step, m))
-        progress.evaluated(step, m["test_accuracy"])
-        return m
+    config: ml_collections.ConfigDict
+    plan: schedule_lib.Schedule
+    ds: data.Dataset
+    mesh: jax.sharding.Mesh
+    ckpt: checkpoints.Checkpointer
+    model: networks.StableResNet
+    schedule: optax.Schedule
+    fns: StepFns
+    arrays: dict[str, Any]  # on the devices: mean, x_test, y_test, mask (+ x_train, y_train)
+    host_indices: Callable[..., Any]  # jitted batch_indices (straightforward path)
+    metrics_log: logbook.MetricsLog
+    rows: list[dict[str, Any]]  # the metrics rows so far (first process only)
+    progress: Progress
+    primary: bool
 
-    orders = None  # the fast path's cache of the data order (EpochOrders), chunk to chunk
-
-    def run_steps(state, num_steps: int):
-        nonlocal orders
+    @classmethod
+    def start(
+        cls,
+        config: ml_collections.ConfigDict,
+        ds: data.Dataset,
+        mesh: jax.sharding.Mesh,
+        ckpt: checkpoints.Checkpointer,
+        model: networks.StableResNet,
+        optimizer: tuple[optax.GradientTransformation, optax.Schedule],
+        log: tuple[logbook.MetricsLog, list[dict[str, Any]]],
+        start_step: int,
+        progress_every: float | None,
+    ) -> _Loop:
+        """Jit the steps, put the data on the devices, start the progress display."""
+        primary = jax.process_index() == 0
+        mean = data.pixel_mean(ds.x_train)
+        # never larger than the test set (an absurd eval_batch_size would allocate it padded)
+        eval_size = min(config.data.eval_batch_size, len(ds.x_test))
+        eval_batch = -(-eval_size // mesh.devices.size) * mesh.devices.size
+        x_test, y_test, mask = padded_batches(ds.x_test, ds.y_test, eval_batch)
+        arrays = {"mean": mean, "x_test": x_test, "y_test": y_test, "mask": mask}
+        arrays = parallel.put_replicated(arrays, mesh)
         if config.data.on_device:
-            state, acc, orders = run_on_device(
-                fns, state, orders, *train_arrays, on_device["mean"], num_steps
+            arrays["x_train"], arrays["y_train"] = parallel.put_replicated(
+                (ds.x_train, ds.y_train), mesh
             )
-            return state, acc
-        acc = fns.new_acc()
-        for _ in range(num_steps):
-            state, acc = fns.step(state, acc, *batch_of(state), on_device["mean"])
-        return state, acc
+        plan = schedule_lib.of(config)
+        tty = sys.stderr.isatty()
+        progress = Progress(
+            plan.num_train_steps, start_step, config.batch_size,
+            bar=primary and bool(config.progress_bar) and tty,
+            every=progress_every if primary and not tty else None,
+        )  # fmt: skip
+        tx, schedule = optimizer
+        fns = make_step_fns(config, model, tx, mesh, len(ds.x_train))
+        host_indices = jax.jit(batch_indices, static_argnums=(2, 3))
+        return cls(config, plan, ds, mesh, ckpt, model, schedule, fns, arrays, host_indices,
+                   *log, progress, primary)  # fmt: skip
 
-    def batch_of(state):
-        """The global batch of ``state``'s step, gathered on the host (straightforward path)."""
-        step, key = parallel.to_host((state.step, state.key))
-        idx = np.asarray(host_indices(key, step, len(ds.x_train), config.batch_size))
-        idx = idx[parallel.process_rows(config.batch_size, mesh)]
-        return parallel.put_global_batch((ds.x_train[idx], ds.y_train[idx]), mesh)
 
-    def where_nonfinite(state, flags) -> str:
-        """Where the step from the kept ``state`` went non-finite: the step re-run with every
-        array checked on its own (the step itself checks three concatenations)."""
-        detail = parallel.to_host(fns.diagnose(state, *batch_of(state), on_device["mean"]))
-        return describe_nonfinite(detail, state.params) or (
-            describe_parts(flags) + "; finite when the step was re-run (nondeterministic)"
-        )
+@dataclasses.dataclass
+class Interval:
+    """The training metrics summed since the last training row."""
 
-    boundaries = (plan.log_every, plan.eval_every, plan.checkpoint_every)
-    step = start_step
-    last_finished = start_step  # the last step that was not skipped
-    compile_seconds = None
+    loss_sum: Any = 0.0
+    correct: Any = 0.0
+    steps: Any = 0
+    skipped: Any = 0
+    t0: float = dataclasses.field(default_factory=time.time)
 
-    def new_interval() -> dict[str, Any]:
-        return {"loss_sum": 0.0, "correct": 0.0, "steps": 0, "skipped": 0, "t0": time.time()}
+    def add(self, acc: dict[str, Any]) -> None:
+        """Add a dispatch's metrics (:func:`new_acc`, on the host)."""
+        self.loss_sum += acc["loss_sum"]
+        self.correct += acc["correct"]
+        self.steps += acc["steps"]
+        self.skipped += acc["skipped"]
 
-    def log_interval(step: int, state: TrainState, interval: dict[str, Any]) -> dict[str, Any]:
-        """Write the training row of the steps up to ``step`` (``state``'s) since the last one
-        (no loss where every one of them was skipped); returns a fresh interval."""
-        seen = interval["steps"]
-        elapsed = time.time() - interval["t0"]
-        row: dict[str, Any] = {}
-        if seen:
-            row["train_loss"] = interval["loss_sum"] / seen
-            row["train_accuracy"] = interval["correct"] / (seen * config.batch_size)
-        row.update({
-            "learning_rate": float(schedule(step - 1)),
-            "images_per_second": seen * config.batch_size / elapsed if elapsed > 0 else 0.0,
-            **{k: float(v) for k, v in parallel.to_host(
-                constraints.constraint_metrics(state.params, state.opt_state)).items()},
-        })  # fmt: skip
-        if interval["skipped"]:
-            row["skipped_steps"] = int(interval["skipped"])
-        if primary:
-            rows.append(metrics_log.write(step, row))
-            progress.logged(row.get("train_loss"))
-        return new_interval()
 
-    interval = new_interval()
+def train_loop(loop: _Loop, state: TrainState, start_step: int) -> tuple[TrainState, int, Any]:
+    """Train from ``start_step`` to the end, dispatch by dispatch, logging, evaluating and
+    checkpointing at the plan's steps. Returns the last state, the last step that was not
+    skipped, and the seconds of the first dispatch (compilation; ``None`` when no step ran).
+    Raises NonFiniteError (``on_nonfinite="stop"``) or Preempted (a signal; checkpointed)."""
+    plan, total = loop.plan, loop.plan.num_train_steps
+    step, last_finished, compile_seconds = start_step, start_step, None
+    orders = None  # the fast path's cache of the data order (EpochOrders), chunk to chunk
+    interval = Interval()
     with _StopSignal() as stop:
         while step < total:
-            nxt = min([total] + [(step // b + 1) * b for b in boundaries])
-            n = min(config.steps_per_dispatch, nxt - step)
+            n = min(loop.config.steps_per_dispatch, next_boundary(plan, step) - step)
             t0 = time.time()
-            state, acc = run_steps(state, n)
+            state, acc, orders = run_steps(loop, state, orders, n)
             acc = parallel.to_host(acc)
             if compile_seconds is None:
                 compile_seconds = time.time() - t0
             if acc["halted"]:
-                raise NonFiniteError(
-                    f"NaN or Inf at step {int(acc['bad_step'])} "
-                    f"({where_nonfinite(state, acc['bad_where'])}); the last good "
-                    f"checkpoint is kept (steps {ckpt.steps()}). Lower optim.learning_rate, or "
-                    "set --config.on_nonfinite=skip to skip such steps"
-                )
+                raise halted_error(loop, state, acc)
             step = int(parallel.to_host(state.step))
             if int(acc["last_good"]) >= 0:
                 last_finished = int(acc["last_good"])
-            for k in ("loss_sum", "correct", "steps", "skipped"):
-                interval[k] += acc[k]
+            interval.add(acc)
             if acc["skipped"]:
                 print(f"stabnet: skipped {int(acc['skipped'])} non-finite step(s) before "
                       f"step {step} (the first at step {int(acc['bad_step'])}, "
-                      f"{describe_parts(acc['bad_where'])})",
-                      file=sys.stderr)  # fmt: skip
-            if primary:
-                metrics_log.check_in_place()  # before anything is written nowhere
+                      f"{describe_parts(acc['bad_where'])})", file=sys.stderr)  # fmt: skip
+            if loop.primary:
+                loop.metrics_log.check_in_place()  # before anything is written nowhere
             if step % plan.log_every == 0 or step == total:
-                interval = log_interval(step, state, interval)
+                interval = log_interval(loop, state, step, interval)
             if step % plan.eval_every == 0 or step == total:
-                run_evaluation(step)
-            progress.chunk(step, n, float(acc["loss_sum"]), int(acc["steps"]))
+                evaluate_and_log(loop, state, step)
+            loop.progress.chunk(step, n, float(acc["loss_sum"]), int(acc["steps"]))
             if step % plan.checkpoint_every == 0 or step == total:
-                ckpt.save(step, state)
+                loop.ckpt.save(step, state)
             if step < total and stop.requested():
-                if interval["steps"] or interval["skipped"]:  # the steps since the last row
-                    interval = log_interval(step, state, interval)
-                if step not in ckpt.steps():
-                    ckpt.save(step, state)
-                metrics_log.close()
-                progress.close(step, line=False)
-                raise Preempted(stop.signum or signal.SIGTERM, step)
-    progress.close(step)
+                preempt(loop, state, step, interval, stop.signum or signal.SIGTERM)
+    loop.progress.close(step)
+    return state, last_finished, compile_seconds
 
-    if start_step == total:  # a finished run started again: evaluate, log nothing twice
-        logged = any(r["step"] == total and "test_accuracy" in r for r in rows)
-        run_evaluation(total, write=not logged)
+
+def next_boundary(plan: schedule_lib.Schedule, step: int) -> int:
+    """The first step after ``step`` at which the loop logs, evaluates, checkpoints or ends."""
+    boundaries = (plan.log_every, plan.eval_every, plan.checkpoint_every)
+    return min([plan.num_train_steps] + [(step // b + 1) * b for b in boundaries])
+
+
+def run_steps(
+    loop: _Loop, state: TrainState, orders: EpochOrders | None, num_steps: int
+) -> tuple[TrainState, Any, EpochOrders | None]:
+    """``num_steps`` guarded steps: on device-resident data (:func:`run_on_device`, passing the
+    data-order cache on), or batch by batch from the host. Returns the state, the summed
+    metrics (on the device) and the cache."""
+    a = loop.arrays
+    if loop.config.data.on_device:
+        return run_on_device(loop.fns, state, orders, a["x_train"], a["y_train"], a["mean"],
+                             num_steps)  # fmt: skip
+    acc = loop.fns.new_acc()
+    for _ in range(num_steps):
+        state, acc = loop.fns.step(state, acc, *host_batch(loop, state), a["mean"])
+    return state, acc, orders
+
+
+def host_batch(loop: _Loop, state: TrainState) -> tuple[jax.Array, jax.Array]:
+    """The global batch of ``state``'s step, gathered on the host (straightforward path)."""
+    config, ds = loop.config, loop.ds
+    step, key = parallel.to_host((state.step, state.key))
+    idx = np.asarray(loop.host_indices(key, step, len(ds.x_train), config.batch_size))
+    idx = idx[parallel.process_rows(config.batch_size, loop.mesh)]
+    return parallel.put_global_batch((ds.x_train[idx], ds.y_train[idx]), loop.mesh)
+
+
+def halted_error(loop: _Loop, state: TrainState, acc: dict[str, Any]) -> NonFiniteError:
+    """The error of a dispatch halted by a non-finite step (``on_nonfinite="stop"``), saying
+    where it went non-finite: the step re-run from the kept ``state`` with every array checked
+    on its own (the step itself checks three concatenations)."""
+    detail = parallel.to_host(loop.fns.diagnose(state, *host_batch(loop, state),
+                                                loop.arrays["mean"]))  # fmt: skip
+    where = describe_nonfinite(detail, state.params) or (
+        describe_parts(acc["bad_where"]) + "; finite when the step was re-run (nondeterministic)"
+    )
+    return NonFiniteError(
+        f"NaN or Inf at step {int(acc['bad_step'])} ({where}); the last good checkpoint is kept "
+        f"(steps {loop.ckpt.steps()}). Lower optim.learning_rate, or set "
+        "--config.on_nonfinite=skip to skip such steps"
+    )
+
+
+def log_interval(loop: _Loop, state: TrainState, step: int, interval: Interval) -> Interval:
+    """Write the training row of the steps up to ``step`` (``state``'s) since the last one (no
+    loss where every one of them was skipped); returns a fresh interval."""
+    batch = loop.config.batch_size
+    seen = interval.steps
+    elapsed = time.time() - interval.t0
+    row: dict[str, Any] = {}
+    if seen:
+        row["train_loss"] = interval.loss_sum / seen
+        row["train_accuracy"] = interval.correct / (seen * batch)
+    row.update({
+        "learning_rate": float(loop.schedule(step - 1)),
+        "images_per_second": seen * batch / elapsed if elapsed > 0 else 0.0,
+        **{k: float(v) for k, v in parallel.to_host(
+            constraints.constraint_metrics(state.params, state.opt_state)).items()},
+    })  # fmt: skip
+    if interval.skipped:
+        row["skipped_steps"] = int(interval.skipped)
+    if loop.primary:
+        loop.rows.append(loop.metrics_log.write(step, row))
+        loop.progress.logged(row.get("train_loss"))
+    return Interval()
+
+
+def evaluate_and_log(
+    loop: _Loop, state: TrainState, step: int, write: bool = True
+) -> dict[str, float]:
+    """Test loss and accuracy of ``state`` on the whole test set, written as the row of
+    ``step`` (``write``) and shown."""
+    a, n_test = loop.arrays, len(loop.ds.x_test)
+    sums = parallel.to_host(loop.fns.evaluate(state, a["x_test"], a["y_test"], a["mask"],
+                                              a["mean"]))  # fmt: skip
+    m = {"test_loss": float(sums["loss_sum"]) / n_test,
+         "test_accuracy": float(sums["correct"]) / n_test}  # fmt: skip
+    if loop.primary and write:
+        loop.rows.append(loop.metrics_log.write(step, m))
+    loop.progress.evaluated(step, m["test_accuracy"])
+    return m
+
+
+def preempt(loop: _Loop, state: TrainState, step: int, interval: Interval, signum: int) -> None:
+    """Stop at ``step`` on a signal: the training row of the steps since the last one, a
+    checkpoint, and :class:`Preempted` raised."""
+    if interval.steps or interval.skipped:  # the steps since the last row
+        log_interval(loop, state, step, interval)
+    if step not in loop.ckpt.steps():
+        loop.ckpt.save(step, state)
+    loop.metrics_log.close()
+    loop.progress.close(step, line=False)
+    raise Preempted(signum, step)
+
+
+def check_trailing_skips(loop: _Loop, start_step: int, last_finished: int) -> None:
+    """Raise NonFiniteError where the last :data:`TRAILING_SKIPS_FAIL` steps (or all the steps
+    from ``start_step``, if fewer) were skipped as non-finite: the network stopped training at
+    ``last_finished``."""
+    total = loop.plan.num_train_steps
     trailing = total - last_finished
-    if start_step < total and trailing >= min(TRAILING_SKIPS_FAIL, total - start_step):
+    if trailing >= min(TRAILING_SKIPS_FAIL, total - start_step):
         raise NonFiniteError(
             f"every step after step {last_finished} (the last {trailing}) was non-finite and "
             f"skipped: the network stopped training there; the checkpoints are kept (steps "
-            f"{ckpt.steps()}) but no results.json is written. Lower optim.learning_rate and "
+            f"{loop.ckpt.steps()}) but no results.json is written. Lower optim.learning_rate and "
             "start a new --workdir"
         )
+
+
+def run_results(loop: _Loop, state: TrainState, compile_seconds: Any) -> dict[str, Any]:
+    """``results.json``'s content (``wall_seconds`` not yet filled in)."""
+    config, plan, rows, total = loop.config, loop.plan, loop.rows, loop.plan.num_train_steps
     evals = [r for r in rows if "test_accuracy" in r]
     train_rows = [r for r in rows if "train_loss" in r]
     averaged = logbook.final_evaluations(rows, total, plan.average_window)
@@ -1123,16 +1315,16 @@ def _run(config, workdir, ds, mesh, ckpt, model, state, tx, schedule, start_step
         "train_loss": train_rows[-1]["train_loss"] if train_rows else None,
         "steps": total,
         "skipped_steps": sum(int(r.get("skipped_steps", 0)) for r in rows if r["step"] <= total),
-        "params": n_params,
+        "params": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
         "params_norm": params_norm(state.params),
         "depth": networks.paper_depth(config.model.variant, config.model.n),
         "variant": config.model.variant,
         "n": config.model.n,
-        "data": ds.name,
-        "data_source": ds.source,
-        "devices": mesh.devices.size,
+        "data": loop.ds.name,
+        "data_source": loop.ds.source,
+        "devices": loop.mesh.devices.size,
         "processes": jax.process_count(),
-        "conv_impl": model.cfg.conv_impl,
+        "conv_impl": loop.model.cfg.conv_impl,
         "compile_seconds": compile_seconds,
         "wall_seconds": None,
     }
