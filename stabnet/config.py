@@ -7,6 +7,7 @@ with one line naming the field, what was found and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -172,6 +173,41 @@ def _check_lipschitz(items: Mapping[str, Any]) -> None:
             f"config field optim.projection='scale_carrying' is invalid with "
             f"model.variant={variant!r}; allowed: auto, plain (the filters' scale is the function)"
         )
+
+
+# The fields added after the first workdirs were written, each with the value that a workdir
+# written before it ran with (not always today's default: ``bn_stats``, ``projection``).
+OLDER_WORKDIR_DEFAULTS: dict[str, Any] = {
+    "schedule_scale": 1.0,
+    "model.bn_stats": "two_pass",
+    "model.conv_impl": "auto",
+    **{f"model.{k}": "paper" for k in layers.FORM_OPTIONS},  # sign, outer_bn, outer_init
+    "model.downsampling": "pool",
+    "optim.regularizers": "paper",
+    "optim.constraints": True,
+    "optim.projection": "plain",
+    "optim.norm_method": "auto",
+    "optim.norm_screen": False,
+    "loss.name": "cross_entropy",
+    "loss.temperature": 1.0,
+    "loss.margin": 0.0,
+}
+
+
+def upgrade_config(
+    config: ml_collections.ConfigDict | Mapping[str, Any],
+) -> ml_collections.ConfigDict:
+    """A run's config (``config.json`` as loaded) with every field of
+    :data:`OLDER_WORKDIR_DEFAULTS` that an older workdir lacks filled in with the value that
+    workdir ran with; a new copy (the fields present are kept as they are)."""
+    raw = config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
+    for key, value in OLDER_WORKDIR_DEFAULTS.items():
+        *sections, name = key.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node.setdefault(name, value)
+    return ml_collections.ConfigDict(raw)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

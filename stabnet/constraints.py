@@ -323,7 +323,7 @@ def build_optimizer(
         chain.append(nonnegative(path_mask(params, OUTER_FILTER)))
     if form.outer != "adjoint":
         return optax.chain(*chain), schedule
-    method = norm_method(opt.get("norm_method", "auto"))  # absent in older workdirs
+    method = norm_method(opt.norm_method)
     if variant in layers.LIPSCHITZ_VARIANTS:  # every layer bounded (stabnet.lipschitz)
         bounded = lipschitz.projection(
             grids, config.model.pool_window, padding=config.model.padding, method=method
@@ -332,7 +332,7 @@ def build_optimizer(
     if config.model.padding == "zeros":  # bound the zero-padded maps from above
         grids = {name: norms.zero_padding_grid(hw, params[name]["K"].shape[:2])
                  for name, hw in grids.items() if "K" in params.get(name, {})}  # fmt: skip
-    screen = opt.get("norm_screen", False)  # absent in older workdirs
+    screen = opt.norm_screen
     args = (SYMMETRIC_FILTER, grids, opt.max_operator_norm, method, screen)
     if spectral_projection(config) == "scale_carrying":
         return scale_carrying_rescale(optax.chain(*chain), *args), schedule
@@ -347,8 +347,9 @@ def spectral_projection(config: ml_collections.ConfigDict) -> str:
     SGD (:func:`spectral_rescale`) or ``scale_carrying`` (:func:`scale_carrying_rescale`);
     ``auto`` is ``scale_carrying`` where the residual layer is blind to ``K``'s scale (both of
     its BNs normalise by batch statistics) and ``plain`` where the scale is the function (the
-    certified ResNet-S, or no BN). Workdirs from before the field used ``plain``."""
-    choice = config.optim.get("projection", "plain")
+    certified ResNet-S, or no BN). Workdirs from before the field used ``plain``
+    (:data:`stabnet.config.OLDER_WORKDIR_DEFAULTS`)."""
+    choice = config.optim.projection
     if choice != "auto":
         return choice
     form = layers.RESIDUAL_FORMS[config.model.variant]

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from stabnet import checkpoints, data, networks, parallel, train
+from stabnet import config as config_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class Run:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """``workdir/config.json``, upgraded (:func:`stabnet.config.upgrade_config`: the fields an
+    older workdir lacks filled in with the values it ran with). Raises CheckpointError where it
+    is missing or not a stabnet config."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise checkpoints.CheckpointError(f"{path} is missing; is {workdir} a stabnet workdir?")
@@ -43,8 +47,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         with open(path) as f:
             raw = json.load(f)
         raw["model"]["widths"] = tuple(raw["model"]["widths"])
-        return ml_collections.ConfigDict(raw)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return config_lib.upgrade_config(raw)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise checkpoints.CheckpointError(
             f"{path} is not a stabnet config.json ({type(e).__name__}: {e}); rerun the training "
             "into a new --workdir"

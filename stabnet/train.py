@@ -93,7 +93,7 @@ def training_conv_impl(config: ml_collections.ConfigDict) -> str:
     a custom call would not be partitioned). ``onednn`` insists and raises
     :class:`~stabnet.config.ConfigError` where it cannot run.
     """
-    choice = config.model.get("conv_impl", "auto")
+    choice = config.model.conv_impl
     if choice == "xla":
         return "xla"
     fits = jax.default_backend() == "cpu" and jax.device_count() == 1
@@ -133,13 +133,13 @@ def model_from_config(
         pool_window=m.pool_window,
         bn_momentum=m.bn_momentum,
         bn_eps=m.bn_eps,
-        bn_stats=m.get("bn_stats", "two_pass"),  # workdirs from before the field: two-pass
+        bn_stats=m.bn_stats,
         dtype=compute_dtype(config),
         conv_impl=training_conv_impl(config) if training else "xla",
-        sign=m.get("sign", "paper"),  # the ablations; absent in older workdirs
-        outer_bn=m.get("outer_bn", "paper"),
-        outer_init=m.get("outer_init", "paper"),
-        downsampling=m.get("downsampling", "pool"),  # stabnet.lipschitz; absent in older workdirs
+        sign=m.sign,
+        outer_bn=m.outer_bn,
+        outer_init=m.outer_init,
+        downsampling=m.downsampling,
     )
 
 
@@ -664,13 +664,13 @@ def fingerprint(config: ml_collections.ConfigDict, ds: data.Dataset) -> dict[str
     return {"variant": m.variant, "n": m.n, "widths": list(m.widths), "padding": m.padding,
             "use_bn": m.use_bn, "pool_window": m.pool_window, "data": ds.name,
             "num_classes": ds.num_classes, "image_shape": list(ds.image_shape),
-            "optim.constraints": o.get("constraints", True),  # absent in older workdirs
-            "optim.regularizers": o.get("regularizers", "paper"),
+            "optim.constraints": o.constraints,
+            "optim.regularizers": o.regularizers,
             "optim.weight_decay": "on" if o.weight_decay else "off",
             "optim.projection": constraints.spectral_projection(config),
             "data_digest": data_digest(ds),
             # the ablations, named only where they are on (older fingerprints stay the same)
-            **{f"model.{k}": m[k] for k in layers.FORM_OPTIONS if m.get(k, "paper") != "paper"},
+            **{f"model.{k}": m[k] for k in layers.FORM_OPTIONS if m[k] != "paper"},
             }  # fmt: skip
 
 
@@ -774,7 +774,7 @@ def resume_changes(previous: dict[str, Any], current: dict[str, Any]) -> dict[st
     changes = {}
     for key in sorted(set(old) | set(new)):
         if key in RESUME_FREE or key not in old or key not in new:
-            continue  # a field the older workdir lacks is not compared
+            continue  # a field added (or removed) since the run started is no change
         a, b = old[key], new[key]
         same = a == b or (isinstance(a, int | float) and isinstance(b, int | float)
                           and float(a) == float(b))  # fmt: skip

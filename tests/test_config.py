@@ -172,3 +172,25 @@ def test_schedule_scale_scales_every_schedule_field():
     config.schedule_scale = 0.0
     with pytest.raises(config_lib.ConfigError, match="schedule_scale"):
         config_lib.validate(config)
+
+
+def test_upgrade_config_fills_only_the_fields_an_older_workdir_lacks():
+    """``upgrade_config`` leaves a complete config as it is, and gives a ``config.json`` written
+    before the fields of ``OLDER_WORKDIR_DEFAULTS`` the values that workdir ran with (a valid
+    config), without changing its input."""
+    current = default.get_config()
+    assert config_lib.upgrade_config(current).to_dict() == current.to_dict()
+    raw = json.loads(config_lib.to_json(current))
+    for key in config_lib.OLDER_WORKDIR_DEFAULTS:
+        section, _, leaf = key.rpartition(".")
+        del (raw[section] if section else raw)[leaf]
+    del raw["loss"]
+    before = json.dumps(raw, sort_keys=True)
+    upgraded = config_lib.upgrade_config(raw)
+    assert json.dumps(raw, sort_keys=True) == before
+    config_lib.validate(upgraded)
+    flat = dict(config_lib.flatten(upgraded))
+    assert {k: flat[k] for k in config_lib.OLDER_WORKDIR_DEFAULTS} == (
+        config_lib.OLDER_WORKDIR_DEFAULTS
+    )
+    assert flat["model.bn_stats"] == "two_pass" and flat["optim.projection"] == "plain"

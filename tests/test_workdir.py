@@ -432,3 +432,42 @@ def test_a_workdir_that_vanishes_during_the_run_is_one_line(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as e, cli.exit_codes():
         train.train_and_evaluate(tiny(10), os.fspath(workdir))
     assert e.value.code == cli.EXIT_WORKDIR_FAULT
+
+
+# ------------------------------------------------------------------------------------------
+# 6. Older workdirs: config.json without the fields added since, upgraded where it is loaded.
+# ------------------------------------------------------------------------------------------
+
+
+def test_an_older_workdir_is_upgraded_evaluated_and_resumed(tmp_path):
+    """A ResNet-S workdir whose ``config.json`` lacks every field of
+    :data:`stabnet.config.OLDER_WORKDIR_DEFAULTS` (written before they existed; it ran with the
+    values listed there): loaded and upgraded to those values, evaluated, and resumed to the
+    same run as one that never stopped."""
+    from stabnet import runs
+
+    old = {"model.variant": "resnet_s", **config.OLDER_WORKDIR_DEFAULTS}
+    workdir, whole = tmp_path / "old", os.fspath(tmp_path / "whole")
+    train.train_and_evaluate(tiny(5, **old), os.fspath(workdir))
+    recorded = strict_json((workdir / "config.json").read_text())
+    for key in config.OLDER_WORKDIR_DEFAULTS:
+        section, _, leaf = key.rpartition(".")
+        del (recorded[section] if section else recorded)[leaf]
+    del recorded["loss"]  # a section added since
+    (workdir / "config.json").write_text(json.dumps(recorded))
+
+    loaded = runs.load_config(os.fspath(workdir))
+    config.validate(loaded)
+    assert loaded.to_dict() == tiny(5, **old).to_dict()
+    run = runs.load_run(os.fspath(workdir))
+    assert run.step == 5
+    accuracy = float(np.mean(np.argmax(run.logits(run.dataset.x_test), -1) == run.dataset.y_test))
+    results5 = strict_json((workdir / "results.json").read_text())
+    assert accuracy == pytest.approx(results5["test_accuracy"], abs=1.5 / len(run.dataset.x_test))
+
+    resumed = train.train_and_evaluate(tiny(10, **old), os.fspath(workdir))
+    straight = train.train_and_evaluate(tiny(10, **old), whole)
+    for key in ("test_accuracy", "test_loss", "train_loss", "params_norm"):
+        assert resumed[key] == straight[key], key
+    rewritten = strict_json((workdir / "config.json").read_text())
+    assert "segments" not in rewritten and rewritten["loss"]["name"] == "cross_entropy"
