@@ -81,6 +81,7 @@ def summary_lines(report: dict) -> list[str]:
             if r["sensitivity_ascent_max"] is not None
             else "no ascent)"
         ),
+        *bound_to_measured_lines(r),
         f"  growth ‖f(x)‖₂: bound {r['growth_bound']:.4g}   measured max "
         f"{r['growth_measured_max']:.4g}   (‖f(0)‖₂ = {r['growth_zero_input']:.4g})",
         f"  C_A (ℓ₂) {r['constants']['C_A_l2']:.4g}   C_A (ℓ∞) {r['constants']['C_A_linf']:.4g}"
@@ -94,6 +95,20 @@ def summary_lines(report: dict) -> list[str]:
         status = "hold" if hyp else f"do NOT hold ({', '.join(failed)})"
         lines.append(f"  Theorem {r['theorem']}: hypotheses {status}")
     return lines
+
+
+def bound_to_measured_lines(report: dict) -> list[str]:
+    """One line of the ℓ₂ sensitivity bounds over the measured maximum (none in older reports):
+    the rigorous product and, where the hypotheses of Theorem 4.2 hold, its ``C``."""
+    ratios = report.get("bound_to_measured") or {}
+    if ratios.get("sensitivity_bound") is None:
+        return []
+    line = f"  bound / measured: rigorous ×{ratios['sensitivity_bound']:.3g}"
+    if ratios.get("C") is not None:
+        line += f"   C (Thm 4.2) {report['C']:.4g}, ×{ratios['C']:.3g}"
+        if not report["hypotheses_hold"]:
+            line += " (its hypotheses do not hold)"
+    return [line]
 
 
 def analyze_workdir(

@@ -680,7 +680,10 @@ def effective_operators(
     Keys are ``"<layer>/<operator>"``: ``conv0/A0``; ``res{k}/A1`` (``diag(s₁)A_{K₁}``, or
     ``diag(s₁)A_K`` for ResNet-S) and ``res{k}/A2`` (``diag(s₂)A_{K₂}``, or ``diag(s₂)A_K^T`` for
     ResNet-S, absent for the certified form where ``A^T`` is the adjoint of ``A1``);
-    ``pool{k}/Ap`` (stride 2); ``fc{k}/W`` (the matrix ``Wᵀ`` acting on ``g``, ``[K, c]``).
+    ``pool{k}/Ap`` (stride 2), or ``pool{k}/M`` where space-to-depth downsamples (the matrix
+    ``Mᵀ``, ``[c', 4c]``, acting on each pixel of ``S x``; ``S`` is a permutation, so the layer's
+    linear part has the ℓ₂ and ℓ∞ norms of this matrix, docs/mathematics.md §2, §6);
+    ``fc{k}/W`` (the matrix ``Wᵀ`` acting on ``g``, ``[K, c]``).
     """
     params, stats = variables["params"], variables.get("batch_stats", {})
     form = layers.RESIDUAL_FORMS[variant]
@@ -697,6 +700,8 @@ def effective_operators(
         kind = _LAYER.match(name).group(1)
         if kind == "conv":
             ops_[f"{name}/A0"] = eff(name, p["K0"], "", "trained")
+        elif kind == "pool" and "M" in p:  # space-to-depth, then M at every pixel
+            ops_[f"{name}/M"] = p["M"].T
         elif kind == "pool":
             ops_[f"{name}/Ap"] = eff(name, p["Kp"], "", "trained", stride=2)
         elif kind == "fc":

@@ -11,7 +11,9 @@ Given a trained run (:func:`stabnet.runs.load_run`), :func:`analyze` computes
    (docs/mathematics.md §6):
    ``C_A = ‖W‖‖Ã₀‖ Π_res(1 + ‖Ã_{k,2}‖‖Ã_{k,1}‖) Π_pool(1 + ‖Ã_p‖)`` (in ℓ₂ and in ℓ∞),
    ``C = ‖W‖₂‖Ã₀‖₂(1 + ‖Ã_{n+1}‖₂)(1 + ‖Ã_{2n+1}‖₂)`` (depth-independent) and the growth constant
-   ``C_b``.
+   ``C_b`` (:func:`theorem_4_1_constants`, :func:`theorem_4_2_constants`). The Lipschitz ResNet-S
+   (:mod:`stabnet.lipschitz`) is analysed under Theorem 4.2; where it downsamples by
+   space-to-depth, ``M`` takes the pooling filter's place (docs/mathematics.md §6).
 2. A **rigorous** ℓ₂ Lipschitz constant of the whole map (the product of per-layer constants, see
    :func:`layer_lipschitz`) — it holds for every variant whatever the hypotheses — and the
    rigorous growth bound ``‖f(x)‖₂ ≤ Lip·‖x‖₂ + ‖f(0)‖₂``.
@@ -64,7 +66,14 @@ DEFAULT_ASCENT_RADIUS = 1e-2
 # Images measured together (the last chunk padded to this size): a sample's results do not depend
 # on the machine, and the whole test set fits in memory chunk by chunk.
 CHUNK = 256
-THEOREMS = {"resnet": None, "resnet_d": "4.1", "resnet_s": "4.2", "resnet_s_certified": "4.2"}
+THEOREMS = {
+    "resnet": None,
+    "resnet_d": "4.1",
+    "resnet_s": "4.2",
+    "resnet_s_certified": "4.2",
+    # every layer bounded by construction (stabnet.lipschitz; docs/mathematics.md §6)
+    "resnet_s_lipschitz": "4.2",
+}
 
 UNITS = (
     "f maps the normalised input x = image/255 − mean (per-pixel training mean; what the network "
@@ -98,13 +107,14 @@ def pool_matrix_1d(size: int, window: int, stride: int = 2) -> np.ndarray:
     return m
 
 
-def pool_norms(hw: Sequence[int], window: int) -> tuple[float, float]:
+def pool_norms(hw: Sequence[int], window: int, stride: int = 2) -> tuple[float, float]:
     """Exact ``(‖P‖₂, ‖P‖_∞)`` of the average pooling on an ``h×w`` grid (any number of channels).
 
     ``P`` acts channel by channel as ``P_h ⊗ P_w`` (:func:`pool_matrix_1d`), and the spectral
-    and ℓ∞ norms of a Kronecker product are the products of the factors' norms. Both are ≤ 1.
+    and ℓ∞ norms of a Kronecker product are the products of the factors' norms. Both are ≤ 1
+    (docs/mathematics.md §2, (4.4)).
     """
-    mh, mw = (pool_matrix_1d(s, window) for s in hw)
+    mh, mw = (pool_matrix_1d(s, window, stride) for s in hw)
     l2 = float(np.linalg.norm(mh, 2) * np.linalg.norm(mw, 2))
     linf = float(np.abs(mh).sum(1).max() * np.abs(mw).sum(1).max())
     return l2, linf
@@ -127,8 +137,20 @@ def global_pool_norm(hw: Sequence[int]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def conv_linf_l1(kernel: Any, scale: Any) -> tuple[float, float]:
+    """``(‖diag(s)A_K‖_∞, ‖diag(s)A_K‖₁)`` in float64: the largest row sum
+    ``max_o |s_o| Σ_{a,b,i} |K[a,b,i,o]|`` and column sum ``max_i Σ_{a,b,o} |s_o K[a,b,i,o]|``
+    (docs/mathematics.md §4, "ℓ∞ and ℓ₁"; exact on grids of at least 3×3)."""
+    absk = np.abs(np.asarray(kernel, np.float64)) * np.abs(np.asarray(scale, np.float64))
+    return float(absk.sum(axis=(0, 1, 2)).max()), float(absk.sum(axis=(0, 1, 3)).max())
+
+
 def operator_norms(
-    op: norms.EffectiveConv | jax.Array, padding: ops.Padding, key: jax.Array | None = None
+    op: norms.EffectiveConv | jax.Array,
+    padding: ops.Padding,
+    key: jax.Array | None = None,
+    *,
+    lower: bool = True,
 ) -> dict[str, Any]:
     """ℓ₂ and ℓ∞ norms of one effective operator (a conv+BN pair or the FC matrix).
 
@@ -136,7 +158,9 @@ def operator_norms(
     exact FFT norm and ``l2_upper == l2``; for zero padding ``l2`` is power iteration (from
     below) and ``l2_upper`` the rigorous bound of the module docstring. ``linf`` (largest absolute
     row sum) and ``l1`` (column sum, i.e. ``‖Aᵀ‖_∞``) are exact for circular padding on grids of at
-    least 3×3 and upper bounds otherwise. The FC matrix ``[K, c]`` is handled exactly in float64.
+    least 3×3 and upper bounds otherwise. The FC matrix ``[K, c]`` (and space-to-depth's ``Mᵀ``)
+    is handled exactly in float64. ``lower=False`` skips the power iteration (``l2`` is then the
+    upper value too), for callers that need only the bounds.
     """
     if not isinstance(op, norms.EffectiveConv):
         w = np.asarray(op, np.float64)
@@ -148,12 +172,13 @@ def operator_norms(
             "l1": float(np.abs(w).sum(0).max()),
             "method": "exact (dense SVD)",
         }
-    absk = np.abs(np.asarray(op.kernel, np.float64)) * np.abs(np.asarray(op.scale, np.float64))
-    linf = float(absk.sum(axis=(0, 1, 2)).max())  # |s_o| Σ_{a,b,i} |K[a,b,i,o]|, max over o
-    l1 = float(absk.sum(axis=(0, 1, 3)).max())  # Σ_{a,b,o} |s_o K[a,b,i,o]|, max over i
+    linf, l1 = conv_linf_l1(op.kernel, op.scale)
     upper = float(op.l2_upper(padding))
     if padding == "circular":
         return {"l2": upper, "l2_upper": upper, "linf": linf, "l1": l1, "method": "exact (FFT)"}
+    if not lower:
+        return {"l2": upper, "l2_upper": upper, "linf": linf, "l1": l1,
+                "method": "FFT on (h+2)×(w+2) (upper)"}  # fmt: skip
     lower = float(op.l2("zeros", key))
     return {
         "l2": lower,
@@ -172,11 +197,14 @@ def operator_norms(
 @dataclasses.dataclass(frozen=True)
 class LayerMap:
     """The map of one layer of Figure 4.1 at inference, ``x_{k−1} ↦ x_k``: call with
-    ``(layer_variables, x)`` where ``layer_variables = {"params": …, "batch_stats": …}``."""
+    ``(layer_variables, x)`` where ``layer_variables = {"params": …, "batch_stats": …}``.
+    ``downsampling``: the map of the ``pool`` layers, the pooling layer (4.4) or space-to-depth
+    (:func:`stabnet.layers.downsampling_layer`; docs/mathematics.md §2)."""
 
     kind: str
     cfg: layers.LayerConfig
     form: layers.ResidualForm | None = None
+    downsampling: str = "pool"
 
     def __call__(self, variables: Mapping[str, Any], x: jax.Array) -> jax.Array:
         p, st = variables.get("params", {}), variables.get("batch_stats", {})
@@ -185,6 +213,8 @@ class LayerMap:
             return layers.conv_layer(p, x, **kw)[0]
         if self.kind == "res":
             return layers.residual_layer(p, x, form=self.form, **kw)[0]
+        if self.kind == "pool" and self.downsampling == "space_to_depth":
+            return layers.downsampling_layer(p, x)
         if self.kind == "pool":
             return layers.pooling_layer(p, x, **kw)[0]
         if self.kind == "global_pool":
@@ -220,7 +250,8 @@ def layer_maps(
             "params": variables["params"].get(spec.name, {}),
             "batch_stats": variables.get("batch_stats", {}).get(spec.name, {}),
         }
-        out.append((spec, LayerMap(spec.kind, cfg, form if spec.kind == "res" else None), lv))
+        fn = LayerMap(spec.kind, cfg, form if spec.kind == "res" else None, model.downsampling)
+        out.append((spec, fn, lv))
     return out
 
 
@@ -553,6 +584,9 @@ def layer_lipschitz(
       ``1 + ‖Aᵀ‖_∞‖A‖_∞ = 1 + ‖A‖₁‖A‖_∞``.
     * pooling layer (4.4) ``σ(EPx − σ(Ã_p x + b))``: ``‖EP‖ + ‖Ã_p‖ = ‖P‖ + ‖Ã_p‖`` (``E`` is an
       isometry in every ℓ_p); ``‖P‖`` is computed exactly (:func:`pool_norms`) and is ≤ 1.
+    * space-to-depth downsampling ``M S x + b`` (the Lipschitz ResNet-S; the table holds
+      ``pool{k}/M``): ``‖M‖`` (``S`` permutes the entries, an isometry in every ℓ_p, and ``M``
+      acts on each pixel alone).
     * global pooling (4.5): ``(hw)^{-1/2}`` in ℓ₂ (exact, :func:`global_pool_norm`), 1 in ℓ∞.
     * fully connected (4.6): ``‖W‖``.
 
@@ -574,6 +608,8 @@ def layer_lipschitz(
             out["l2"] = 1.0 + u("A2") * a1
             out["linf"] = 1.0 + li("A2") * li("A1")
             out["proof"] = "1 + ‖Ã₂‖‖Ã₁‖"
+    elif spec.kind == "pool" and f"{name}/M" in norm_table:
+        out |= {"l2": u("M"), "linf": li("M"), "proof": "‖M‖ (space-to-depth is an isometry)"}
     elif spec.kind == "pool":
         p2, pinf = pool_norms(grid, pool_window)
         out |= {"l2": p2 + u("Ap"), "linf": pinf + li("Ap"), "P_l2": p2, "P_linf": pinf}
@@ -591,6 +627,210 @@ def _bias(p: Mapping, st: Mapping, which: str, mode: str, cfg: layers.LayerConfi
         p, st, jnp.zeros((1, 1, 1, c), jnp.float32), which, mode, train=False, cfg=cfg, used={}
     )
     return np.asarray(z, np.float64).reshape(-1)
+
+
+def with_adjoints(table: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``table`` with the certified residual layers' outer operator ``Aᵀ`` (``res{k}/A2``) beside
+    their inner ``A`` (``res{k}/A1``): the same ℓ₂ norm, ``‖Aᵀ‖_∞ = ‖A‖₁``, ``‖Aᵀ‖₁ = ‖A‖_∞``."""
+    out = {k: dict(v) for k, v in table.items()}
+    for name in [k for k in out if k.endswith("/A1")]:
+        a = out[name]
+        out[name[:-1] + "2"] = {
+            **a, "linf": a["l1"], "l1": a["linf"], "method": a["method"] + ", Aᵀ of A1"
+        }  # fmt: skip
+    return out
+
+
+def norm_table(
+    variables: Mapping[str, Any],
+    variant: str,
+    image_hw: Sequence[int],
+    *,
+    eps: float,
+    padding: ops.Padding,
+    key: jax.Array | None = None,
+    lower: bool = True,
+    progress: Any | None = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`operator_norms` of every effective operator of a trained network
+    (:func:`stabnet.norms.effective_operators`, docs/mathematics.md §6), by ``"<layer>/<op>"``;
+    for the certified residual forms with the outer ``Aᵀ`` beside ``A`` (:func:`with_adjoints`).
+    This is what :func:`layer_lipschitz` and the theorems' constants read. ``key``: of the power
+    iterations (zero padding, ``lower``); ``progress``: one stage, one step per operator."""
+    effective = norms.effective_operators(variables, variant, image_hw, eps=eps)
+    if progress is not None:
+        progress.stage("operator norms", len(effective), f"{len(effective)} operators")
+    key = jax.random.key(0) if key is None else key
+    table: dict[str, dict[str, Any]] = {}
+    for i, (name, op) in enumerate(sorted(effective.items())):
+        table[name] = operator_norms(op, padding, jax.random.fold_in(key, 1000 + i), lower=lower)
+        if progress is not None:
+            progress.advance()
+    return with_adjoints(table) if layers.RESIDUAL_FORMS[variant].certified else table
+
+
+# --------------------------------------------------------------------------------------------
+# The theorems' hypotheses and constants (docs/mathematics.md §6).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Theorem41Constants:
+    """Theorem 4.1 (ResNet-D): its hypotheses (``{name: {"value", "holds"}}``), the sensitivity
+    constant ``C_A`` in ℓ₂ and ℓ∞ and the growth constant ``C_b`` (ℓ∞)."""
+
+    hypotheses: dict[str, dict[str, Any]]
+    C_A_l2: float
+    C_A_linf: float
+    C_b: float
+    C_b_norm: str = "linf"
+
+
+@dataclasses.dataclass(frozen=True)
+class Theorem42Constants:
+    """Theorem 4.2 (ResNet-S): its hypotheses, the depth-independent sensitivity constant ``C``
+    (ℓ₂) and the growth constant ``C_b`` (ℓ₂)."""
+
+    hypotheses: dict[str, dict[str, Any]]
+    C: float
+    C_b: float
+    C_b_norm: str = "l2"
+
+
+def downsampling_factor(table: Mapping[str, Mapping[str, Any]], name: str, norm: str) -> float:
+    """The factor of downsampling layer ``name`` in ``C_A`` and ``C``: ``1 + ‖Ã_p‖`` for the
+    pooling layer (4.4) (``‖P‖ ≤ 1`` counted as 1, as the paper does), ``‖M‖`` for space-to-depth
+    (the layer's own Lipschitz constant; docs/mathematics.md §6). ``norm``: ``l2`` or ``linf``."""
+    key = "l2_upper" if norm == "l2" else "linf"
+    if f"{name}/M" in table:
+        return float(table[f"{name}/M"][key])
+    return 1.0 + table[f"{name}/Ap"][key]
+
+
+def theorem_4_1_sensitivity(
+    table: Mapping[str, Mapping[str, Any]], specs: Sequence[networks.LayerSpec], norm: str
+) -> float:
+    """``C_A = ‖W‖‖Ã₀‖ Π_res(1 + ‖Ã_{k,2}‖‖Ã_{k,1}‖) Π_pool(1 + ‖Ã_p‖)`` in ``norm`` (``l2``, with
+    the rigorous upper ℓ₂ norms, or ``linf``); every variant has it (docs/mathematics.md §6)."""
+    key = "l2_upper" if norm == "l2" else "linf"
+    conv0, fc = specs[0].name, specs[-1].name
+    v = table[f"{fc}/W"][key] * table[f"{conv0}/A0"][key]
+    for s in (s for s in specs if s.kind == "res"):
+        v *= 1.0 + table[f"{s.name}/A2"][key] * table[f"{s.name}/A1"][key]
+    for s in (s for s in specs if s.kind == "pool"):
+        v *= downsampling_factor(table, s.name, norm)
+    return float(v)
+
+
+def _norms_le_1(
+    table: Mapping[str, Mapping[str, Any]], conv0: str, fc: str, norm: str
+) -> dict[str, dict[str, Any]]:
+    """The hypotheses ``‖Ã₀‖ ≤ 1`` and ``‖W‖ ≤ 1`` in ``norm`` (``linf`` or ``l2_upper``)."""
+    suffix = "linf" if norm == "linf" else "l2"
+    tol = 1.0 + HYP_RTOL
+    values = {f"conv0_{suffix}_le_1": table[f"{conv0}/A0"][norm],
+              f"fc_{suffix}_le_1": table[f"{fc}/W"][norm]}  # fmt: skip
+    return {k: {"value": v, "holds": v <= tol} for k, v in values.items()}
+
+
+def theorem_4_1_constants(
+    table: Mapping[str, Mapping[str, Any]],
+    specs: Sequence[networks.LayerSpec],
+    variables: Mapping[str, Any],
+    *,
+    form: layers.ResidualForm,
+    cfg: layers.LayerConfig,
+) -> Theorem41Constants:
+    """Theorem 4.1's hypotheses (``‖Ã₀‖_∞ ≤ 1``, ``‖W‖_∞ ≤ 1``, ``K₂ ≥ 0``), ``C_A`` and
+    ``C_b = ‖b̃₀‖_∞ + Σ_res ‖(−b̃_{k,2})⁺‖_∞ + ‖b‖_∞`` (docs/mathematics.md §6) from the norm
+    ``table`` and the trained ``variables`` (BN shifts at inference, ``cfg`` in float32)."""
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    res = [s for s in specs if s.kind == "res"]
+    conv0, fc = specs[0].name, specs[-1].name
+    k2min = min(float(jnp.min(params[s.name]["K2"])) for s in res) if res else 0.0
+    hypotheses = {
+        **_norms_le_1(table, conv0, fc, "linf"),
+        "K2_nonnegative": {"value": k2min, "holds": k2min >= 0.0},
+    }
+    b0 = _bias(params[conv0], stats.get(conv0, {}), "", "trained", cfg, specs[0].channels)
+    outward = 0.0
+    for s in res:
+        b2 = _bias(params[s.name], stats.get(s.name, {}), "2", form.outer_bn, cfg, s.channels)
+        outward += float(np.max(np.maximum(-b2, 0.0)))  # (−b̃₂)⁺ = (s₂μ₂)⁺ pushes outward
+    b_fc = np.asarray(params[fc]["b"], np.float64)
+    return Theorem41Constants(
+        hypotheses=hypotheses,
+        C_A_l2=theorem_4_1_sensitivity(table, specs, "l2"),
+        C_A_linf=theorem_4_1_sensitivity(table, specs, "linf"),
+        C_b=float(np.max(np.abs(b0)) + outward + np.max(np.abs(b_fc))),
+    )
+
+
+def theorem_4_2_constants(
+    table: Mapping[str, Mapping[str, Any]],
+    specs: Sequence[networks.LayerSpec],
+    variables: Mapping[str, Any],
+    *,
+    form: layers.ResidualForm,
+    cfg: layers.LayerConfig,
+    image_hw: Sequence[int],
+) -> Theorem42Constants:
+    """Theorem 4.2's hypotheses (``‖Ã₀‖₂ ≤ 1``, ``‖W‖₂ ≤ 1``, ``‖Ã_k‖₂ ≤ √2``, the branch exactly
+    ``Aᵀσ(Ax + b)``; with space-to-depth also ``‖M‖₂ ≤ 1``), the depth-independent
+    ``C = ‖W‖₂‖Ã₀‖₂ Π_pool f_p`` (``f_p`` of :func:`downsampling_factor`) and
+    ``C_b = √(hw)‖b̃₀‖₂ + ‖b‖₂ + Σ_res ‖F_k(0)‖₂ (+ Σ_M √(h'w')‖b_M‖₂)`` (docs/mathematics.md §6)."""
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    res = [s for s in specs if s.kind == "res"]
+    pools = [s for s in specs if s.kind == "pool"]
+    conv0, fc = specs[0].name, specs[-1].name
+    h, w = image_hw
+    grids = networks.layer_grids((specs[-1].index - 2) // 3, (h, w))  # fc is layer 3n + 2
+    tol = 1.0 + HYP_RTOL
+    a_max = max(table[f"{s.name}/A1"]["l2_upper"] for s in res) if res else 0.0
+    hypotheses = {
+        **_norms_le_1(table, conv0, fc, "l2_upper"),
+        "res_A_l2_le_sqrt2": {"value": a_max, "holds": a_max <= SQRT2 * tol},
+        "branch_is_exactly_AT_sigma_A": {
+            "value": form.certified,
+            "holds": form.certified,
+            "note": "Lemma A.1 needs the branch Aᵀσ(Ax+b) exactly; with a second BN "
+            "(resnet_s) it is diag(s₂)A_Kᵀσ(diag(s₁)A_K x + b), which is not of that form "
+            "(docs/mathematics.md §2, certified variant)",
+        },
+    }
+    downs = [s for s in pools if f"{s.name}/M" in table]
+    if downs:  # M S x + b grows ‖x‖ only by its bias when ‖M‖₂ ≤ 1 (the growth part)
+        m_max = max(table[f"{s.name}/M"]["l2_upper"] for s in downs)
+        hypotheses["downsampling_M_l2_le_1"] = {
+            "value": m_max,
+            "holds": m_max <= tol,
+            "note": "space-to-depth downsampling M S x + b (beyond the paper): 1-Lipschitz and "
+            "growing ‖x‖₂ by its bias alone when ‖M‖₂ ≤ 1 (docs/mathematics.md §6)",
+        }
+    c = table[f"{fc}/W"]["l2_upper"] * table[f"{conv0}/A0"]["l2_upper"]
+    for s in pools:
+        c *= downsampling_factor(table, s.name, "l2")
+    # C_b (3.11): ‖b̃₀‖₂ over the h×w field + Σ_res ‖F_k(0)‖₂ + ‖b_fc‖₂, where the branch
+    # at 0 is F_k(0) = Aᵀσ(b_k) for the certified layer and BN₀(A_Kᵀσ(b̃₁)) = diag(s₂)A_Kᵀσ(b̃₁)
+    # − s₂μ₂ with ResNet-S's frozen outer BN (whose shift pushes outward too); a space-to-depth
+    # layer adds its bias over its output field
+    b0 = _bias(params[conv0], stats.get(conv0, {}), "", "trained", cfg, specs[0].channels)
+    b_fc = np.asarray(params[fc]["b"], np.float64)
+    cb = math.sqrt(h * w) * float(np.linalg.norm(b0)) + float(np.linalg.norm(b_fc))
+    for s in res:
+        p, st = params[s.name], stats.get(s.name, {})
+        gh, gw = grids[s.name]
+        b1 = jnp.asarray(_bias(p, st, "1", form.inner_bn, cfg, s.channels), jnp.float32)
+        field = jnp.broadcast_to(jax.nn.relu(b1), (1, gh, gw, s.channels))
+        v = ops.conv_transpose(field, p["K"], padding=cfg.padding)
+        v, _ = layers.normalize(p, st, v, "2", form.outer_bn, train=False, cfg=cfg, used={})
+        cb += float(jnp.linalg.norm(v))
+    for s in downs:
+        gh, gw = grids[s.name]
+        cb += math.sqrt((gh // 2) * (gw // 2)) * float(
+            np.linalg.norm(np.asarray(params[s.name]["b"], np.float64))
+        )
+    return Theorem42Constants(hypotheses=hypotheses, C=float(c), C_b=cb)
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,24 +909,11 @@ def analyze(
     eps = float(cfg.model.bn_eps)
     theorem = THEOREMS[variant]
     form = layers.RESIDUAL_FORMS[variant]
-    certified = form.certified
     key = jax.random.key(seed)
 
     # ---- 1. operator norms -----------------------------------------------------------------
-    effective = norms.effective_operators(variables, variant, (h, w), eps=eps)
-    if progress is not None:
-        progress.stage("operator norms", len(effective), f"{len(effective)} operators")
-    table: dict[str, dict[str, Any]] = {}
-    for i, (name, op) in enumerate(sorted(effective.items())):
-        table[name] = operator_norms(op, padding, jax.random.fold_in(key, 1000 + i))
-        if progress is not None:
-            progress.advance()
-    if certified:  # the outer operator is Aᵀ: same ℓ₂ norm, ‖Aᵀ‖_∞ = ‖A‖₁
-        for name in [k for k in table if k.endswith("/A1")]:
-            a = table[name]
-            table[name[:-1] + "2"] = {
-                **a, "linf": a["l1"], "l1": a["linf"], "method": a["method"] + ", Aᵀ of A1"
-            }  # fmt: skip
+    table = norm_table(variables, variant, (h, w), eps=eps, padding=padding, key=key,
+                       progress=progress)  # fmt: skip
 
     specs = networks.layer_specs(n, model.widths)
     grids = networks.layer_grids(n, (h, w))
@@ -701,81 +928,22 @@ def analyze(
     sens_bound_linf = float(np.prod([lip[s.name]["linf"] for s in specs]))
 
     # ---- theorem constants (docs/mathematics.md §6) ------------------------------------------
-    res = [s for s in specs if s.kind == "res"]
-    pools = [s for s in specs if s.kind == "pool"]
-    conv0, fc = specs[0].name, specs[-1].name
-
-    def c_a(norm: str) -> float:
-        key_ = "l2_upper" if norm == "l2" else "linf"
-        v = table[f"{fc}/W"][key_] * table[f"{conv0}/A0"][key_]
-        for s in res:
-            v *= 1.0 + table[f"{s.name}/A2"][key_] * table[f"{s.name}/A1"][key_]
-        for s in pools:
-            v *= 1.0 + table[f"{s.name}/Ap"][key_]
-        return float(v)
-
-    constants: dict[str, Any] = {"C_A_l2": c_a("l2"), "C_A_linf": c_a("linf"), "C": None}
-    constants["C_b"] = None
-    params, stats = variables["params"], variables.get("batch_stats", {})
     lcfg = dataclasses.replace(model.cfg, dtype=jnp.float32)
-    b0 = _bias(params[conv0], stats.get(conv0, {}), "", "trained", lcfg, model.widths[0])
-    b_fc = np.asarray(params[fc]["b"], np.float64)
+    constants: dict[str, Any] = {
+        "C_A_l2": theorem_4_1_sensitivity(table, specs, "l2"),
+        "C_A_linf": theorem_4_1_sensitivity(table, specs, "linf"),
+        "C": None,
+        "C_b": None,
+    }
     hypotheses: dict[str, Any] = {}
-    tol = 1.0 + HYP_RTOL
-
-    def norms_le_1(norm: str) -> dict[str, Any]:
-        """The hypotheses ``‖Ã₀‖ ≤ 1`` and ``‖W‖ ≤ 1`` in ``norm`` (``linf`` or ``l2_upper``)."""
-        suffix = "linf" if norm == "linf" else "l2"
-        values = {f"conv0_{suffix}_le_1": table[f"{conv0}/A0"][norm],
-                  f"fc_{suffix}_le_1": table[f"{fc}/W"][norm]}  # fmt: skip
-        return {k: {"value": v, "holds": v <= tol} for k, v in values.items()}
-
     if theorem == "4.1":
-        k2min = min(float(jnp.min(params[s.name]["K2"])) for s in res) if res else 0.0
-        hypotheses = {
-            **norms_le_1("linf"),
-            "K2_nonnegative": {"value": k2min, "holds": k2min >= 0.0},
-        }
-        outward = 0.0
-        for s in res:
-            b2 = _bias(params[s.name], stats.get(s.name, {}), "2", form.outer_bn, lcfg, s.channels)
-            outward += float(np.max(np.maximum(-b2, 0.0)))  # (−b̃₂)⁺ = (s₂μ₂)⁺ pushes outward
-        constants["C_b"] = float(np.max(np.abs(b0)) + outward + np.max(np.abs(b_fc)))
-        constants["C_b_norm"] = "linf"
+        t41 = theorem_4_1_constants(table, specs, variables, form=form, cfg=lcfg)
+        hypotheses = t41.hypotheses
+        constants |= {"C_b": t41.C_b, "C_b_norm": t41.C_b_norm}
     elif theorem == "4.2":
-        a_max = max(table[f"{s.name}/A1"]["l2_upper"] for s in res) if res else 0.0
-        hypotheses = {
-            **norms_le_1("l2_upper"),
-            "res_A_l2_le_sqrt2": {"value": a_max, "holds": a_max <= SQRT2 * tol},
-            "branch_is_exactly_AT_sigma_A": {
-                "value": certified,
-                "holds": certified,
-                "note": "Lemma A.1 needs the branch Aᵀσ(Ax+b) exactly; with a second BN "
-                "(resnet_s) it is diag(s₂)A_Kᵀσ(diag(s₁)A_K x + b), which is not of that form "
-                "(docs/mathematics.md §2, certified variant)",
-            },
-        }
-        p_n1, p_2n1 = (table[f"{s.name}/Ap"]["l2_upper"] for s in pools)
-        constants["C"] = float(
-            table[f"{fc}/W"]["l2_upper"]
-            * table[f"{conv0}/A0"]["l2_upper"]
-            * (1 + p_n1)
-            * (1 + p_2n1)
-        )
-        # C_b (3.11): ‖b̃₀‖₂ over the h×w field + Σ_res ‖F_k(0)‖₂ + ‖b_fc‖₂, where the branch
-        # at 0 is F_k(0) = Aᵀσ(b_k) for the certified layer and BN₀(A_Kᵀσ(b̃₁)) = diag(s₂)A_Kᵀσ(b̃₁)
-        # − s₂μ₂ with ResNet-S's frozen outer BN (whose shift pushes outward too)
-        cb = math.sqrt(h * w) * float(np.linalg.norm(b0)) + float(np.linalg.norm(b_fc))
-        for s in res:
-            p, st = params[s.name], stats.get(s.name, {})
-            gh, gw = grids[s.name]
-            b1 = jnp.asarray(_bias(p, st, "1", form.inner_bn, lcfg, s.channels), jnp.float32)
-            field = jnp.broadcast_to(jax.nn.relu(b1), (1, gh, gw, s.channels))
-            v = ops.conv_transpose(field, p["K"], padding=padding)
-            v, _ = layers.normalize(p, st, v, "2", form.outer_bn, train=False, cfg=lcfg, used={})
-            cb += float(jnp.linalg.norm(v))
-        constants["C_b"] = cb
-        constants["C_b_norm"] = "l2"
+        t42 = theorem_4_2_constants(table, specs, variables, form=form, cfg=lcfg, image_hw=(h, w))
+        hypotheses = t42.hypotheses
+        constants |= {"C": t42.C, "C_b": t42.C_b, "C_b_norm": t42.C_b_norm}
     hyp_hold = None if theorem is None else all(v["holds"] for v in hypotheses.values())
     norm_hyp_hold = (
         None
@@ -959,6 +1127,11 @@ def analyze(
 
     violations = violations_of(checks)
     random_max = max(v["l2_max"] for v in e2e["random"].values())
+
+    def to_measured(bound: float | None) -> float | None:
+        measured = e2e["l2_max"]
+        return None if bound is None or not measured > 0 else float(bound / measured)
+
     return {
         "workdir": getattr(run, "workdir", None),
         "variant": variant,
@@ -991,6 +1164,12 @@ def analyze(
         "sensitivity_measured_max": e2e["l2_max"],
         "sensitivity_random_max": random_max,
         "sensitivity_ascent_max": e2e.get("ascent", {}).get("l2_max"),
+        # how far each ℓ₂ sensitivity bound is above the largest ratio measured (≥ 1 when it holds)
+        "bound_to_measured": {
+            "sensitivity_bound": to_measured(sens_bound),
+            "C_A_l2": to_measured(constants["C_A_l2"]),
+            "C": to_measured(constants["C"]),
+        },
         "sensitivity": e2e,
         "growth_bound": float(sens_bound * x_norms.max() + f0),
         "growth_measured_max": float(out_norms.max()),
@@ -1054,6 +1233,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_fmt(r['constants']['C_b'])} | {_fmt(tg['bound_at_worst_image'])} | "
             f"{_fmt(tg['measured_at_worst_image'])} (worst image) | hypotheses of {r['theorem']} |"
         )
+    ratios = r.get("bound_to_measured") or {}
+    if ratios.get("sensitivity_bound") is not None:
+        lines += [
+            "",
+            "Bound / measured ℓ₂ sensitivity: rigorous product "
+            f"×{_fmt(ratios['sensitivity_bound'])}, C_A ×{_fmt(ratios['C_A_l2'])}"
+            + (f", C (Thm 4.2) ×{_fmt(ratios['C'])}" if ratios.get("C") is not None else ""),
+        ]
     lines += ["", f"## Hypotheses (Theorem {r['theorem'] or '— (baseline)'})", ""]
     if r["hypotheses"]:
         lines += ["| hypothesis | value | holds |", "|---|---|---|"]
