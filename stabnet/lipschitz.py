@@ -68,7 +68,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from stabnet import norms
+from stabnet import networks, norms, stability
 
 Params = Any
 
@@ -100,22 +100,10 @@ def is_lipschitz(variant: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def pool_matrix_1d(size: int, window: int, stride: int = 2) -> np.ndarray:
-    """The 1-D factor of the average pooling ``P`` (:func:`stabnet.ops.avg_pool`, §2): row ``j``
-    holds ``1/window`` at ``stride·j − window//2 … stride·j + window//2`` inside ``[0, size)``."""
-    p = window // 2
-    rows = -(-size // stride)
-    m = np.zeros((rows, size))
-    for j in range(rows):
-        lo, hi = max(0, stride * j - p), min(size, stride * j + p + 1)
-        m[j, lo:hi] = 1.0 / window
-    return m
-
-
 def pool_l2(hw: Sequence[int], window: int) -> float:
-    """Exact ``‖P‖₂`` on an ``h×w`` grid: ``P`` acts on each channel as ``P_h ⊗ P_w``, whose
-    spectral norm is the product of the factors' (docs/mathematics.md §2, (4.4))."""
-    return float(np.prod([np.linalg.norm(pool_matrix_1d(s, window), 2) for s in hw]))
+    """Exact ``‖P‖₂`` on an ``h×w`` grid (:func:`stabnet.stability.pool_norms`: ``P`` acts on each
+    channel as ``P_h ⊗ P_w``, docs/mathematics.md §2, (4.4))."""
+    return stability.pool_norms(hw, window)[0]
 
 
 def pool_filter_bound(hw: Sequence[int], window: int) -> float:
@@ -297,39 +285,64 @@ def targets_tree(flat: Mapping[str, jax.Array]) -> dict[str, dict[str, jax.Array
 # --------------------------------------------------------------------------------------------
 
 
+def norm_table(
+    params: Params, grids: Mapping[str, tuple[int, int]], *, padding: str = "circular"
+) -> dict[str, dict[str, Any]]:
+    """The norm table of :func:`stabnet.stability.layer_lipschitz` for ``resnet_s_lipschitz``, in
+    float64: without BN the effective operators of §1 are the filters themselves, and their ℓ₂
+    norms are the exact largest singular values of the symbols (:func:`conv_norm64`; for zero
+    padding the circular norm on :func:`norm_grids`'s bordered grid, an upper bound), ``M`` and
+    ``W`` by SVD (:func:`stabnet.stability.operator_norms`). Keys as
+    :func:`stabnet.stability.norm_table`'s: ``conv0/A0``, ``res{k}/A1`` and ``A2`` (its adjoint),
+    ``pool{k}/Ap`` or ``pool{k}/M``, ``fc{k}/W``."""
+    on = norm_grids(grids, padding)
+    exact = "exact (float64 symbol)" if padding == "circular" else "float64 symbol on (h+2)×(w+2)"
+    table: dict[str, dict[str, Any]] = {}
+    for name, p in params.items():
+        conv = [(op, p[leaf], s) for leaf, op, s in (("K0", "A0", 1), ("K", "A1", 1),
+                                                      ("Kp", "Ap", 2)) if leaf in p]  # fmt: skip
+        for op, kernel, stride in conv:
+            linf, l1 = stability.conv_linf_l1(kernel, 1.0)
+            l2 = conv_norm64(kernel, on[name], stride)
+            table[f"{name}/{op}"] = {"l2": l2, "l2_upper": l2, "linf": linf, "l1": l1,
+                                     "method": exact}  # fmt: skip
+        for leaf in ("M", "W"):  # matrices acting on a pixel's channels / on g: Mᵀ, Wᵀ
+            if leaf in p:
+                table[f"{name}/{leaf}"] = stability.operator_norms(np.asarray(p[leaf]).T, padding)
+    return stability.with_adjoints(table)
+
+
 def lipschitz_bound(
     params: Params,
     grids: Mapping[str, tuple[int, int]],
     final_grid: Sequence[int],
     pool_window: int,
+    *,
+    padding: str = "circular",
 ) -> tuple[float, dict[str, float]]:
     """``(L, per-layer constants)``: the product of the layers' ℓ₂ Lipschitz constants of §6,
 
-    ``‖A_{K₀}‖₂ · Π_res max(1, ‖A_K‖₂² − 1) · Π_pool (‖P‖₂ + ‖A_p‖₂) · (hw)^{−1/2} · ‖W‖₂``,
+    ``‖A_{K₀}‖₂ · Π_res max(1, ‖A_K‖₂² − 1) · Π_pool (‖P‖₂ + ‖A_p‖₂) or ‖M‖₂ · (hw)^{−1/2} · ‖W‖₂``,
 
-    the norms evaluated in float64 (conv: exact FFT by eigendecomposition; pooling filters: the
-    stride-2 symbol's singular values; ``W``: SVD). ``L`` bounds ``‖f(x) − f(y)‖₂/‖x − y‖₂`` for
-    the map from the normalised input to the logits (and from ``[0, 1]`` pixels, the mean
-    subtraction being a translation)."""
+    each layer's constant from :func:`stabnet.stability.layer_lipschitz` (the one implementation
+    the analysis uses too) on the float64 norms of :func:`norm_table`. ``L`` bounds
+    ``‖f(x) − f(y)‖₂/‖x − y‖₂`` for the map from the normalised input to the logits (and from
+    ``[0, 1]`` pixels, the mean subtraction being a translation). ``grids``: the layers' own
+    input grids (:func:`stabnet.networks.layer_grids`); keys of the constants: the layers'
+    names, and ``global_pool``."""
+    table = norm_table(params, grids, padding=padding)
+    fc = max((name for name in params if name.startswith("fc")), key=lambda s: int(s[2:]))
     per: dict[str, float] = {}
-    for name in sorted(params, key=lambda s: int(re.sub(r"\D", "", s))):
-        p = params[name]
-        if "K0" in p:
-            per[name] = _conv_norm64(p["K0"], grids[name], 1)
-        elif "K" in p:
-            a = _conv_norm64(p["K"], grids[name], 1)
-            per[name] = max(1.0, a * a - 1.0)
-        elif "Kp" in p:
-            per[name] = pool_l2(grids[name], pool_window) + _conv_norm64(p["Kp"], grids[name], 2)
-        elif "M" in p:  # space-to-depth (an isometry), then M at every pixel
-            per[name] = float(np.linalg.norm(np.asarray(p["M"], np.float64), 2))
-        elif "W" in p:
-            per["global_pool"] = 1.0 / math.sqrt(final_grid[0] * final_grid[1])
-            per[name] = float(np.linalg.norm(np.asarray(p["W"], np.float64), 2))
+    for spec in networks.layer_specs((int(fc[2:]) - 2) // 3):  # the FC layer is layer 3n + 2
+        grid = final_grid if spec.kind == "global_pool" else grids.get(spec.name)
+        lip = stability.layer_lipschitz(
+            spec, table, variant=VARIANT, grid=grid, pool_window=pool_window
+        )
+        per["global_pool" if spec.kind == "global_pool" else spec.name] = float(lip["l2"])
     return float(np.prod(list(per.values()))), per
 
 
-def _conv_norm64(kernel: jax.Array, hw: Sequence[int], stride: int) -> float:
+def conv_norm64(kernel: jax.Array, hw: Sequence[int], stride: int) -> float:
     """Exact ``‖A^{(s)}_K‖₂`` in float64: the largest singular value of the symbol of
     :func:`stabnet.norms.conv_symbol`, rebuilt in numpy's float64 (polyphase blocks, every
     coarse frequency)."""

@@ -12,12 +12,15 @@ Lipschitz bound of the network in its own input is one of the map ``[0,1]``-imag
    numbers do not depend on the batch size); structured noise ``x̃ = x + δ·x_s`` with ``x_s`` one
    fixed test image (:func:`noise_accuracies`). CIFAR-10-C through
    :func:`stabnet.data.load_cifar10_corrupted` where it can be read (:func:`cifar10c_accuracies`).
-2. **Certified radii.** :func:`lipschitz_bound` multiplies layer bounds of Figure 4.1's network:
-   conv layer (4.3) ``‖Ã₀‖₂``; residual layers (3.1)/(4.1)/(4.2) ``1 + ‖Ã₂‖₂‖Ã₁‖₂``; the
-   certified ResNet-S layer ``max(1, ‖A‖₂² − 1)`` (``= 1`` when ``‖A‖₂ ≤ √2``: Lemma A.1, condition
-   (4.11)); pooling layer (4.4) ``‖P‖₂ + ‖Ã_p‖₂``; global pooling (4.5) ``(hw)^{-1/2}``; fully
-   connected (4.6) ``‖W‖₂``. For an image classified correctly with logit margin ``m`` (top minus
-   runner-up), no ``δ`` with ``‖δ‖₂ < m/(√2 L)`` changes the prediction (:func:`certify`).
+2. **Certified radii.** :func:`lipschitz_bound` multiplies layer bounds of Figure 4.1's network,
+   each from :func:`stabnet.stability.layer_lipschitz` (the analysis's own): conv layer (4.3)
+   ``‖Ã₀‖₂``; residual layers (3.1)/(4.1)/(4.2) ``1 + ‖Ã₂‖₂‖Ã₁‖₂``; the certified ResNet-S layer
+   ``max(1, ‖A‖₂² − 1)`` (``= 1`` when ``‖A‖₂ ≤ √2``: Lemma A.1, condition (4.11)); pooling
+   layer (4.4) ``‖P‖₂ + ‖Ã_p‖₂``; space-to-depth downsampling ``‖M‖₂``; global pooling (4.5)
+   ``(hw)^{-1/2}``; fully connected (4.6) ``‖W‖₂``. For the Lipschitz ResNet-S the norms are
+   :mod:`stabnet.lipschitz`'s exact float64 ones. For an image classified correctly with logit
+   margin ``m`` (top minus runner-up), no ``δ`` with ``‖δ‖₂ < m/(√2 L)`` changes the prediction
+   (:func:`certify`).
 3. **PGD** in ℓ₂ (:func:`pgd_fooled`): projected gradient ascent on the cross-entropy (4.6)
    with ``δ`` in the ℓ₂ ball of radius ``r`` and ``x + δ`` clipped to ``[0, 1]``, random start.
    Since every PGD iterate is a perturbation the certificate covers, *certified accuracy ≤ PGD
@@ -47,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stabnet import data, layers, logbook, networks, norms, ops, plots
+from stabnet import data, layers, lipschitz, logbook, networks, norms, ops, plots, stability
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,6 @@ FALLBACK_RADII: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5)
 DEFAULT_CIFAR10C_SEVERITIES: tuple[int, ...] = (1, 3, 5)
 PGD_STEPS = 20
 PGD_REL_STEP = 2.5  # total step length over the attack, in units of r: α = 2.5·r/steps (Madry)
-_DENSE_POOL_LIMIT = 4096  # grids up to this many pixels get the exact ‖P‖₂ from a dense matrix
 _VIOLATION_TOL = 0.0
 DEFAULT_BATCH = 1024
 _PGD_MIN_SLOTS = 32
@@ -436,24 +438,11 @@ def conv_l2_bound(op: norms.EffectiveConv, padding: ops.Padding = "circular") ->
     return float(op.l2_upper(padding))
 
 
-@functools.lru_cache(maxsize=64)
 def avg_pool_l2(hw: tuple[int, int], window: int, stride: int = 2) -> tuple[float, str]:
-    """``‖P‖₂`` of the average pooling ``P`` of the pooling layer (4.4) on an ``h×w`` grid.
-
-    ``P`` acts on each channel alike (block-diagonal), so its norm is that of the one-channel map.
-    Up to :data:`_DENSE_POOL_LIMIT` pixels it is computed exactly as the largest singular value
-    of the dense matrix of :func:`stabnet.ops.avg_pool` (float64 SVD) — ``"exact"``. Larger grids
-    get the Schur bound — ``"schur"``: ``‖P‖₂ ≤ √(‖P‖₁‖P‖_∞)``; every row of ``P`` holds at most
-    ``window²`` entries ``1/window²`` (``‖P‖_∞ ≤ 1``), and every pixel lies in at most
-    ``⌈window/stride⌉`` windows per axis (``‖P‖₁ ≤ ⌈window/stride⌉²/window²``), so
-    ``‖P‖₂ ≤ ⌈window/stride⌉/window ≤ 1`` (``2/3`` for 3×3, stride 2; ``1`` for subsampling).
-    Both are ``≤ 1``: ``P`` never expands.
-    """
-    h, w = hw
-    if h * w <= _DENSE_POOL_LIMIT:
-        m = norms.as_matrix(lambda x: ops.avg_pool(x, window, stride), (1, h, w, 1))
-        return float(np.linalg.norm(m, 2)), "exact"
-    return math.ceil(window / stride) / window, "schur"
+    """``(‖P‖₂, "exact")`` of the average pooling ``P`` of the pooling layer (4.4) on an ``h×w``
+    grid: :func:`stabnet.stability.pool_norms` (``P`` acts on each channel as the Kronecker
+    product ``P_h ⊗ P_w``, whose norm is the product of the factors'; exact on any grid, ≤ 1)."""
+    return stability.pool_norms(hw, window, stride)[0], "exact"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,10 +453,13 @@ class LipschitzBound:
       total: ``L``, the product of the layer bounds.
       layers: one dict per layer of Figure 4.1: ``name``, ``kind``, ``bound`` and the norms it
         is made of; certified residual layers add ``lemma_a1`` (``‖A‖₂ ≤ √2`` held).
+      norms: where the operator norms come from (``FFT`` or ``float64``, see
+        :func:`lipschitz_bound`).
     """
 
     total: float
     layers: list[dict[str, Any]]
+    norms: str = "FFT (float32)"
 
     @property
     def lemma_a1_failures(self) -> list[str]:
@@ -480,62 +472,50 @@ def lipschitz_bound(
 ) -> LipschitzBound:
     """A global ℓ₂ Lipschitz bound of the network of Figure 4.1 from its layer bounds.
 
-    With ``f = FC ∘ global pool ∘ … ∘ conv layer ∘ (· − mean)`` and every σ = ReLU 1-Lipschitz
-    (and, on differences, ``σ(a) − σ(b) = D(a − b)`` with ``D`` diagonal in ``[0, 1]``):
-
-    * normalisation ``u − mean``: a translation, 1;
-    * convolution layer (4.3): ``‖Ã₀‖₂`` (BN folded, Remark 4.3);
-    * residual layer (3.1), ResNet-D (4.1), ResNet-S (4.2): ``1 + ‖Ã₂‖₂‖Ã₁‖₂`` (the constant of
-      Theorem 4.1, docs/mathematics.md §6);
-    * certified ResNet-S layer ``σ(x − Aᵀσ(Ax + b))``: the difference map is ``(I − AᵀDA)(x − y)``
-      and ``0 ⪯ AᵀDA ⪯ ‖A‖₂² I``, so its norm is ``≤ max(1, ‖A‖₂² − 1)`` — exactly 1 when
-      ``‖A‖₂ ≤ √2`` (Lemma A.1, condition (4.11)); otherwise the bound (still rigorous) is
-      ``‖A‖₂² − 1``, tighter than the naive ``1 + ‖A‖₂²``;
-    * pooling layer (4.4) ``σ(E P x − σ(Ã_p x + b))``: ``‖P‖₂ + ‖Ã_p‖₂`` (``E`` is an isometry;
-      ``‖P‖₂`` from :func:`avg_pool_l2`);
-    * global pooling (4.5): ``(hw)^{-1/2}`` on the final ``h×w`` grid (Cauchy–Schwarz per channel);
-    * fully connected (4.6): ``‖W‖₂`` (float64 SVD).
-
-    Conv norms are exact FFT norms (:func:`conv_l2_bound`; an FFT upper bound for zero padding).
+    With ``f = FC ∘ global pool ∘ … ∘ conv layer ∘ (· − mean)`` and every σ = ReLU 1-Lipschitz,
+    ``L`` is the product of the normalisation (a translation, 1) and every layer's ℓ₂ constant of
+    :func:`stabnet.stability.layer_lipschitz` (docs/mathematics.md §6, with the proofs): the
+    same per-layer bounds as the stability analysis, from the norm table of
+    :func:`stabnet.stability.norm_table` (exact FFT norms of the BN-folded operators; for zero
+    padding the FFT norm on the bordered grid, an upper bound — power iteration would give a
+    lower estimate, which cannot certify). For the Lipschitz ResNet-S
+    (:mod:`stabnet.lipschitz`) the table is :func:`stabnet.lipschitz.norm_table`'s, in float64,
+    so ``L`` is :func:`stabnet.lipschitz.lipschitz_bound`'s exact certified product.
     """
     cfg = model.cfg
-    form = layers.RESIDUAL_FORMS[model.variant]
-    eff = norms.effective_operators(dict(variables), model.variant, image_hw, eps=cfg.bn_eps)
     grids = networks.layer_grids(model.n, image_hw)
     h, w = image_hw
+    if lipschitz.is_lipschitz(model.variant):
+        table = lipschitz.norm_table(variables["params"], grids, padding=cfg.padding)
+        source = "float64 (stabnet.lipschitz.norm_table)"
+    else:
+        table = stability.norm_table(
+            variables, model.variant, image_hw, eps=cfg.bn_eps, padding=cfg.padding, lower=False
+        )
+        source = "FFT (float32)"
+    certified = layers.RESIDUAL_FORMS[model.variant].certified
     rows: list[dict[str, Any]] = [{"name": "normalize", "kind": "translation", "bound": 1.0}]
     for spec in networks.layer_specs(model.n, model.widths):
         name = spec.name
+        grid = (h >> 2, w >> 2) if spec.kind == "global_pool" else grids.get(name)
+        lip = stability.layer_lipschitz(
+            spec, table, variant=model.variant, grid=grid, pool_window=cfg.pool_window
+        )
         row: dict[str, Any] = {"name": name, "kind": spec.kind}
-        if spec.kind == "conv":
-            row["A0"] = conv_l2_bound(eff[f"{name}/A0"], cfg.padding)
-            row["bound"] = row["A0"]
-        elif spec.kind == "res":
-            a1 = conv_l2_bound(eff[f"{name}/A1"], cfg.padding)
-            row["A1"] = a1
-            if form.certified:
-                # The flag allows float32 rounding of a norm projected onto exactly √2; the
-                # bound itself, max(1, ‖A‖² − 1), is rigorous either way.
-                row["lemma_a1"] = bool(a1 <= math.sqrt(2.0) * (1.0 + _LEMMA_RTOL))
-                row["bound"] = max(1.0, a1 * a1 - 1.0)
-            else:
-                a2 = conv_l2_bound(eff[f"{name}/A2"], cfg.padding)
-                row["A2"] = a2
-                row["bound"] = 1.0 + a1 * a2
-        elif spec.kind == "pool":
-            p, how = avg_pool_l2(tuple(grids[name]), cfg.pool_window)
-            ap = conv_l2_bound(eff[f"{name}/Ap"], cfg.padding)
-            row.update({"P": p, "P_method": how, "Ap": ap, "bound": p + ap})
-        elif spec.kind == "global_pool":
-            hw = (h // 4) * (w // 4)
-            row["bound"] = 1.0 / math.sqrt(hw)
-        else:
-            wt = np.asarray(eff[f"{name}/W"], np.float64)
-            row["W"] = float(np.linalg.norm(wt, 2))
-            row["bound"] = row["W"]
+        ops_ = [op for op in ("A0", "A1", "A2", "Ap", "M", "W") if f"{name}/{op}" in table]
+        if certified:
+            ops_ = [op for op in ops_ if op != "A2"]  # Aᵀ of A1: the same ℓ₂ norm
+        if "Ap" in ops_:
+            row |= {"P": lip["P_l2"], "P_method": "exact"}
+        row |= {op: float(table[f"{name}/{op}"]["l2_upper"]) for op in ops_}
+        if spec.kind == "res" and certified:
+            # The flag allows float32 rounding of a norm projected onto exactly √2; the bound
+            # itself, max(1, ‖A‖² − 1), is rigorous either way.
+            row["lemma_a1"] = bool(row["A1"] <= math.sqrt(2.0) * (1.0 + _LEMMA_RTOL))
+        row["bound"] = float(lip["l2"])
         rows.append(row)
     total = float(np.prod([r["bound"] for r in rows]))
-    return LipschitzBound(total, rows)
+    return LipschitzBound(total, rows, source)
 
 
 def certify(
@@ -722,28 +702,46 @@ def random_noise_fooled(
     return out[0] if single else out
 
 
+def certificate_checks(
+    radii: Sequence[float],
+    certificate: Mapping[str, np.ndarray],
+    pgd_fooled_by_radius: Sequence[np.ndarray],
+) -> list[dict[str, Any]]:
+    """The check "certified ≤ PGD" at every radius, one row each (docs/mathematics.md §6):
+    ``radius``, ``certified_accuracy``, ``pgd_accuracy``, ``certified_images`` (correct with
+    certified radius ``≥ r``), ``broken_images`` (of those, how many PGD of radius ``r``
+    misclassified — must be 0), ``images`` (the first 20 of them, with their
+    ``certified_radii``) and ``ok`` (none broken and certified accuracy ≤ PGD accuracy)."""
+    rows = []
+    for r, fooled in zip(radii, pgd_fooled_by_radius, strict=True):
+        cert = certificate["correct"] & (certificate["radius"] >= r)
+        broken = np.flatnonzero(cert & fooled)
+        cert_acc, pgd_acc = float(np.mean(cert)), float(np.mean(~fooled))
+        rows.append(
+            {"radius": float(r), "certified_accuracy": cert_acc, "pgd_accuracy": pgd_acc,
+             "certified_images": int(cert.sum()), "broken_images": int(len(broken)),
+             "images": broken[:20].tolist(),
+             "certified_radii": certificate["radius"][broken[:20]].tolist(),
+             "ok": not len(broken) and cert_acc <= pgd_acc + _VIOLATION_TOL}
+        )  # fmt: skip
+    return rows
+
+
 def check_certificates(
     radii: Sequence[float],
     certificate: Mapping[str, np.ndarray],
     pgd_fooled_by_radius: Sequence[np.ndarray],
 ) -> list[dict[str, Any]]:
-    """Violations of "certified ⇒ not fooled by PGD" at each radius (should be empty).
-
-    Per radius: images certified at ``r`` (correct, radius ``≥ r``) that PGD of radius ``r``
-    misclassified, and whether certified accuracy exceeds PGD accuracy.
-    """
-    violations = []
-    for r, fooled in zip(radii, pgd_fooled_by_radius, strict=True):
-        cert = certificate["correct"] & (certificate["radius"] >= r)
-        broken = np.flatnonzero(cert & fooled)
-        cert_acc, pgd_acc = float(np.mean(cert)), float(np.mean(~fooled))
-        if len(broken) or cert_acc > pgd_acc + _VIOLATION_TOL:
-            violations.append(
-                {"radius": float(r), "certified_accuracy": cert_acc, "pgd_accuracy": pgd_acc,
-                 "images": broken[:20].tolist(),
-                 "certified_radii": certificate["radius"][broken[:20]].tolist()}
-            )  # fmt: skip
-    return violations
+    """Violations of "certified ⇒ not fooled by PGD" at each radius (should be empty): the rows
+    of :func:`certificate_checks` that fail, with ``radius``, ``certified_accuracy``,
+    ``pgd_accuracy``, ``images`` (certified at ``r`` yet misclassified by PGD of radius ``r``)
+    and their ``certified_radii``."""
+    keep = ("radius", "certified_accuracy", "pgd_accuracy", "images", "certified_radii")
+    return [
+        {k: row[k] for k in keep}
+        for row in certificate_checks(radii, certificate, pgd_fooled_by_radius)
+        if not row["ok"]
+    ]
 
 
 def _shout(message: str) -> None:
@@ -882,6 +880,7 @@ def robustness_report(
     )  # fmt: skip
     tick = stage("random noise", len(radii) * n_att, f"{len(radii)} radii × {n_att} images")
     rnd = random_noise_fooled(j, xa, ya, radii, seed=seed, batch_size=batch_size, on_batch=tick)
+    checks = certificate_checks(radii, cert, pgd)
     violations = check_certificates(radii, cert, pgd)
     correct_radii = cert["radius"][cert["correct"]]
     certified_right = [cert["correct"] & (cert["radius"] >= r) for r in radii]
@@ -915,6 +914,7 @@ def robustness_report(
             "bound": lip.total,
             "log10_bound": math.log10(lip.total) if lip.total > 0 else None,
             "layers": lip.layers,
+            "norms": lip.norms,
             "lemma_a1_failures": lip.lemma_a1_failures,
             "padding": clf.model.cfg.padding,
         },
@@ -926,6 +926,11 @@ def robustness_report(
             "pgd_accuracy_ci95": [runs.accuracy_interval(~f) for f in pgd],
             "random_noise_accuracy": [float(np.mean(~f)) for f in rnd],
             "random_noise_accuracy_ci95": [runs.accuracy_interval(~f) for f in rnd],
+            # certified ≤ PGD at every radius, and no certified image broken by PGD
+            "checks": [
+                {k: v for k, v in row.items() if k not in ("images", "certified_radii")}
+                for row in checks
+            ],
             "clean_accuracy": float(np.mean(cert["correct"])),
             "median_radius": float(np.median(correct_radii)) if len(correct_radii) else 0.0,
             "max_radius": float(np.max(correct_radii)) if len(correct_radii) else 0.0,
@@ -1079,7 +1084,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         "## Global ℓ₂ Lipschitz bound ([0,1] image → logits)",
         "",
-        f"L = {lip['bound']:.4g} (product of the layer bounds; padding {lip['padding']}).",
+        f"L = {lip['bound']:.4g} (product of the layer bounds; padding {lip['padding']}"
+        + (f"; norms {lip['norms']}" if "norms" in lip else "")
+        + ").",
         "",
         "| layer | kind | bound | norms |",
         "|---|---|---|---|",
@@ -1110,6 +1117,15 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         certified_markdown([report]),
         "",
     ]
+    checks = c.get("checks")
+    if checks:
+        failed = [row for row in checks if not row["ok"]]
+        out += [
+            "Check certified ≤ PGD (and no certified image broken by PGD) at every radius: "
+            + ("**holds**" if not failed else "**FAILS** at r = "
+               + ", ".join(f"{row['radius']:.3g}" for row in failed)),
+            "",
+        ]  # fmt: skip
     return "\n".join(out)
 
 
