@@ -25,8 +25,10 @@ VARIANT_STYLE: dict[str, dict[str, Any]] = {
     "resnet_d": {"color": "#d62728", "label": "ResNet-D"},
     "resnet_s": {"color": "#2ca02c", "label": "ResNet-S"},
     "resnet_s_certified": {"color": "#9467bd", "label": "ResNet-S (certified)"},
+    # every layer bounded (stabnet.lipschitz; docs/mathematics.md §6), beyond the paper
+    "resnet_s_lipschitz": {"color": "#ff7f0e", "label": "ResNet-S (Lipschitz)"},
 }
-_FALLBACK_COLORS = ("#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_FALLBACK_COLORS = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 DPI = 120
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
