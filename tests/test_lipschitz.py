@@ -8,7 +8,9 @@ implementation independent of the FFT and squaring norms the projection uses.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,18 @@ import pytest
 
 from experiments.configs import lipschitz_cifar10, lipschitz_digits
 from stabnet import config as config_lib
-from stabnet import constraints, layers, lipschitz, networks, norms, ops, stability
+from stabnet import (
+    constraints,
+    data,
+    layers,
+    lipschitz,
+    networks,
+    norms,
+    ops,
+    robustness,
+    runs,
+    stability,
+)
 
 N = 2  # conv0, res1, res2, pool3, res4, pool5, res6, fc8
 HW = (8, 8)
@@ -280,10 +293,13 @@ def test_margin_losses():
     np.testing.assert_allclose(lipschitz.training_loss(config)(z, y), ce, rtol=1e-6)
 
 
-def test_analysis_maps_compose_to_the_network():
+@pytest.mark.parametrize("downsampling", ["pool", "space_to_depth"])
+def test_analysis_maps_compose_to_the_network(downsampling):
     """The analysis's per-layer maps (docs/mathematics.md §6) reproduce the network, and its
     effective operators are the filters themselves (no BN): what experiments.analyze needs."""
-    model = networks.build_model("resnet_s_lipschitz", N, 10, use_bn=False)
+    model = networks.build_model(
+        "resnet_s_lipschitz", N, 10, use_bn=False, downsampling=downsampling
+    )
     variables = networks.init_variables(model, jax.random.key(0), (*HW, 1))
     x = jax.random.normal(jax.random.key(1), (4, *HW, 1))
     out = x
@@ -292,6 +308,149 @@ def test_analysis_maps_compose_to_the_network():
     np.testing.assert_allclose(out, model.apply(variables, x), rtol=1e-5, atol=1e-6)
     eff = norms.effective_operators(variables, "resnet_s_lipschitz", HW)
     assert np.all(np.asarray(eff["conv0/A0"].scale) == 1.0)
+    down = "M" if downsampling == "space_to_depth" else "Ap"
+    assert {f"pool{N + 1}/{down}", f"pool{2 * N + 1}/{down}"} <= set(eff)
+
+
+# --------------------------------------------------------------------------------------------
+# The analysis and the robustness report of a network that meets every constraint.
+# --------------------------------------------------------------------------------------------
+
+N_TEST = 64  # test images of the analysed network
+
+
+def project(params, grids) -> dict:
+    """Every constrained operator rescaled onto its bound (``lipschitz.layer_bounds``), measured
+    in float64 and pulled inside by 10⁻⁶ (float32 rounding): random weights meeting Theorem 4.2's
+    hypotheses, every layer at its bound."""
+    out = jax.tree.map(lambda p: np.asarray(p, np.float32), params)
+    for path, bound in lipschitz.layer_bounds(params, grids, 3).items():
+        name, leaf = path.split("/")
+        value = np.asarray(out[name][leaf], np.float64)
+        if leaf in ("M", "W"):
+            norm = np.linalg.norm(value, 2)
+        else:
+            norm = lipschitz.conv_norm64(value, grids[name], 2 if leaf == "Kp" else 1)
+        out[name][leaf] = np.asarray(value * (bound / norm) * (1 - 1e-6), np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bounded_run() -> runs.Run:
+    """A ``resnet_s_lipschitz`` (``n = 1``, space-to-depth, the digits config) with random weights
+    projected onto its constraints, as a run on ``N_TEST`` digits test images labelled with its
+    own predictions: every image is classified correctly, so every margin gives a certificate."""
+    config = lipschitz_digits.get_config()
+    config.model.n = 1
+    ds = data.load_digits()
+    model = networks.build_model("resnet_s_lipschitz", 1, ds.num_classes, use_bn=False,
+                                 downsampling="space_to_depth")  # fmt: skip
+    variables = networks.init_variables(model, jax.random.key(3), ds.image_shape)
+    grids = networks.layer_grids(1, ds.image_shape[:2])
+    params = project(jax.tree.map(lambda p: 3.0 * p + 0.05, variables["params"]), grids)
+    ds = dataclasses.replace(ds, x_test=ds.x_test[:N_TEST], y_test=ds.y_test[:N_TEST])
+    run = runs.Run("", config, model, {"params": params}, ds, 0, data.pixel_mean(ds.x_train))
+    own = np.asarray(jnp.argmax(run.logits(ds.x_test), -1), np.int32)
+    return dataclasses.replace(run, dataset=dataclasses.replace(ds, y_test=own))
+
+
+def test_analysis_reports_theorem_4_2_with_its_hypotheses_holding(bounded_run):
+    """``experiments.analyze``'s report of the bounded network: Theorem 4.2 applies
+    (``hypotheses_hold``), its ``C`` and the rigorous product bound the measured sensitivity
+    (random and ascent, end to end and per layer), and the per-layer constants are
+    :func:`stabnet.lipschitz.lipschitz_bound`'s."""
+    report = stability.analyze(bounded_run, n_images=None, ascent_steps=10, seed=0,
+                               magnitudes=(1e-2,))  # fmt: skip
+    assert report["theorem"] == "4.2"
+    assert report["hypotheses_hold"] is True, report["hypotheses"]
+    assert set(report["hypotheses"]) == {
+        "conv0_l2_le_1",
+        "fc_l2_le_1",
+        "res_A_l2_le_sqrt2",
+        "branch_is_exactly_AT_sigma_A",
+        "downsampling_M_l2_le_1",
+    }
+    assert report["violations"] == [], report["violations"]
+    measured = report["sensitivity_measured_max"]
+    assert 0 < measured <= report["C"] and measured <= report["sensitivity_bound"]
+    ratios = report["bound_to_measured"]
+    assert ratios["C"] == pytest.approx(report["C"] / measured)
+    assert 1 <= ratios["sensitivity_bound"] <= ratios["C"]
+    c42 = [c for c in report["checks"] if "Thm 4.2" in c["name"]]
+    assert len(c42) == 2 and all(c["applies"] and c["ok"] for c in c42)  # C and the growth C_b
+    # every layer at its bound: the constraints are tight, and C is the product of the bounds
+    assert report["C"] == pytest.approx(1.0, rel=1e-4)
+
+    grids = networks.layer_grids(1, (8, 8))
+    total, per = lipschitz.lipschitz_bound(bounded_run.variables["params"], grids, (2, 2), 3)
+    assert report["sensitivity_bound"] == pytest.approx(total, rel=1e-5)
+    rows = {("global_pool" if r["kind"] == "global_pool" else r["name"]): r
+            for r in report["layers"]}  # fmt: skip
+    assert set(rows) == set(per)
+    for name, constant in per.items():
+        assert rows[name]["lipschitz_l2"] == pytest.approx(constant, rel=1e-5), name
+        assert rows[name]["sensitivity"]["l2_max"] <= constant * (1 + stability.RTOL), name
+    assert set(rows["pool2"]["operators"]) == {"M"}
+
+
+def test_theorem_4_2_hypotheses_fail_where_a_bound_is_broken(bounded_run):
+    """The hypotheses are checked, not assumed: ``W`` or a downsampling ``M`` scaled past its
+    bound fails the named hypothesis, and ``C`` grows with it."""
+    specs = networks.layer_specs(1)
+    form = layers.RESIDUAL_FORMS["resnet_s_lipschitz"]
+    cfg = bounded_run.model.cfg
+    for path, name in (("fc5/W", "fc_l2_le_1"), ("pool2/M", "downsampling_M_l2_le_1")):
+        layer, leaf = path.split("/")
+        params = jax.tree.map(lambda p: p, bounded_run.variables["params"])
+        params[layer] = {**params[layer], leaf: 1.5 * params[layer][leaf]}
+        variables = {"params": params}
+        table = stability.norm_table(variables, "resnet_s_lipschitz", (8, 8), eps=1e-5,
+                                     padding="circular")  # fmt: skip
+        t = stability.theorem_4_2_constants(table, specs, variables, form=form, cfg=cfg,
+                                            image_hw=(8, 8))  # fmt: skip
+        failed = [k for k, v in t.hypotheses.items() if not v["holds"]]
+        assert failed == [name]
+        assert t.C == pytest.approx(1.5, rel=1e-4)
+
+
+def test_robustness_certified_never_above_pgd(bounded_run):
+    """``experiments.robustness``'s report: certificates from the variant's exact bound
+    (:func:`stabnet.lipschitz.lipschitz_bound`), PGD at the same radii, and the check certified
+    ≤ PGD recorded at every radius — holding, with no certified image broken by PGD; with a bound
+    100 times too small the same check fails, visibly (``violations``, the checks, the banner)."""
+    assert {36 / 255, 72 / 255, 108 / 255} <= set(robustness.default_radii("cifar10"))
+    grids = networks.layer_grids(1, (8, 8))
+    total, _ = lipschitz.lipschitz_bound(bounded_run.variables["params"], grids, (2, 2), 3)
+    clf = robustness.Classifier.from_run(bounded_run)
+    z = np.sort(np.asarray(clf.logits(robustness.to_unit(bounded_run.dataset.x_test))), -1)
+    median = float(np.median((z[:, -1] - z[:, -2]) / (SQRT2 * total)))
+    radii = (0.0, 0.5 * median, median, 4 * median, 40 * median)
+    kwargs = dict(radii=radii, pgd_steps=10, n_images=N_TEST, eps=(0.02,), deltas=(0.1,),
+                  cifar10c=False, batch_size=N_TEST)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", robustness.CertificateViolation)
+        report = robustness.robustness_report(bounded_run, **kwargs)
+    assert report["lipschitz"]["bound"] == pytest.approx(total, rel=1e-12)
+    assert report["lipschitz"]["norms"].startswith("float64")
+    c = report["certified"]
+    assert c["clean_accuracy"] == 1.0 and c["certified_accuracy"][0] == 1.0
+    assert [row["radius"] for row in c["checks"]] == list(radii)
+    assert all(row["ok"] and row["broken_images"] == 0 for row in c["checks"]), c["checks"]
+    for cert, pgd in zip(c["certified_accuracy"], c["pgd_accuracy"], strict=True):
+        assert cert <= pgd
+    assert c["certified_accuracy"][1] >= 0.5  # half the images certified at the median radius
+    assert c["pgd_accuracy"][-1] < 1.0  # the attack breaks images at the largest radius
+    assert not report["violation"] and report["violations"] == []
+
+    wrong = robustness.LipschitzBound(total / 100, [], "deliberately too small")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(robustness, "lipschitz_bound", lambda *a, **k: wrong)
+        with pytest.warns(robustness.CertificateViolation):
+            bad = robustness.robustness_report(bounded_run, **kwargs)
+    assert bad["violation"] and bad["violations"]
+    failed = [row for row in bad["certified"]["checks"] if not row["ok"]]
+    assert failed and all(row["broken_images"] > 0 for row in failed)
+    assert "**FAILS**" in robustness.report_markdown(bad)
 
 
 @pytest.mark.skip(
