@@ -674,8 +674,11 @@ def effective_operators(
     image_hw: Sequence[int],
     *,
     eps: float = 1e-5,
+    form: layers.ResidualForm | None = None,
 ) -> dict[str, EffectiveConv | jax.Array]:
     """Every linear operator of a trained network at inference, BN folded in (running stats).
+    ``form``: the network's residual form where an ablation changed it
+    (:attr:`stabnet.networks.StableResNet.residual_form`); default ``RESIDUAL_FORMS[variant]``.
 
     Keys are ``"<layer>/<operator>"``: ``conv0/A0``; ``res{k}/A1`` (``diag(s₁)A_{K₁}``, or
     ``diag(s₁)A_K`` for ResNet-S) and ``res{k}/A2`` (``diag(s₂)A_{K₂}``, or ``diag(s₂)A_K^T`` for
@@ -686,7 +689,7 @@ def effective_operators(
     ``fc{k}/W`` (the matrix ``Wᵀ`` acting on ``g``, ``[K, c]``).
     """
     params, stats = variables["params"], variables.get("batch_stats", {})
-    form = layers.RESIDUAL_FORMS[variant]
+    form = form or layers.RESIDUAL_FORMS[variant]
     fc_index = max(int(m.group(2)) for m in map(_LAYER.match, params) if m and m.group(1) == "fc")
     grids = networks.layer_grids((fc_index - 2) // 3, image_hw)  # the FC layer is layer 3n + 2
     ops_: dict[str, EffectiveConv | jax.Array] = {}

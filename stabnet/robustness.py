@@ -490,8 +490,9 @@ def lipschitz_bound(
         source = "float64 (stabnet.lipschitz.norm_table)"
     else:
         table = stability.norm_table(
-            variables, model.variant, image_hw, eps=cfg.bn_eps, padding=cfg.padding, lower=False
-        )
+            variables, model.variant, image_hw, eps=cfg.bn_eps, padding=cfg.padding, lower=False,
+            form=model.residual_form,
+        )  # fmt: skip
         source = "FFT (float32)"
     certified = layers.RESIDUAL_FORMS[model.variant].certified
     rows: list[dict[str, Any]] = [{"name": "normalize", "kind": "translation", "bound": 1.0}]

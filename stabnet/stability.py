@@ -243,7 +243,7 @@ def layer_maps(
     """``(spec, map, layer_variables)`` for every layer of Figure 4.1, in order; composing the
     maps reproduces ``model.apply`` (checked in the tests)."""
     cfg = dataclasses.replace(model.cfg, dtype=jnp.float32)
-    form = layers.RESIDUAL_FORMS[model.variant]
+    form = model.residual_form  # the variant's, or the ablation's (model.sign, …)
     out = []
     for spec in networks.layer_specs(model.n, model.widths):
         lv = {
@@ -651,13 +651,15 @@ def norm_table(
     key: jax.Array | None = None,
     lower: bool = True,
     progress: Any | None = None,
+    form: layers.ResidualForm | None = None,
 ) -> dict[str, dict[str, Any]]:
     """:func:`operator_norms` of every effective operator of a trained network
     (:func:`stabnet.norms.effective_operators`, docs/mathematics.md §6), by ``"<layer>/<op>"``;
     for the certified residual forms with the outer ``Aᵀ`` beside ``A`` (:func:`with_adjoints`).
     This is what :func:`layer_lipschitz` and the theorems' constants read. ``key``: of the power
-    iterations (zero padding, ``lower``); ``progress``: one stage, one step per operator."""
-    effective = norms.effective_operators(variables, variant, image_hw, eps=eps)
+    iterations (zero padding, ``lower``); ``progress``: one stage, one step per operator;
+    ``form``: the residual form where an ablation changed the variant's."""
+    effective = norms.effective_operators(variables, variant, image_hw, eps=eps, form=form)
     if progress is not None:
         progress.stage("operator norms", len(effective), f"{len(effective)} operators")
     key = jax.random.key(0) if key is None else key
@@ -733,6 +735,16 @@ def _norms_le_1(
     return {k: {"value": v, "holds": v <= tol} for k, v in values.items()}
 
 
+def _outer_min(
+    p: Mapping, st: Mapping, form: layers.ResidualForm, cfg: layers.LayerConfig
+) -> float:
+    """The least entry of ``K₂·sign(s₂)`` (``s₂`` the outer BN's inference scale): ≥ 0 exactly
+    when the effective outer operator ``diag(s₂)A_{K₂}`` is entrywise ≥ 0."""
+    s2 = norms.bn_scale(p, st, "2", form.outer_bn, cfg.bn_eps)
+    sign = 1.0 if s2 is None else jnp.sign(s2)
+    return float(jnp.min(p["K2"] * sign))
+
+
 def theorem_4_1_constants(
     table: Mapping[str, Mapping[str, Any]],
     specs: Sequence[networks.LayerSpec],
@@ -747,11 +759,16 @@ def theorem_4_1_constants(
     params, stats = variables["params"], variables.get("batch_stats", {})
     res = [s for s in specs if s.kind == "res"]
     conv0, fc = specs[0].name, specs[-1].name
-    k2min = min(float(jnp.min(params[s.name]["K2"])) for s in res) if res else 0.0
+    # The outer operator diag(s₂)A_{K₂} is ≥ 0 where K₂·sign(s₂) is (s₂ > 0 for the frozen BN₀;
+    # a trained BN's γ₂ may turn a channel, model.outer_bn=trained).
+    k2min = min((_outer_min(params[s.name], stats.get(s.name, {}), form, cfg) for s in res),
+                default=0.0)  # fmt: skip
     hypotheses = {
         **_norms_le_1(table, conv0, fc, "linf"),
         "K2_nonnegative": {"value": k2min, "holds": k2min >= 0.0},
     }
+    if form.sign > 0:  # model.sign=plus: x + A₂σ(·) is not the decaying flow of the theorem
+        hypotheses["branch_subtracted"] = {"value": form.sign, "holds": False}
     b0 = _bias(params[conv0], stats.get(conv0, {}), "", "trained", cfg, specs[0].channels)
     outward = 0.0
     for s in res:
@@ -908,12 +925,12 @@ def analyze(
     h, w, c_in = run.dataset.image_shape
     eps = float(cfg.model.bn_eps)
     theorem = THEOREMS[variant]
-    form = layers.RESIDUAL_FORMS[variant]
+    form = model.residual_form  # the variant's, or the ablation's (model.sign, …)
     key = jax.random.key(seed)
 
     # ---- 1. operator norms -----------------------------------------------------------------
     table = norm_table(variables, variant, (h, w), eps=eps, padding=padding, key=key,
-                       progress=progress)  # fmt: skip
+                       progress=progress, form=form)  # fmt: skip
 
     specs = networks.layer_specs(n, model.widths)
     grids = networks.layer_grids(n, (h, w))

@@ -378,3 +378,54 @@ def test_cli_defaults_and_progress(trained_runs, tmp_path):
     assert "6 of 360 test images, uniform random sample" in proc.stdout
     with open(os.path.join(tmp_path, "stability.json")) as f:
         assert json.load(f)["sample"]["n"] == 6
+
+
+@pytest.mark.parametrize(
+    "sign, outer_bn", [("paper", "trained"), ("plus", "paper"), ("plus", "trained")]
+)
+def test_resnet_d_ablations_are_analysed_as_trained(sign, outer_bn):
+    """An ablated ResNet-D (``model.sign``, ``model.outer_bn``) is analysed with its own residual
+    form: the layer maps compose to the network it is, and Theorem 4.1's hypotheses read the
+    effective outer operator ``diag(s₂)A_{K₂}`` (a trained ``γ₂ < 0`` turns a channel) and the
+    sign of the branch."""
+    model = networks.build_model("resnet_d", 1, 10, sign=sign, outer_bn=outer_bn)
+    variables = networks.init_variables(model, jax.random.key(0), (8, 8, 1))
+    params = jax.tree.map(lambda p: p, variables["params"])
+    stats = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])  # non-trivial statistics
+    variables = {"params": params, "batch_stats": stats}
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    ys, y = [], x
+    for _, fn, lv in stability.layer_maps(model, variables):
+        y = fn(lv, y)
+        ys.append(y)
+    _, feats = model.apply(variables, x, train=False, return_features=True)
+    for a, b in zip(feats, ys, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+    form, cfg, specs = model.residual_form, model.cfg, networks.layer_specs(1)
+    res = [s.name for s in specs if s.kind == "res"]
+    for k in res:  # the clip of training: K₂ ≥ 0
+        params[k] = {**params[k], "K2": jnp.abs(params[k]["K2"])}
+
+    def hypotheses(variables):
+        table = stability.norm_table(variables, "resnet_d", (8, 8), eps=cfg.bn_eps,
+                                     padding=cfg.padding, lower=False, form=form)  # fmt: skip
+        t = stability.theorem_4_1_constants(table, specs, variables, form=form, cfg=cfg)
+        return {
+            k: v["holds"]
+            for k, v in t.hypotheses.items()
+            if k not in ("conv0_linf_le_1", "fc_linf_le_1")
+        }
+
+    held = hypotheses({"params": params, "batch_stats": stats})
+    assert held == ({"K2_nonnegative": True} if sign == "paper"
+                    else {"K2_nonnegative": True, "branch_subtracted": False})  # fmt: skip
+    if outer_bn == "trained":  # one channel of γ₂ turned: the outer operator is no longer ≥ 0
+        turned = {
+            **params,
+            res[0]: {**params[res[0]], "gamma2": params[res[0]]["gamma2"].at[0].set(-1.0)},
+        }
+        assert not hypotheses({"params": turned, "batch_stats": stats})["K2_nonnegative"]
+        eff = norms.effective_operators({"params": turned, "batch_stats": stats}, "resnet_d",
+                                        (8, 8), eps=cfg.bn_eps, form=form)  # fmt: skip
+        assert float(eff[f"{res[0]}/A2"].scale[0]) < 0  # γ₂ folded into the operator
