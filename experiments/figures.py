@@ -235,18 +235,6 @@ def plot_accuracy_vs_step(workdirs: Sequence[str], path: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def unstructured_noise(images01: np.ndarray, eps: float, seed: int = 0) -> np.ndarray:
-    """``clip(x + ε·η, 0, 1)``, ``η`` i.i.d. standard normal (``numpy`` generator of ``seed``);
-    pixels in [0, 1] (docs/mathematics.md §7, Table 5.4's unstructured noise)."""
-    eta = np.random.default_rng(seed).standard_normal(images01.shape).astype(np.float32)
-    return np.clip(images01 + eps * eta, 0.0, 1.0).astype(np.float32)
-
-
-def structured_noise(images01: np.ndarray, delta: float, fixed01: np.ndarray) -> np.ndarray:
-    """``clip(x + δ·x_s, 0, 1)`` with ``x_s`` one fixed image in [0, 1] (docs/mathematics.md §7)."""
-    return np.clip(images01 + delta * fixed01[None], 0.0, 1.0).astype(np.float32)
-
-
 def _softmax(logits: Any) -> np.ndarray:
     z = np.asarray(logits, np.float64)
     z = np.exp(z - z.max(-1, keepdims=True))
@@ -306,15 +294,17 @@ def plot_probabilities(
     Returns the probabilities ``{"clean"|"unstructured"|"structured": [N, K]}``, the labels and
     the path.
     """
+    from stabnet import robustness
+
     ds = run.dataset
     m = len(ds.x_test)
     idx = [int(i) % m for i in image_indices]
     clean = ds.x_test[idx].astype(np.float32) / 255.0
     fixed = ds.x_test[int(structured_index) % m].astype(np.float32) / 255.0
-    versions = {
+    versions = {  # Table 5.4's corruptions, with the noise its evaluation gives these images
         "clean": clean,
-        "unstructured": unstructured_noise(clean, eps, seed),
-        "structured": structured_noise(clean, delta, fixed),
+        "unstructured": robustness.corrupted_images(clean, eps=eps, seed=seed, image_index=idx),
+        "structured": robustness.corrupted_images(clean, delta=delta, x_s=fixed),
     }
     titles = {
         "clean": "clean",

@@ -180,10 +180,44 @@ def _jit_forward(model, variables, mean, u, idx, key, eps, delta, x_s, radius, b
     """Logits of ``clip(u + ε·η + δ·x_s + r·η/‖η‖₂, box[0], box[1])`` per job, ``η`` i.i.d.
     ``N(0, 1)`` from ``fold_in(key, idx)``: clean (all zero), Table 5.4's noises, or random noise
     of norm ``r``. ``box`` is ``(0, 1)``, the pixel range, or ``(−∞, ∞)``: no clipping."""
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
-    eta = jax.vmap(lambda k: jax.random.normal(k, u.shape[1:], jnp.float32))(keys)
+    eta = _eta(u, idx, key)
     noise = _col(eps) * eta + _col(radius) * eta / jnp.maximum(_norms(eta), 1e-12)
     return _logits(model, variables, mean, jnp.clip(u + noise + _col(delta) * x_s, *box))
+
+
+def _eta(u: jax.Array, idx: jax.Array, key: jax.Array) -> jax.Array:
+    """Table 5.4's ``η``: i.i.d. ``N(0, 1)`` shaped like one image, per job from
+    ``fold_in(key, idx)`` (``idx`` the image's index, so its noise does not depend on batching)."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
+    return jax.vmap(lambda k: jax.random.normal(k, u.shape[1:], jnp.float32))(keys)
+
+
+@jax.jit
+def _jit_corrupt(u, idx, key, eps, delta, x_s):
+    return jnp.clip(u + _col(eps) * _eta(u, idx, key) + _col(delta) * x_s, 0.0, 1.0)
+
+
+def corrupted_images(
+    images: Any,
+    *,
+    eps: float = 0.0,
+    delta: float = 0.0,
+    x_s: Any | None = None,
+    seed: int = 0,
+    image_index: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Table 5.4's corrupted images ``clip(x + ε·η + δ·x_s, 0, 1)`` (docs/mathematics.md §7),
+    float32 in [0, 1]: exactly what :func:`corrupted_correct` classifies, with the same ``η`` for
+    the test image of index ``image_index[i]`` (default ``i``) and ``seed``. ``images``: uint8
+    or floats in [0, 1]; ``x_s``: one image in [0, 1] (default zeros)."""
+    u = jnp.asarray(as_unit(images))
+    n = len(u)
+    idx = np.arange(n) if image_index is None else np.asarray(image_index)
+    xs = jnp.zeros(u.shape[1:], jnp.float32) if x_s is None else jnp.asarray(x_s, jnp.float32)
+    full = functools.partial(np.full, n, dtype=np.float32)
+    out = _jit_corrupt(u, jnp.asarray(idx, jnp.uint32), jax.random.PRNGKey(seed),
+                       jnp.asarray(full(eps)), jnp.asarray(full(delta)), xs)  # fmt: skip
+    return np.asarray(out)
 
 
 @jax.jit
@@ -1203,6 +1237,7 @@ __all__ = [
     "corrupted_correct",
     "default_radii",
     "forward_logits",
+    "corrupted_images",
     "lipschitz_bound",
     "noise_accuracies",
     "pgd_fooled",

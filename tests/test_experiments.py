@@ -61,15 +61,25 @@ def test_figure_helpers(trained_runs):
     import numpy as np
 
     from experiments import figures
-    from stabnet import runs
+    from stabnet import robustness, runs
 
     run = runs.load_run(trained_runs["resnet"])
     probs = figures.predict_probabilities(run, run.dataset.x_test[:5] / 255.0)
     assert probs.shape == (5, 10) and np.allclose(probs.sum(-1), 1.0, atol=1e-5)
     x = np.full((2, 8, 8, 1), 0.9, np.float32)
-    noisy = figures.unstructured_noise(x, 0.5, seed=0)
+    noisy = robustness.corrupted_images(x, eps=0.5, seed=0)
     assert noisy.min() >= 0 and noisy.max() <= 1 and not np.allclose(noisy, x)
-    assert np.allclose(figures.structured_noise(x, 0.2, np.ones((8, 8, 1))), 1.0)  # clipped
+    assert np.allclose(robustness.corrupted_images(x, delta=0.2, x_s=np.ones((8, 8, 1))), 1.0)
+    # the figure's corrupted test images are the ones Table 5.4's evaluation classifies
+    clf = robustness.Classifier.from_run(run)
+    x_s = robustness.as_unit(run.dataset.x_test[-1])
+    for eps, delta in ((0.3, 0.0), (0.0, 0.4), (0.2, 0.3)):
+        images = robustness.corrupted_images(run.dataset.x_test[2:5], eps=eps, delta=delta,
+                                             x_s=x_s, seed=1, image_index=[2, 3, 4])  # fmt: skip
+        ours = np.argmax(np.asarray(clf.logits(images)), -1) == run.dataset.y_test[2:5]
+        table = robustness.corrupted_correct(clf, run.dataset.x_test[:5], run.dataset.y_test[:5],
+                                             [(eps, delta)], x_s=x_s, seed=1)[0, 2:]  # fmt: skip
+        np.testing.assert_array_equal(ours, table)
     assert [k for k, _ in figures.block_layers(2)] == [0, 2, 3, 4, 5, 6]
     assert [k for k, _ in figures.block_layers(1)] == [0, 1, 2, 3]  # stages 2–3 have no res
     feats = figures.feature_maps(run, 0)
