@@ -394,10 +394,11 @@ def training_loss(
     config: ml_collections.ConfigDict,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The per-example data loss of ``config.loss`` (``name``, ``temperature``, ``margin``):
-    plain cross-entropy (4.6), :func:`margin_cross_entropy` or :func:`multiclass_hinge`.
-    Configs without a ``loss`` section (older workdirs) train with cross-entropy."""
-    loss = config.get("loss") or ml_collections.ConfigDict({"name": "cross_entropy"})
-    name = loss.get("name", "cross_entropy")
+    plain cross-entropy (4.6), :func:`margin_cross_entropy` or :func:`multiclass_hinge`. An
+    older workdir's config, without ``loss``, is upgraded where it is loaded
+    (:func:`stabnet.config.upgrade_config`: cross-entropy)."""
+    loss = config.loss
+    name = loss.name
     if name == "cross_entropy":
         return lambda z, y: optax.softmax_cross_entropy_with_integer_labels(
             z.astype(jnp.float32), y

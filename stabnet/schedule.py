@@ -44,8 +44,9 @@ class Schedule:
 
 
 def of(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Schedule:
-    """The :class:`Schedule` of ``config`` (its fields scaled by ``schedule_scale``)."""
-    scale = float(config.get("schedule_scale", 1.0))
+    """The :class:`Schedule` of ``config`` (its fields scaled by ``schedule_scale``); a config
+    from an older workdir is upgraded first (:func:`stabnet.config.upgrade_config`)."""
+    scale = float(config["schedule_scale"])
     counts = {}
     for key in SCHEDULE_FIELDS:
         section, _, name = key.rpartition(".")

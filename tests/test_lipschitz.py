@@ -290,8 +290,9 @@ def test_margin_losses():
     config = lipschitz_digits.get_config()
     loss = lipschitz.training_loss(config)
     assert loss(z, y).shape == (2,)
-    del config["loss"]  # older workdirs: cross-entropy
-    np.testing.assert_allclose(lipschitz.training_loss(config)(z, y), ce, rtol=1e-6)
+    del config["loss"]  # an older workdir's config, upgraded where it is loaded: cross-entropy
+    upgraded = config_lib.upgrade_config(config)
+    np.testing.assert_allclose(lipschitz.training_loss(upgraded)(z, y), ce, rtol=1e-6)
 
 
 @pytest.mark.parametrize("downsampling", ["pool", "space_to_depth"])
