@@ -27,20 +27,30 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of a trained run (holds config.json, checkpoints/).")
 CPU_IMAGES = 128
-flags.DEFINE_integer(
-    "n_images",
-    None,
-    "Test images measured: a uniform random sample of this size (seeded by --seed). Default: "
-    f"{CPU_IMAGES} on a CPU, the whole test set on a GPU or TPU.",
-)
-flags.DEFINE_bool("full_test_set", False, "Measure the whole test set (overrides --n_images).")
-flags.DEFINE_integer("ascent_steps", 50, "Adam steps of the gradient ascent on the sensitivity.")
-flags.DEFINE_integer("seed", 0, "Seed of the random perturbations.")
-flags.DEFINE_bool("per_layer", True, "Also measure every layer's own sensitivity.")
-flags.DEFINE_string("outdir", "", "Where to write the report (default: WORKDIR/analysis).")
-flags.mark_flags_as_required(["workdir"])
+
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (not on import: the entry points
+    share flag names, and tests import several of them in one process)."""
+    flags.DEFINE_string(
+        "workdir", None, "Workdir of a trained run (holds config.json, checkpoints/)."
+    )
+    flags.DEFINE_integer(
+        "n_images",
+        None,
+        "Test images measured: a uniform random sample of this size (seeded by --seed). Default: "
+        f"{CPU_IMAGES} on a CPU, the whole test set on a GPU or TPU.",
+    )
+    flags.DEFINE_bool("full_test_set", False, "Measure the whole test set (overrides --n_images).")
+    flags.DEFINE_integer(
+        "ascent_steps", 50, "Adam steps of the gradient ascent on the sensitivity."
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of the random perturbations.")
+    flags.DEFINE_bool("per_layer", True, "Also measure every layer's own sensitivity.")
+    flags.DEFINE_string("outdir", "", "Where to write the report (default: WORKDIR/analysis).")
+    flags.mark_flags_as_required(["workdir"])
+
 
 EXIT_VIOLATION = 1
 
@@ -184,4 +194,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from stabnet.cli import parse_flags
 
+    _define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -32,47 +32,58 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of a trained run (holds config.json, checkpoints).")
-flags.DEFINE_string("outdir", None, "Where to write the report (default: WORKDIR/analysis).")
-flags.DEFINE_string("eps", "0.02,0.05", "Unstructured noise levels ε (x + ε·η), comma-separated.")
-flags.DEFINE_string(
-    "deltas", "0.05,0.1,0.2,0.3,0.5", "Structured noise levels δ (x + δ·x_s), comma-separated."
-)
-flags.DEFINE_integer("structured_index", 0, "Index of the test image x_s of structured noise.")
-flags.DEFINE_string(
-    "radii", None, "ℓ₂ radii in [0,1]-pixel units, comma-separated (default: per data set)."
-)
-flags.DEFINE_integer("pgd_steps", 20, "PGD steps per radius.")
-flags.DEFINE_float("pgd_rel_step", 2.5, "Total PGD step length in units of r (α = this·r/steps).")
-flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
 CPU_IMAGES = 1000
 CPU_ATTACK = 500
-flags.DEFINE_integer(
-    "n_images",
-    None,
-    "Test images of the noise table and CIFAR-10-C: a uniform random sample of this size "
-    f"(seeded by --seed). Default: {CPU_IMAGES} on a CPU, the whole test set on a GPU or TPU.",
-)
-flags.DEFINE_integer(
-    "n_attack",
-    None,
-    "Test images for certificates, PGD and random noise (a sample nested in --n_images's). "
-    f"Default: {CPU_ATTACK} on a CPU (at most --n_images), --n_images on a GPU or TPU.",
-)
-flags.DEFINE_bool(
-    "full_test_set", False, "Use the whole test set everywhere (overrides the sample sizes)."
-)
-flags.DEFINE_integer("seed", 0, "Seed of the noise and of the PGD starts.")
-flags.DEFINE_bool(
-    "clip_corruptions",
-    True,
-    "Clip Table 5.4's corrupted images to the pixel range [0, 1] (--noclip_corruptions: feed "
-    "x + ε·η and x + δ·x_s as they are). Certificates and PGD always stay in [0, 1].",
-)
-flags.DEFINE_integer("batch_size", 1024, "Evaluation batch size.")
-flags.DEFINE_bool("cifar10c", True, "Evaluate CIFAR-10-C (cifar10 runs; needs a TFDS copy).")
-flags.DEFINE_string("cifar10c_severities", "1,3,5", "CIFAR-10-C severities, comma-separated.")
-flags.mark_flags_as_required(["workdir"])
+
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (not on import: the entry points
+    share flag names, and tests import several of them in one process)."""
+    flags.DEFINE_string(
+        "workdir", None, "Workdir of a trained run (holds config.json, checkpoints)."
+    )
+    flags.DEFINE_string("outdir", None, "Where to write the report (default: WORKDIR/analysis).")
+    flags.DEFINE_string(
+        "eps", "0.02,0.05", "Unstructured noise levels ε (x + ε·η), comma-separated."
+    )
+    flags.DEFINE_string(
+        "deltas", "0.05,0.1,0.2,0.3,0.5", "Structured noise levels δ (x + δ·x_s), comma-separated."
+    )
+    flags.DEFINE_integer("structured_index", 0, "Index of the test image x_s of structured noise.")
+    flags.DEFINE_string(
+        "radii", None, "ℓ₂ radii in [0,1]-pixel units, comma-separated (default: per data set)."
+    )
+    flags.DEFINE_integer("pgd_steps", 20, "PGD steps per radius.")
+    flags.DEFINE_float(
+        "pgd_rel_step", 2.5, "Total PGD step length in units of r (α = this·r/steps)."
+    )
+    flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
+    flags.DEFINE_integer(
+        "n_images",
+        None,
+        "Test images of the noise table and CIFAR-10-C: a uniform random sample of this size "
+        f"(seeded by --seed). Default: {CPU_IMAGES} on a CPU, the whole test set on a GPU or TPU.",
+    )
+    flags.DEFINE_integer(
+        "n_attack",
+        None,
+        "Test images for certificates, PGD and random noise (a sample nested in --n_images's). "
+        f"Default: {CPU_ATTACK} on a CPU (at most --n_images), --n_images on a GPU or TPU.",
+    )
+    flags.DEFINE_bool(
+        "full_test_set", False, "Use the whole test set everywhere (overrides the sample sizes)."
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of the noise and of the PGD starts.")
+    flags.DEFINE_bool(
+        "clip_corruptions",
+        True,
+        "Clip Table 5.4's corrupted images to the pixel range [0, 1] (--noclip_corruptions: feed "
+        "x + ε·η and x + δ·x_s as they are). Certificates and PGD always stay in [0, 1].",
+    )
+    flags.DEFINE_integer("batch_size", 1024, "Evaluation batch size.")
+    flags.DEFINE_bool("cifar10c", True, "Evaluate CIFAR-10-C (cifar10 runs; needs a TFDS copy).")
+    flags.DEFINE_string("cifar10c_severities", "1,3,5", "CIFAR-10-C severities, comma-separated.")
+    flags.mark_flags_as_required(["workdir"])
 
 
 def parse_floats(name: str, text: str | None) -> tuple[float, ...] | None:
@@ -206,4 +217,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from stabnet.cli import parse_flags
 
+    _define_flags()
     app.run(main, flags_parser=parse_flags)
