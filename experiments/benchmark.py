@@ -23,26 +23,31 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path of a config file (PATH or PATH:ARG).")
-flags.DEFINE_integer("steps", 50, "Timed steps (after one warm-up chunk).", lower_bound=1)
-flags.DEFINE_integer(
-    "warmup",
-    0,
-    "Untimed steps after the first chunk, e.g. for ResNet-S's screened norms, which "
-    "solve more eigenproblems in the first ~100 steps (flat spectra at initialisation).",
-    lower_bound=0,
-)
-flags.DEFINE_bool("json", False, "Print one JSON object.")
-flags.DEFINE_bool("synthetic", False, "Random images of the data set's shape, not the data.")
-flags.DEFINE_integer("cpu_devices", None, "Split the CPU into this many JAX devices.")
-flags.DEFINE_string(
-    "profile",
-    None,
-    "After the timing, trace two more dispatches of the step into DIR/on and, where the config "
-    "has constraints, of the step without them into DIR/off (jax.profiler; summarised and "
-    "compared by benchmarks/trace_summary.py).",
-)
-flags.mark_flags_as_required(["config"])
+
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (not on import: the entry points
+    share flag names, and tests import several of them in one process)."""
+    config_flags.DEFINE_config_file("config", None, "Path of a config file (PATH or PATH:ARG).")
+    flags.DEFINE_integer("steps", 50, "Timed steps (after one warm-up chunk).", lower_bound=1)
+    flags.DEFINE_integer(
+        "warmup",
+        0,
+        "Untimed steps after the first chunk, e.g. for ResNet-S's screened norms, which "
+        "solve more eigenproblems in the first ~100 steps (flat spectra at initialisation).",
+        lower_bound=0,
+    )
+    flags.DEFINE_bool("json", False, "Print one JSON object.")
+    flags.DEFINE_bool("synthetic", False, "Random images of the data set's shape, not the data.")
+    flags.DEFINE_integer("cpu_devices", None, "Split the CPU into this many JAX devices.")
+    flags.DEFINE_string(
+        "profile",
+        None,
+        "After the timing, trace two more dispatches of the step into DIR/on and, where the config "
+        "has constraints, of the step without them into DIR/off (jax.profiler; summarised and "
+        "compared by benchmarks/trace_summary.py).",
+    )
+    flags.mark_flags_as_required(["config"])
 
 
 def machine() -> str:
@@ -212,4 +217,5 @@ if __name__ == "__main__":
     from stabnet.cli import parse_flags, use_huge_pages
 
     use_huge_pages()
+    _define_flags()
     app.run(main, flags_parser=parse_flags)

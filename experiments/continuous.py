@@ -24,14 +24,22 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("kind", "all", ["standard", "resnet_d", "resnet_s", "all"], "Which system.")
-flags.DEFINE_float("T", 1.0, "Final time.")
-flags.DEFINE_bool("json", False, "Print one JSON object instead of tables.")
-flags.DEFINE_integer("seed", 0, "Seed of the random problems and starts.")
-flags.DEFINE_integer("n0", 32, "Coarsest number of steps of the convergence study.")
-flags.DEFINE_integer("levels", 6, "Number of step counts n0, 2·n0, … (at least 3).")
-flags.DEFINE_integer("bound_steps", 128, "Steps N of the trajectories the bounds are checked on.")
-flags.DEFINE_integer("pairs", 3, "Random pairs of starts (x0, y0) per bound check.")
+
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (not on import: the entry points
+    share flag names, and tests import several of them in one process)."""
+    flags.DEFINE_enum("kind", "all", ["standard", "resnet_d", "resnet_s", "all"], "Which system.")
+    flags.DEFINE_float("T", 1.0, "Final time.")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of tables.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random problems and starts.")
+    flags.DEFINE_integer("n0", 32, "Coarsest number of steps of the convergence study.")
+    flags.DEFINE_integer("levels", 6, "Number of step counts n0, 2·n0, … (at least 3).")
+    flags.DEFINE_integer(
+        "bound_steps", 128, "Steps N of the trajectories the bounds are checked on."
+    )
+    flags.DEFINE_integer("pairs", 3, "Random pairs of starts (x0, y0) per bound check.")
+
 
 OPERATORS = ("dense", "conv")
 
@@ -170,4 +178,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=_parse)

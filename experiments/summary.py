@@ -15,9 +15,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path of a config file (PATH or PATH:ARG).")
-flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-flags.mark_flags_as_required(["config"])
+
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (not on import: the entry points
+    share flag names, and tests import several of them in one process)."""
+    config_flags.DEFINE_config_file("config", None, "Path of a config file (PATH or PATH:ARG).")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+    flags.mark_flags_as_required(["config"])
 
 
 def summarize(config) -> dict:
@@ -79,4 +84,5 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from stabnet.cli import parse_flags
 
+    _define_flags()
     app.run(main, flags_parser=parse_flags)
