@@ -124,9 +124,12 @@ KILL_WEIGHTS = {"log": 3, "save": 3, "saved": 2, "resume": 1}
 
 
 def checkpoint_folders(workdir: str) -> tuple[set[int], set[str]]:
-    """Finished checkpoint steps, and orbax's unfinished (tmp) step folders."""
+    """Finished checkpoint steps, and orbax's unfinished (tmp) step folders (not the start's
+    write probe, a ``logbook.TMP_PREFIX`` file that lives for microseconds: taken for a save, it
+    let a kill land before the resume was announced)."""
     folder = os.path.join(workdir, "checkpoints")
     names = os.listdir(folder) if os.path.isdir(folder) else []
+    names = [n for n in names if not n.startswith(logbook.TMP_PREFIX)]
     return {int(n) for n in names if n.isdigit()}, {n for n in names if not n.isdigit()}
 
 
