@@ -331,9 +331,8 @@ def lipschitz_bound(
     input grids (:func:`stabnet.networks.layer_grids`); keys of the constants: the layers'
     names, and ``global_pool``."""
     table = norm_table(params, grids, padding=padding)
-    fc = max((name for name in params if name.startswith("fc")), key=lambda s: int(s[2:]))
     per: dict[str, float] = {}
-    for spec in networks.layer_specs((int(fc[2:]) - 2) // 3):  # the FC layer is layer 3n + 2
+    for spec in networks.layer_specs(networks.n_of(params)):
         grid = final_grid if spec.kind == "global_pool" else grids.get(spec.name)
         lip = stability.layer_lipschitz(
             spec, table, variant=VARIANT, grid=grid, pool_window=pool_window

@@ -18,7 +18,7 @@ Only the residual layer changes between variants (:data:`stabnet.layers.RESIDUAL
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -86,6 +86,12 @@ def check_architecture(
             f"image shape {h}×{w} is invalid; allowed: h and w divisible by 4 (two stride-2 "
             "pooling layers); pad or crop the data (data.name)"
         )
+
+
+def n_of(params: Mapping[str, Any]) -> int:
+    """The depth parameter ``n`` of a network's parameter tree: its FC layer is ``fc{3n + 2}``."""
+    fc = max(int(name[2:]) for name in params if name.startswith("fc") and name[2:].isdigit())
+    return (fc - 2) // 3
 
 
 def layer_specs(n: int, widths: Sequence[int] = (16, 32, 64)) -> list[LayerSpec]:

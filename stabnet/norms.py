@@ -690,8 +690,7 @@ def effective_operators(
     """
     params, stats = variables["params"], variables.get("batch_stats", {})
     form = form or layers.RESIDUAL_FORMS[variant]
-    fc_index = max(int(m.group(2)) for m in map(_LAYER.match, params) if m and m.group(1) == "fc")
-    grids = networks.layer_grids((fc_index - 2) // 3, image_hw)  # the FC layer is layer 3n + 2
+    grids = networks.layer_grids(networks.n_of(params), image_hw)
     ops_: dict[str, EffectiveConv | jax.Array] = {}
 
     def eff(name, kernel, which, mode, stride=1):
