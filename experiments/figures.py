@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from stabnet import logbook, plots
+from stabnet import logbook, plots, variants
 
 # Table 5.3 of the paper: test accuracy (%), mean over the last 5,000 steps, real CIFAR.
 # Key: (variant, paper depth, data set). Missing entries were not reported ("—").
@@ -128,16 +128,14 @@ def read_json(path: str) -> dict[str, Any] | None:
 def run_info(workdir: str) -> dict[str, Any]:
     """What the tables and labels need of a run: name, variant, n, depth, data, seed, steps,
     final accuracy (``None`` until ``results.json`` exists), data source."""
-    from stabnet import networks
-
     config = read_json(os.path.join(workdir, "config.json")) or {}
     results = read_json(os.path.join(workdir, "results.json"))
     model, d = config.get("model", {}), config.get("data", {})
     variant, n = model.get("variant", "?"), model.get("n", 0)
-    if variant not in networks.VARIANTS:
+    if variant not in variants.experiment_names():
         raise ValueError(f"{workdir}/config.json names no stabnet network (model.variant="
                          f"{variant!r}); is {workdir} a stabnet workdir?")  # fmt: skip
-    depth = results["depth"] if results else networks.paper_depth(variant, n)
+    depth = results["depth"] if results else variants.get(variant).depth(n)
     return {
         "workdir": workdir,
         "name": run_name(workdir),
@@ -241,32 +239,18 @@ def _softmax(logits: Any) -> np.ndarray:
     return z / z.sum(-1, keepdims=True)
 
 
-_APPLY_CACHE: dict[int, tuple[Any, Any]] = {}
 _BUCKET = 16  # batches are padded to a multiple of this: one compilation serves every figure
 
 
-def _apply_fn(model: Any) -> Any:
-    """``jit(model.apply)`` in inference mode returning ``(logits, features)``, cached per model:
-    one compilation instead of one per operation (eager Flax on CPU compiles every op)."""
-    import jax
-
-    cached = _APPLY_CACHE.get(id(model))
-    if cached is None or cached[0] is not model:
-        fn = jax.jit(lambda v, x: model.apply(v, x, train=False, return_features=True))
-        cached = _APPLY_CACHE[id(model)] = (model, fn)
-    return cached[1]
-
-
 def forward(run: Any, images01: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Logits ``[N, K]`` and every layer's feature (docs/mathematics.md §3 indices) of a loaded run
-    (:func:`stabnet.runs.load_run`) for images with pixels in [0, 1] (inference mode, running BN
-    statistics; normalised as in training, ``x − mean``)."""
-    from stabnet import data
-
+    """Logits ``[N, K]`` and every layer's feature (docs/mathematics.md §3 indices) of a trained
+    network (:func:`stabnet.runs.load_run`) for images with pixels in [0, 1]: its jitted
+    :meth:`~stabnet.runs.TrainedNetwork.forward` (float32 at inference, running BN statistics;
+    normalised as in training, ``x − mean``)."""
     x = np.asarray(images01, np.float32)
     n = len(x)
     padded = np.concatenate([x, np.zeros(((-n) % _BUCKET, *x.shape[1:]), np.float32)])
-    logits, features = _apply_fn(run.model)(run.variables, data.normalize(padded * 255.0, run.mean))
+    logits, features = run.forward(run.normalize(padded * 255.0))
     return np.asarray(logits)[:n], [np.asarray(f)[:n] for f in features]
 
 
@@ -327,25 +311,8 @@ def plot_probabilities(
             else np.argsort(-probs["clean"][r])[:k_show]
         )
         for c, key in enumerate(versions):
-            ax_img, ax_bar = axes[r, 2 * c], axes[r, 2 * c + 1]
-            img, cmap = plots.image_for_display(versions[key][r])
-            ax_img.imshow(img, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax_img.set_xticks([])
-            ax_img.set_yticks([])
-            ax_img.grid(False)
-            if r == 0:
-                ax_img.set_title(titles[key])
-            p = probs[key][r]
-            pred = int(np.argmax(p))
-            colors = [
-                "#2ca02c" if j == labels[r] else "#d62728" if j == pred else "#9e9e9e"
-                for j in order
-            ]
-            ax_bar.bar(range(len(order)), p[order], color=colors)
-            ax_bar.set_ylim(0, 1)
-            ax_bar.set_xticks(range(len(order)))
-            ax_bar.set_xticklabels([names[j][:8] for j in order], rotation=60, fontsize=6)
-            ax_bar.set_title(f"pred {names[pred][:12]} ({p[pred]:.2f})", fontsize=8)
+            _image_panel(axes[r, 2 * c], versions[key][r], titles[key] if r == 0 else None)
+            _probability_panel(axes[r, 2 * c + 1], probs[key][r], order, labels[r], names)
         axes[r, 0].set_ylabel(f"test #{idx[r]}\nlabel {names[labels[r]][:12]}", fontsize=8)
     info = run_info(run.workdir)
     fig.suptitle(
@@ -355,6 +322,31 @@ def plot_probabilities(
     )
     plots.save_figure(fig, path)
     return {"probabilities": probs, "labels": labels, "path": path}
+
+
+def _image_panel(ax: Any, image: np.ndarray, title: str | None) -> None:
+    """One image of Figures 5.3–5.4, pixels in [0, 1], without ticks."""
+    img, cmap = plots.image_for_display(image)
+    ax.imshow(img, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title is not None:
+        ax.set_title(title)
+
+
+def _probability_panel(
+    ax: Any, p: np.ndarray, order: np.ndarray, label: int, names: Sequence[str]
+) -> None:
+    """The predicted probabilities ``p`` of the classes ``order`` as bars: the true class green,
+    a wrong top prediction red."""
+    pred = int(np.argmax(p))
+    colors = ["#2ca02c" if j == label else "#d62728" if j == pred else "#9e9e9e" for j in order]
+    ax.bar(range(len(order)), p[order], color=colors)
+    ax.set_ylim(0, 1)
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([names[j][:8] for j in order], rotation=60, fontsize=6)
+    ax.set_title(f"pred {names[pred][:12]} ({p[pred]:.2f})", fontsize=8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,7 +490,7 @@ def table_5_3(workdirs: Sequence[str]) -> str:
     for i in done:
         key = (i["variant"], i["depth"], i["data"], i["steps"], i["use_bn"])
         groups.setdefault(key, []).append(i)
-    order = {v: k for k, v in enumerate(plots.VARIANT_STYLE)}
+    order = {v: k for k, v in enumerate(variants.VARIANTS)}
     lines = [
         "# Table 5.3 — test accuracy (%) by depth",
         "",
@@ -569,40 +561,19 @@ def make_all(
     """Write Figure 5.1, Table 5.3 and (with ``per_run``) Figures 5.3–5.4 and 4.3–4.4 of every run
     that has a checkpoint to ``out``, plus ``figures.md`` linking them. Runs that cannot be loaded
     are reported (``skipped``) and the rest carry on. Returns the written paths."""
-    from stabnet import data, runs
-
     os.makedirs(out, exist_ok=True)
     written: dict[str, Any] = {"per_run": {}, "skipped": {}}
-    names = unique_names(workdirs)
     written["accuracy_vs_step"] = plot_accuracy_vs_step(
         workdirs, os.path.join(out, "accuracy_vs_step.png")
     )
     table = table_5_3(workdirs)
     written["table_5_3"] = plots.write_text_atomic(os.path.join(out, "table_5_3.md"), table)
     if per_run:
-        cache: dict[tuple[str, ...], data.Dataset] = {}
-        for w in workdirs:
-            name = names[w]
-            try:
-                key = _dataset_key(w)
-                run = runs.load_run(w, dataset=cache.get(key))
-                cache[key] = run.dataset
-                p = plot_probabilities(
-                    run,
-                    os.path.join(out, f"probabilities_{name}.png"),
-                    image_indices=image_indices,
-                    eps=eps,
-                    delta=delta,
-                    structured_index=structured_index,
-                    seed=seed,
-                )["path"]
-                f = os.path.join(out, f"feature_maps_{name}.png")
-                plot_feature_maps(run, f, image_index=feature_image, max_channels=max_channels)
-                written["per_run"][name] = {"probabilities": p, "feature_maps": f}
-            except Exception as e:  # one broken run must not stop the others
-                reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-                written["skipped"][name] = reason
-                log(f"figures: skipped per-run figures of {w}: {reason}")
+        written["per_run"], written["skipped"] = per_run_figures(
+            workdirs, out, image_indices=image_indices, eps=eps, delta=delta,
+            structured_index=structured_index, feature_image=feature_image,
+            max_channels=max_channels, seed=seed, log=log,
+        )  # fmt: skip
     md = ["# Figures", "", f"Runs: {len(workdirs)}", "", "## Figure 5.1 — test accuracy vs step",
           "", "![accuracy vs step](accuracy_vs_step.png)", ""]  # fmt: skip
     for name, paths in written["per_run"].items():
@@ -623,6 +594,48 @@ def make_all(
     md += ["", table]
     written["index"] = plots.write_text_atomic(os.path.join(out, "figures.md"), "\n".join(md))
     return written
+
+
+def per_run_figures(
+    workdirs: Sequence[str],
+    out: str,
+    *,
+    image_indices: Sequence[int],
+    eps: float,
+    delta: float,
+    structured_index: int,
+    feature_image: int,
+    max_channels: int,
+    seed: int,
+    log: Any = print,
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Figures 5.3–5.4 and 4.3–4.4 of every run with a checkpoint (runs on one data set share
+    its loaded copy). Returns ``({name: {"probabilities", "feature_maps"}}, {name: reason})``:
+    the paths written, and why a run that could not be drawn was skipped (the others carry on)."""
+    from stabnet import data, runs
+
+    names = unique_names(workdirs)
+    written: dict[str, dict[str, str]] = {}
+    skipped: dict[str, str] = {}
+    cache: dict[tuple[str, ...], data.Dataset] = {}
+    for w in workdirs:
+        name = names[w]
+        try:
+            key = _dataset_key(w)
+            run = runs.load_run(w, dataset=cache.get(key))
+            cache[key] = run.dataset
+            p = plot_probabilities(
+                run, os.path.join(out, f"probabilities_{name}.png"), image_indices=image_indices,
+                eps=eps, delta=delta, structured_index=structured_index, seed=seed,
+            )["path"]  # fmt: skip
+            f = os.path.join(out, f"feature_maps_{name}.png")
+            plot_feature_maps(run, f, image_index=feature_image, max_channels=max_channels)
+            written[name] = {"probabilities": p, "feature_maps": f}
+        except Exception as e:  # one broken run must not stop the others
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            skipped[name] = reason
+            log(f"figures: skipped per-run figures of {w}: {reason}")
+    return written, skipped
 
 
 def _main(argv: list[str]) -> int:

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from experiments import figures
-from stabnet import layers, logbook, plots
+from stabnet import layers, logbook, plots, variants
 
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json")
 NOISE_FILE = "noise.json"
@@ -171,17 +171,15 @@ def table_5_3_rows(infos: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 if r["finished"] and r["final_test_accuracy"] is not None]  # fmt: skip
         return _mean(accs)
 
-    from stabnet import networks
-
-    order = {v: k for k, v in enumerate(plots.VARIANT_STYLE)}
+    order = {v: k for k, v in enumerate(variants.VARIANTS)}
     rows = []
     for key in sorted(groups, key=lambda k: (k[3], k[4], order.get(k[0], 99), k[0], k[2], k[1])):
         variant, abl, n, dataset, proto = key
         runs = groups[key]
         done = [r for r in runs if r["finished"] and r["final_test_accuracy"] is not None]
-        depth = networks.paper_depth(variant, n)
+        depth = variants.get(variant).depth(n)
         ours = finished_mean(key)
-        baseline = finished_mean(("resnet", "", n, dataset, proto))
+        baseline = finished_mean((variants.BASELINE, "", n, dataset, proto))
         paper_ref = None if abl else figures.PAPER_TABLE_5_3.get((variant, depth, dataset))
         paper = paper_ref if proto == "full" else None  # a difference only on the same protocol
         if done:
@@ -203,8 +201,8 @@ def table_5_3_rows(infos: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "seeds": len(done),
             "ours": ours,
             "ours_std": _std(accs),
-            "baseline": None if variant == "resnet" and not abl else baseline,
-            "ours_minus_baseline": None if variant == "resnet" and not abl
+            "baseline": None if variant == variants.BASELINE and not abl else baseline,
+            "ours_minus_baseline": None if variant == variants.BASELINE and not abl
             else _diff(ours, baseline),
             "paper": paper_ref,
             "ours_minus_paper": _diff(ours, paper),
@@ -274,9 +272,8 @@ def noise_row(folder: str, *, n_images: int | None = None, seed: int = 0) -> dic
     run = runs.load_run(folder)
     ds = run.dataset
     n = min(n_images or len(ds.x_test), len(ds.x_test))
-    clf = robustness.Classifier.from_run(run)
     noise = robustness.noise_accuracies(
-        clf, ds.x_test[:n], ds.y_test[:n], eps=TABLE_5_4_EPS, deltas=TABLE_5_4_DELTAS,
+        run, ds.x_test[:n], ds.y_test[:n], eps=TABLE_5_4_EPS, deltas=TABLE_5_4_DELTAS,
         structured_image=np.asarray(robustness.to_unit(ds.x_test[0])), seed=seed,
     )  # fmt: skip
     return {

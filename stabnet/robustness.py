@@ -26,11 +26,13 @@ Lipschitz bound of the network in its own input is one of the map ``[0,1]``-imag
    Since every PGD iterate is a perturbation the certificate covers, *certified accuracy ≤ PGD
    accuracy* at every radius, per image; a violation is a bug and is reported loudly
    (:class:`CertificateViolation`).
-4. :func:`robustness_report` gathers it all for a :class:`stabnet.runs.Run`; :func:`write_report`
-   writes ``robustness.json``, ``robustness.md``, ``robustness.png`` and ``certified.png``.
+4. :func:`robustness_report` gathers it all for a :class:`stabnet.runs.TrainedNetwork`;
+   :func:`write_report` writes ``robustness.json``, ``robustness.md``, ``robustness.png`` and
+   ``certified.png``.
 
 All network evaluations use the running BN statistics (inference) in float32, whatever the
-run's compute dtype, so the certificates are certificates of the float32 inference network.
+run's compute dtype (``net.inference_model``), so the certificates are certificates of the
+float32 inference network.
 """
 
 from __future__ import annotations
@@ -42,15 +44,18 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stabnet import data, layers, lipschitz, logbook, networks, norms, ops, plots, stability
+from stabnet import data, lipschitz, logbook, networks, norms, ops, plots, stability, variants
+
+if TYPE_CHECKING:
+    from stabnet.runs import TrainedNetwork
 
 log = logging.getLogger(__name__)
 
@@ -89,34 +94,13 @@ def default_radii(dataset_name: str) -> tuple[float, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Classifier:
-    """A trained network as the map ``u ∈ [0,1]^{h×w×c} ↦ logits`` (inference, float32).
-
-    Attributes:
-      model: the network (its compute dtype is forced to float32).
-      variables: ``{"params", "batch_stats"}``.
-      mean: per-pixel training mean ``[H, W, C]`` in [0, 1] units (subtracted inside).
-    """
-
-    model: networks.StableResNet
-    variables: Mapping[str, Any]
-    mean: Any
-
-    @classmethod
-    def from_run(cls, run: Any) -> Classifier:
-        """From a :class:`stabnet.runs.Run` (anything with ``model``, ``variables``, ``mean``)."""
-        model = run.model
-        if model.cfg.dtype != jnp.float32:
-            model = model.clone(cfg=dataclasses.replace(model.cfg, dtype=jnp.float32))
-        return cls(model, run.variables, jnp.asarray(run.mean, jnp.float32))
-
-    def logits(self, u: jax.Array) -> jax.Array:
-        """Logits ``[N, K]`` of images ``u`` ``[N, H, W, C]`` in [0, 1] units (not jitted)."""
-        return _logits(self.model, self.variables, self.mean, u)
+# Every evaluation takes ``net``, a :class:`stabnet.runs.TrainedNetwork`, as the map
+# ``u ∈ [0,1]^{h×w×c} ↦ logits`` of its float32 inference network (``net.inference_model``) at
+# ``x = u − net.mean``; the jitted functions below take that network as a static argument.
 
 
 def _logits(model: networks.StableResNet, variables: Any, mean: jax.Array, u: jax.Array):
+    """The logits of ``u`` in [0, 1] units (:meth:`stabnet.runs.TrainedNetwork.unit_logits`)."""
     return model.apply(variables, u.astype(jnp.float32) - mean, train=False)
 
 
@@ -244,18 +228,21 @@ def _jit_pgd_step(model, variables, mean, u, labels, d, fooled, radius, alpha):
     return _project(u, d, _col(radius)), fooled
 
 
-class _Jitted:
-    """The jitted evaluations of one :class:`Classifier` (compiled once per network
-    configuration and batch shape, shared process-wide). Every function works on a batch of
-    *jobs*: an image with its own noise level or radius, so all levels of a table or all radii of
-    an attack share the same calls."""
-
-    def __init__(self, clf: Classifier):
-        self.clf = clf
-        model = clf.model
-        self.forward = functools.partial(_jit_forward, model)
-        self.pgd_start = _jit_pgd_start
-        self.pgd_step = functools.partial(_jit_pgd_step, model)
+def pgd_step(
+    net: TrainedNetwork,
+    u: jax.Array,
+    labels: jax.Array,
+    d: jax.Array,
+    fooled: jax.Array,
+    radius: jax.Array,
+    alpha: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One ℓ₂ PGD step of :func:`pgd_fooled` from ``d`` for a batch of jobs (jitted, compiled
+    once per network configuration and batch shape): ``(d, fooled)``, ``fooled`` also where
+    ``u + d`` was misclassified before the step."""
+    return _jit_pgd_step(
+        net.inference_model, net.variables, net.mean, u, labels, d, fooled, radius, alpha
+    )
 
 
 def as_unit(images: Any) -> np.ndarray:
@@ -265,7 +252,7 @@ def as_unit(images: Any) -> np.ndarray:
 
 
 def forward_logits(
-    clf: Classifier | _Jitted,
+    net: TrainedNetwork,
     images: Any,
     *,
     image_of_job: np.ndarray | None = None,
@@ -289,7 +276,7 @@ def forward_logits(
     outside [0, 1] too (the same compiled pass). ``on_batch(k)``: called after each batch with
     the number of its jobs.
     """
-    j = _jitted(clf)
+    model, variables, mean = net.inference_model, net.variables, net.mean
     u01 = as_unit(images)
     img_all = np.arange(len(u01)) if image_of_job is None else np.asarray(image_of_job)
     count = len(img_all)
@@ -301,8 +288,8 @@ def forward_logits(
     out: np.ndarray | None = None
     for jobs, mask in _batches(count, batch_size):
         img = img_all[jobs]
-        z = j.forward(
-            j.clf.variables, j.clf.mean, jnp.asarray(u01[img]), jnp.asarray(keys[jobs], jnp.uint32),
+        z = _jit_forward(
+            model, variables, mean, jnp.asarray(u01[img]), jnp.asarray(keys[jobs], jnp.uint32),
             key, *(jnp.asarray(v[jobs]) for v in per_job[:2]), xs, jnp.asarray(per_job[2][jobs]),
             box,
         )  # fmt: skip
@@ -316,12 +303,8 @@ def forward_logits(
     return out
 
 
-def _jitted(clf: Classifier | _Jitted) -> _Jitted:
-    return clf if isinstance(clf, _Jitted) else _Jitted(clf)
-
-
 def corrupted_correct(
-    clf: Classifier | _Jitted,
+    net: TrainedNetwork,
     images: np.ndarray,
     labels: np.ndarray,
     levels: Sequence[tuple[float, float]],
@@ -344,14 +327,14 @@ def corrupted_correct(
     lv = np.repeat(np.asarray(levels, np.float32).reshape(count, 2), n, axis=0)
     img = np.tile(np.arange(n), count)
     z = forward_logits(
-        clf, images, image_of_job=img, eps=lv[:, 0], delta=lv[:, 1], x_s=x_s, seed=seed,
+        net, images, image_of_job=img, eps=lv[:, 0], delta=lv[:, 1], x_s=x_s, seed=seed,
         batch_size=batch_size, clip=clip, on_batch=on_batch,
     )  # fmt: skip
     return (np.argmax(z, -1) == np.asarray(labels)[img]).reshape(count, n)
 
 
 def corrupted_accuracy(
-    clf: Classifier | _Jitted,
+    net: TrainedNetwork,
     images: np.ndarray,
     labels: np.ndarray,
     *,
@@ -363,13 +346,13 @@ def corrupted_accuracy(
 ) -> float:
     """Accuracy on ``clip(x + ε·η + δ·x_s, 0, 1)`` (one level of :func:`corrupted_correct`)."""
     right = corrupted_correct(
-        clf, images, labels, [(eps, delta)], x_s=x_s, seed=seed, batch_size=batch_size
+        net, images, labels, [(eps, delta)], x_s=x_s, seed=seed, batch_size=batch_size
     )
     return float(right.mean())
 
 
 def noise_accuracies(
-    clf: Classifier | _Jitted,
+    net: TrainedNetwork,
     images: np.ndarray,
     labels: np.ndarray,
     *,
@@ -393,7 +376,7 @@ def noise_accuracies(
 
     levels = [(0.0, 0.0), *((float(e), 0.0) for e in eps), *((0.0, float(d)) for d in deltas)]
     right = corrupted_correct(
-        clf,
+        net,
         images,
         labels,
         levels,
@@ -415,7 +398,7 @@ def noise_accuracies(
 
 
 def cifar10c_accuracies(
-    clf: Classifier | _Jitted,
+    net: TrainedNetwork,
     *,
     corruptions: Sequence[str] | None = None,
     severities: Sequence[int] = DEFAULT_CIFAR10C_SEVERITIES,
@@ -434,7 +417,6 @@ def cifar10c_accuracies(
     (CIFAR-10-C keeps the test set's order; default the first ``n_images``, or all); ``on_set``
     is called with 1 after each corruption and severity.
     """
-    j = _jitted(clf)
     try:
         names = tuple(corruptions) if corruptions else data.cifar10_corruptions()
     except Exception as e:  # TFDS missing or broken
@@ -450,7 +432,9 @@ def cifar10c_accuracies(
                 x, y = x[indices], y[indices]
             elif n_images is not None:
                 x, y = x[:n_images], y[:n_images]
-            acc.setdefault(name, {})[str(sev)] = corrupted_accuracy(j, x, y, batch_size=batch_size)
+            acc.setdefault(name, {})[str(sev)] = corrupted_accuracy(
+                net, x, y, batch_size=batch_size
+            )
             if on_set is not None:
                 on_set(1)
     values = [a for per in acc.values() for a in per.values()]
@@ -502,7 +486,11 @@ class LipschitzBound:
 
 
 def lipschitz_bound(
-    model: networks.StableResNet, variables: Mapping[str, Any], image_hw: Sequence[int]
+    model: networks.StableResNet,
+    variables: Mapping[str, Any],
+    image_hw: Sequence[int],
+    *,
+    effective: Mapping[str, Any] | None = None,
 ) -> LipschitzBound:
     """A global ℓ₂ Lipschitz bound of the network of Figure 4.1 from its layer bounds.
 
@@ -515,20 +503,22 @@ def lipschitz_bound(
     lower estimate, which cannot certify). For the Lipschitz ResNet-S
     (:mod:`stabnet.lipschitz`) the table is :func:`stabnet.lipschitz.norm_table`'s, in float64,
     so ``L`` is :func:`stabnet.lipschitz.lipschitz_bound`'s exact certified product.
+    ``effective``: the BN-folded operators where already computed
+    (:attr:`stabnet.runs.TrainedNetwork.effective_operators`).
     """
     cfg = model.cfg
     grids = networks.layer_grids(model.n, image_hw)
     h, w = image_hw
-    if lipschitz.is_lipschitz(model.variant):
+    if variants.get(model.variant).constraint == "lipschitz":
         table = lipschitz.norm_table(variables["params"], grids, padding=cfg.padding)
         source = "float64 (stabnet.lipschitz.norm_table)"
     else:
         table = stability.norm_table(
             variables, model.variant, image_hw, eps=cfg.bn_eps, padding=cfg.padding, lower=False,
-            form=model.residual_form,
+            form=model.residual_form, effective=effective,
         )  # fmt: skip
         source = "FFT (float32)"
-    certified = layers.RESIDUAL_FORMS[model.variant].certified
+    certified = variants.get(model.variant).form.certified
     rows: list[dict[str, Any]] = [{"name": "normalize", "kind": "translation", "bound": 1.0}]
     for spec in networks.layer_specs(model.n, model.widths):
         name = spec.name
@@ -554,7 +544,7 @@ def lipschitz_bound(
 
 
 def certify(
-    clf: Classifier | _Jitted,
+    net: TrainedNetwork,
     images: np.ndarray,
     labels: np.ndarray,
     lipschitz: float,
@@ -569,7 +559,7 @@ def certify(
     prediction (``margin`` = top logit − runner-up). Returns ``{"radius", "correct", "margin",
     "logits"}`` as numpy arrays.
     """
-    logits = forward_logits(clf, images, batch_size=batch_size, on_batch=on_batch)
+    logits = forward_logits(net, images, batch_size=batch_size, on_batch=on_batch)
     top2 = np.sort(logits, axis=-1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     correct = np.argmax(logits, -1) == np.asarray(labels)
@@ -589,9 +579,11 @@ def certified_accuracy(certificate: Mapping[str, np.ndarray], radii: Sequence[fl
 # --------------------------------------------------------------------------------------------
 
 
-def _clean_wrong(j: _Jitted, images: np.ndarray, labels: np.ndarray, batch_size: int) -> np.ndarray:
+def _clean_wrong(
+    net: TrainedNetwork, images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> np.ndarray:
     """Per image, whether the clean image is misclassified."""
-    z = forward_logits(j, images, batch_size=batch_size)
+    z = forward_logits(net, images, batch_size=batch_size)
     return np.argmax(z, -1) != np.asarray(labels)
 
 
@@ -602,7 +594,7 @@ def _float32_down(values: np.ndarray) -> np.ndarray:
 
 
 def pgd_fooled(
-    clf: Classifier | _Jitted,
+    net: TrainedNetwork,
     images: np.ndarray,
     labels: np.ndarray,
     radii: float | Sequence[float],
@@ -639,79 +631,112 @@ def pgd_fooled(
     """
     single = isinstance(radii, int | float)
     rs = _float32_down(np.asarray([radii] if single else radii, np.float64))
-    j = _jitted(clf)
-    u01 = as_unit(images)
     labels = np.asarray(labels)
-    n, count = len(images), len(rs)
+    n = len(images)
     if clean_wrong is None:
-        clean_wrong = _clean_wrong(j, images, labels, batch_size)
-    out = np.tile(np.asarray(clean_wrong, bool), (count, 1))  # [radius, image]
-    # larger[ri]: the radii at least rs[ri] (a perturbation found at rs[ri] is admissible there)
-    larger = [np.flatnonzero(rs >= r) for r in rs]
+        clean_wrong = _clean_wrong(net, images, labels, batch_size)
+    out = np.tile(np.asarray(clean_wrong, bool), (len(rs), 1))  # [radius, image]
     order = [ri for ri in np.argsort(rs, kind="stable") if rs[ri] > 0]
     # Slots: at most batch_size, and about 1/16 of the jobs, so that the tail (the last jobs
     # running in a batch that is no longer full) costs little next to the jobs' own steps.
     slots = max(1, min(batch_size, max(_PGD_MIN_SLOTS, n * len(order) // 16))) if order else 0
+    u01 = as_unit(images)
     for restart in range(max(restarts, 1) if order else 0):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), restart)
-        queue = iter([int(ri) * n + i for ri in order for i in range(n)])
-        job = np.full(slots, -1)  # the job in each slot (radius index · n + image), −1: none
-        calls = np.zeros(slots, int)  # PGD calls made by the slot's job
-        u = y = d = fooled = r = alpha = None
-        exhausted = False
-        while True:
-            empty = np.flatnonzero(job < 0)
-            new = np.zeros(slots, bool)
-            skipped = 0
-            for s_ in empty:
-                for nxt in queue:
-                    if out[nxt // n, nxt % n]:  # already fooled (clean, or at a smaller radius)
-                        skipped += 1
-                        continue
-                    job[s_], calls[s_], new[s_] = nxt, 0, True
-                    break
-                else:
-                    exhausted = True
-                    break
-            if on_job is not None and skipped:
-                on_job(skipped)
-            active = job >= 0
-            if not active.any():
-                break
-            if new.any():
-                jobs = np.where(active, job, 0)
-                img = jobs % n
-                r_new = jnp.asarray(rs[jobs // n])
-                u_new, y_new = jnp.asarray(u01[img]), jnp.asarray(labels[img])
-                d_new = j.pgd_start(u_new, jnp.asarray(jobs, jnp.uint32), key, r_new)
-                if u is None:
-                    u, y, d, r = u_new, y_new, d_new, r_new
-                    fooled = jnp.asarray(~active)
-                else:
-                    m = jnp.asarray(new)
-                    u = jnp.where(_col(m), u_new, u)
-                    d = jnp.where(_col(m), d_new, d)
-                    y, r = jnp.where(m, y_new, y), jnp.where(m, r_new, r)
-                    fooled = jnp.where(m, False, fooled) | jnp.asarray(~active)
-                alpha = r * (rel_step / max(steps, 1))
-            # steps + 1 calls per job: the last one only records whether the final iterate fools.
-            d, fooled = j.pgd_step(j.clf.variables, j.clf.mean, u, y, d, fooled, r, alpha)
-            calls[active] += 1
-            f = np.asarray(fooled) & active
-            for s_ in np.flatnonzero(f):
-                ri, i = divmod(int(job[s_]), n)
-                out[larger[ri], i] = True
-            done = active & (f | (calls >= steps + 1))
-            job[done] = -1
-            if on_job is not None and done.any():
-                on_job(int(done.sum()))
-            if exhausted and not (job >= 0).any():
-                break
+        attack = _StreamingPgd(net, u01, labels, rs, out, slots, key, steps, rel_step, on_job)
+        attack.run(iter([int(ri) * n + i for ri in order for i in range(n)]))
     return out[0] if single else out
 
 
+class _StreamingPgd:
+    """One restart of :func:`pgd_fooled`: its jobs (radius index · n + image) stream through a
+    batch of ``slots``; ``out[radius, image]`` is set where a job's iterate is misclassified, at
+    its radius and every larger one."""
+
+    def __init__(self, net: TrainedNetwork, u01: np.ndarray, labels: np.ndarray, rs: np.ndarray,
+                 out: np.ndarray, slots: int, key: jax.Array, steps: int, rel_step: float,
+                 on_job: Callable[[int], None] | None):  # fmt: skip
+        self.net, self.u01, self.labels, self.rs, self.out = net, u01, labels, rs, out
+        self.key, self.steps, self.rel_step, self.on_job = key, steps, rel_step, on_job
+        self.n = len(u01)
+        # larger[ri]: the radii at least rs[ri] (a perturbation found at rs[ri] is admissible there)
+        self.larger = [np.flatnonzero(rs >= r) for r in rs]
+        self.job = np.full(slots, -1)  # the job in each slot (radius index · n + image), −1: none
+        self.calls = np.zeros(slots, int)  # PGD calls made by the slot's job
+        self.batch: tuple[jax.Array, ...] | None = None  # u, y, d, fooled, r, alpha per slot
+        self.exhausted = False
+
+    def run(self, queue: Iterator[int]) -> None:
+        """Step every slot until the ``queue`` of jobs is empty and every slot is done."""
+        while True:
+            new = self.fill(queue)
+            active = self.job >= 0
+            if not active.any():
+                break
+            if new.any():
+                self.start(new, active)
+            self.step(active)
+            if self.exhausted and not (self.job >= 0).any():
+                break
+
+    def fill(self, queue: Iterator[int]) -> np.ndarray:
+        """Give the empty slots the next jobs not fooled yet (clean, or at a smaller radius;
+        those are skipped); returns the slots that took a new job."""
+        new = np.zeros(len(self.job), bool)
+        skipped = 0
+        for s_ in np.flatnonzero(self.job < 0):
+            for nxt in queue:
+                if self.out[nxt // self.n, nxt % self.n]:
+                    skipped += 1
+                    continue
+                self.job[s_], self.calls[s_], new[s_] = nxt, 0, True
+                break
+            else:
+                self.exhausted = True
+                break
+        if self.on_job is not None and skipped:
+            self.on_job(skipped)
+        return new
+
+    def start(self, new: np.ndarray, active: np.ndarray) -> None:
+        """The new jobs' images, labels, radii and random starts in their slots."""
+        jobs = np.where(active, self.job, 0)
+        img = jobs % self.n
+        r_new = jnp.asarray(self.rs[jobs // self.n])
+        u_new, y_new = jnp.asarray(self.u01[img]), jnp.asarray(self.labels[img])
+        d_new = _jit_pgd_start(u_new, jnp.asarray(jobs, jnp.uint32), self.key, r_new)
+        if self.batch is None:
+            u, y, d, r = u_new, y_new, d_new, r_new
+            fooled = jnp.asarray(~active)
+        else:
+            u, y, d, fooled, r, _ = self.batch
+            m = jnp.asarray(new)
+            u = jnp.where(_col(m), u_new, u)
+            d = jnp.where(_col(m), d_new, d)
+            y, r = jnp.where(m, y_new, y), jnp.where(m, r_new, r)
+            fooled = jnp.where(m, False, fooled) | jnp.asarray(~active)
+        self.batch = (u, y, d, fooled, r, r * (self.rel_step / max(self.steps, 1)))
+
+    def step(self, active: np.ndarray) -> None:
+        """One PGD step of every slot (:func:`pgd_step`); a job leaves its slot once it fooled
+        the network or made ``steps + 1`` calls (the last one only records whether the final
+        iterate fools)."""
+        u, y, d, fooled, r, alpha = self.batch
+        d, fooled = pgd_step(self.net, u, y, d, fooled, r, alpha)
+        self.batch = (u, y, d, fooled, r, alpha)
+        self.calls[active] += 1
+        f = np.asarray(fooled) & active
+        for s_ in np.flatnonzero(f):
+            ri, i = divmod(int(self.job[s_]), self.n)
+            self.out[self.larger[ri], i] = True
+        done = active & (f | (self.calls >= self.steps + 1))
+        self.job[done] = -1
+        if self.on_job is not None and done.any():
+            self.on_job(int(done.sum()))
+
+
 def random_noise_fooled(
-    clf: Classifier | _Jitted,
+    net: TrainedNetwork,
     images: np.ndarray,
     labels: np.ndarray,
     radii: float | Sequence[float],
@@ -729,7 +754,7 @@ def random_noise_fooled(
     n, count = len(images), len(rs)
     img = np.tile(np.arange(n), count)
     z = forward_logits(
-        clf, images, image_of_job=img, radius=np.repeat(rs, n),
+        net, images, image_of_job=img, radius=np.repeat(rs, n),
         key_index=np.arange(count * n) + (1 << 30), seed=seed, batch_size=batch_size,
         on_batch=on_batch,
     )  # fmt: skip
@@ -793,7 +818,7 @@ def _shout(message: str) -> None:
 
 
 def robustness_report(
-    run: Any,
+    net: TrainedNetwork,
     *,
     eps: Sequence[float] = DEFAULT_EPS,
     deltas: Sequence[float] = DEFAULT_DELTAS,
@@ -813,10 +838,10 @@ def robustness_report(
     clip_corruptions: bool = True,
     progress: Any | None = None,
 ) -> dict[str, Any]:
-    """Table 5.4 (corrupted test images), certified ℓ₂ accuracy and PGD accuracy of one run.
+    """Table 5.4 (corrupted test images), certified ℓ₂ accuracy and PGD accuracy of one network.
 
     Args:
-      run: a :class:`stabnet.runs.Run` (``model``, ``variables``, ``mean``, ``dataset``, …).
+      net: a :class:`stabnet.runs.TrainedNetwork` (:func:`stabnet.runs.load_run`).
       eps: unstructured noise levels ``ε`` (``x + ε η``).
       deltas: structured noise levels ``δ`` (``x + δ x_s``).
       structured_index: index of ``x_s`` in the full test set.
@@ -837,147 +862,37 @@ def robustness_report(
       A JSON-able dict (see :func:`write_report`): every accuracy comes with its 95 % Wilson
       interval over the images (``…_ci95``) and ``sample`` / ``attack_sample`` say which images
       were used (``indices`` where a sample is not the whole test set); ``report["violation"]``
-      is True (and a
-      :class:`CertificateViolation` warning is raised) if certified accuracy ever exceeded PGD
-      accuracy, or PGD broke a certified image.
+      is True (and a :class:`CertificateViolation` warning is raised) if certified accuracy
+      ever exceeded PGD accuracy, or PGD broke a certified image.
     """
-    ds = run.dataset
-    n_test = len(ds.x_test)
-    for name, value in (("n_images", n_images), ("n_attack", n_attack)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}={value!r} is invalid; allowed: a positive integer or None")
-    if not isinstance(structured_index, int) or not 0 <= structured_index < n_test:
-        raise ValueError(
-            f"structured_index={structured_index!r} is invalid; allowed: 0..{n_test - 1}"
-        )
-    for name, values in (("eps", eps), ("deltas", deltas), ("radii", radii or ())):
-        if any(not math.isfinite(v) or v < 0 for v in values):
-            raise ValueError(f"{name}={list(values)!r} is invalid; allowed: finite values ≥ 0")
-    if pgd_steps < 1 or pgd_restarts < 1 or not pgd_rel_step > 0:
-        raise ValueError("pgd_steps and pgd_restarts must be ≥ 1 and pgd_rel_step > 0")
     from stabnet import runs
 
+    ds = net.dataset
+    pgd = {"steps": pgd_steps, "rel_step": pgd_rel_step, "restarts": pgd_restarts}
+    _check_report_arguments(len(ds.x_test), eps, deltas, structured_index, radii, n_images,
+                            n_attack, **pgd)  # fmt: skip
     radii = tuple(float(r) for r in (default_radii(ds.name) if radii is None else radii))
-    idx = runs.sample_indices(n_test, n_images, seed)
-    idx_att = runs.sample_indices(n_test, n_attack or len(idx), seed)
-    n_img, n_att = len(idx), len(idx_att)
-    x, y = ds.x_test, ds.y_test
-    clf = Classifier.from_run(run)
-    j = _Jitted(clf)
-    x_s = np.asarray(to_unit(x[structured_index]))
-
-    def stage(name: str, total: int = 0, detail: str = "") -> Callable[[int], None] | None:
-        if progress is None:
-            return None
-        progress.stage(name, total, detail)
-        return progress.advance
-
-    levels = 1 + len(eps) + len(deltas)
-    tick = stage("noise (Table 5.4)", levels * n_img,
-                 f"{levels} levels × {n_img} images")  # fmt: skip
-    noise = noise_accuracies(
-        j, x[idx], y[idx], eps=eps, deltas=deltas, structured_image=x_s, seed=seed,
-        batch_size=batch_size, clip=clip_corruptions, on_batch=tick,
+    idx = runs.sample_indices(len(ds.x_test), n_images, seed)
+    idx_att = runs.sample_indices(len(ds.x_test), n_attack or len(idx), seed)
+    stage = _stages(progress)
+    noise = table_5_4(
+        net, idx, eps=eps, deltas=deltas, structured_index=structured_index, seed=seed,
+        batch_size=batch_size, clip=clip_corruptions, stage=stage,
     )  # fmt: skip
-    noise["structured"].update(index=structured_index, label=int(y[structured_index]))
-
-    if not cifar10c:
-        stage("CIFAR-10-C", detail="skipped")
-        c10c: dict[str, Any] = {"status": "skipped"}
-    elif ds.name != "cifar10":
-        stage("CIFAR-10-C", detail=f"not applicable to {ds.name}")
-        c10c = {"status": "not applicable", "reason": f"the run was trained on {ds.name}"}
-    else:
-        try:
-            names = tuple(cifar10c_corruptions or data.cifar10_corruptions())
-        except Exception:  # TFDS missing or broken: cifar10c_accuracies says why
-            names = ()
-        tick = stage("CIFAR-10-C", len(names) * len(cifar10c_severities),
-                     f"{n_img} images per corruption and severity")  # fmt: skip
-        c10c = cifar10c_accuracies(
-            j, corruptions=names or None, severities=cifar10c_severities,
-            tfds_data_dir=tfds_data_dir, batch_size=batch_size, indices=idx, on_set=tick,
-        )  # fmt: skip
-        if c10c.get("status") == "ok":
-            c10c["n_images"] = n_img
-
-    tick = stage("Lipschitz bound and certificates", n_att, f"{n_att} images")
-    lip = lipschitz_bound(clf.model, clf.variables, ds.image_shape[:2])
-    xa, ya = x[idx_att], y[idx_att]
-    cert = certify(j, xa, ya, lip.total, batch_size=batch_size, on_batch=tick)
-    attacked = sum(r > 0 for r in radii)
-    tick = stage("PGD", attacked * n_att * pgd_restarts,
-                 f"{attacked} radii × {n_att} images × {pgd_restarts} start(s), at most "
-                 f"{pgd_steps} steps each")  # fmt: skip
-    pgd = pgd_fooled(
-        j, xa, ya, radii, steps=pgd_steps, rel_step=pgd_rel_step, restarts=pgd_restarts,
-        seed=seed, batch_size=batch_size, clean_wrong=~cert["correct"], on_job=tick,
+    c10c = cifar10c_section(
+        net, idx, enabled=cifar10c, corruptions=cifar10c_corruptions,
+        severities=cifar10c_severities, tfds_data_dir=tfds_data_dir, batch_size=batch_size,
+        stage=stage,
     )  # fmt: skip
-    tick = stage("random noise", len(radii) * n_att, f"{len(radii)} radii × {n_att} images")
-    rnd = random_noise_fooled(j, xa, ya, radii, seed=seed, batch_size=batch_size, on_batch=tick)
-    checks = certificate_checks(radii, cert, pgd)
-    violations = check_certificates(radii, cert, pgd)
-    correct_radii = cert["radius"][cert["correct"]]
-    certified_right = [cert["correct"] & (cert["radius"] >= r) for r in radii]
-
-    def sample(indices: np.ndarray) -> dict[str, Any]:
-        info = runs.sample_info(n_test, indices, seed)
-        if not info["whole_test_set"]:
-            info["indices"] = indices.tolist()
-        return info
-
+    attacks = certify_and_attack(net, idx_att, radii, seed=seed, batch_size=batch_size,
+                                 stage=stage, **pgd)  # fmt: skip
+    violations = check_certificates(radii, attacks.certificate, attacks.pgd)
     report = {
-        "workdir": os.fspath(getattr(run, "workdir", "")),
-        "variant": clf.model.variant,
-        "n": clf.model.n,
-        "depth": networks.paper_depth(clf.model.variant, clf.model.n),
-        "data": ds.name,
-        "step": int(getattr(run, "step", -1)),
-        "seed": seed,
-        "corruptions_clipped": bool(clip_corruptions),
-        "n_images": n_img,
-        "n_attack": n_att,
-        "sample": sample(idx),
-        "attack_sample": sample(idx_att),
-        "clean_accuracy": noise["clean"],
-        "clean_accuracy_ci95": noise["clean_ci95"],
-        "unstructured": noise["unstructured"],
-        "structured": noise["structured"],
-        "table": table_row(noise),
+        **_header(net, idx, idx_att, seed=seed, clip_corruptions=clip_corruptions),
+        **_noise_section(noise),
         "cifar10_c": c10c,
-        "lipschitz": {
-            "bound": lip.total,
-            "log10_bound": math.log10(lip.total) if lip.total > 0 else None,
-            "layers": lip.layers,
-            "norms": lip.norms,
-            "lemma_a1_failures": lip.lemma_a1_failures,
-            "padding": clf.model.cfg.padding,
-        },
-        "certified": {
-            "radii": list(radii),
-            "certified_accuracy": certified_accuracy(cert, radii),
-            "certified_accuracy_ci95": [runs.accuracy_interval(c) for c in certified_right],
-            "pgd_accuracy": [float(np.mean(~f)) for f in pgd],
-            "pgd_accuracy_ci95": [runs.accuracy_interval(~f) for f in pgd],
-            "random_noise_accuracy": [float(np.mean(~f)) for f in rnd],
-            "random_noise_accuracy_ci95": [runs.accuracy_interval(~f) for f in rnd],
-            # certified ≤ PGD at every radius, and no certified image broken by PGD
-            "checks": [
-                {k: v for k, v in row.items() if k not in ("images", "certified_radii")}
-                for row in checks
-            ],
-            "clean_accuracy": float(np.mean(cert["correct"])),
-            "median_radius": float(np.median(correct_radii)) if len(correct_radii) else 0.0,
-            "max_radius": float(np.max(correct_radii)) if len(correct_radii) else 0.0,
-            "pgd": {
-                "steps": pgd_steps,
-                "rel_step": pgd_rel_step,
-                "restarts": pgd_restarts,
-                "loss": "cross-entropy",
-                "norm": "l2",
-                "random_start": True,
-            },
-        },
+        "lipschitz": lipschitz_section(attacks.lipschitz, net.inference_model.cfg.padding),
+        "certified": certified_section(attacks, **pgd),
         "violations": violations,
         "violation": bool(violations),
     }
@@ -988,6 +903,243 @@ def robustness_report(
             "Lipschitz bound or the attack is wrong"
         )
     return report
+
+
+def _check_report_arguments(
+    n_test: int,
+    eps: Sequence[float],
+    deltas: Sequence[float],
+    structured_index: int,
+    radii: Sequence[float] | None,
+    n_images: int | None,
+    n_attack: int | None,
+    *,
+    steps: int,
+    rel_step: float,
+    restarts: int,
+) -> None:
+    """Every argument of :func:`robustness_report` checked before any work (``ValueError``)."""
+    for name, value in (("n_images", n_images), ("n_attack", n_attack)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value!r} is invalid; allowed: a positive integer or None")
+    if not isinstance(structured_index, int) or not 0 <= structured_index < n_test:
+        raise ValueError(
+            f"structured_index={structured_index!r} is invalid; allowed: 0..{n_test - 1}"
+        )
+    for name, values in (("eps", eps), ("deltas", deltas), ("radii", radii or ())):
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError(f"{name}={list(values)!r} is invalid; allowed: finite values ≥ 0")
+    if steps < 1 or restarts < 1 or not rel_step > 0:
+        raise ValueError("pgd_steps and pgd_restarts must be ≥ 1 and pgd_rel_step > 0")
+
+
+def _stages(progress: Any | None) -> Callable[..., Callable[[int], None] | None]:
+    """``stage(name, total, detail)``: starts a stage of ``progress`` and returns its counter
+    (``None`` without ``progress``)."""
+
+    def stage(name: str, total: int = 0, detail: str = "") -> Callable[[int], None] | None:
+        if progress is None:
+            return None
+        progress.stage(name, total, detail)
+        return progress.advance
+
+    return stage
+
+
+def table_5_4(
+    net: TrainedNetwork,
+    indices: np.ndarray,
+    *,
+    eps: Sequence[float],
+    deltas: Sequence[float],
+    structured_index: int,
+    seed: int,
+    batch_size: int,
+    clip: bool,
+    stage: Callable[..., Callable[[int], None] | None],
+) -> dict[str, Any]:
+    """Table 5.4's row (:func:`noise_accuracies`) on the test images ``indices``, ``x_s`` the
+    test image ``structured_index``."""
+    x, y = net.dataset.x_test, net.dataset.y_test
+    levels = 1 + len(eps) + len(deltas)
+    tick = stage("noise (Table 5.4)", levels * len(indices),
+                 f"{levels} levels × {len(indices)} images")  # fmt: skip
+    noise = noise_accuracies(
+        net, x[indices], y[indices], eps=eps, deltas=deltas,
+        structured_image=np.asarray(to_unit(x[structured_index])), seed=seed,
+        batch_size=batch_size, clip=clip, on_batch=tick,
+    )  # fmt: skip
+    noise["structured"].update(index=structured_index, label=int(y[structured_index]))
+    return noise
+
+
+def cifar10c_section(
+    net: TrainedNetwork,
+    indices: np.ndarray,
+    *,
+    enabled: bool,
+    corruptions: Sequence[str] | None,
+    severities: Sequence[int],
+    tfds_data_dir: str | None,
+    batch_size: int,
+    stage: Callable[..., Callable[[int], None] | None],
+) -> dict[str, Any]:
+    """The report's CIFAR-10-C accuracies (:func:`cifar10c_accuracies`) on the test images
+    ``indices``, or why there are none (skipped, not a CIFAR-10 run, unavailable)."""
+    name = net.dataset.name
+    if not enabled:
+        stage("CIFAR-10-C", detail="skipped")
+        return {"status": "skipped"}
+    if name != "cifar10":
+        stage("CIFAR-10-C", detail=f"not applicable to {name}")
+        return {"status": "not applicable", "reason": f"the run was trained on {name}"}
+    try:
+        names = tuple(corruptions or data.cifar10_corruptions())
+    except Exception:  # TFDS missing or broken: cifar10c_accuracies says why
+        names = ()
+    tick = stage("CIFAR-10-C", len(names) * len(severities),
+                 f"{len(indices)} images per corruption and severity")  # fmt: skip
+    c10c = cifar10c_accuracies(
+        net, corruptions=names or None, severities=severities, tfds_data_dir=tfds_data_dir,
+        batch_size=batch_size, indices=indices, on_set=tick,
+    )  # fmt: skip
+    if c10c.get("status") == "ok":
+        c10c["n_images"] = len(indices)
+    return c10c
+
+
+@dataclasses.dataclass(frozen=True)
+class Attacks:
+    """Certified radii of test images (:func:`certify`, from ``lipschitz``) and the attacks that
+    check them at every radius: misclassified per radius and image under PGD
+    (:func:`pgd_fooled`) and under random noise of the same norm (:func:`random_noise_fooled`)."""
+
+    radii: tuple[float, ...]
+    lipschitz: LipschitzBound
+    certificate: dict[str, np.ndarray]
+    pgd: np.ndarray
+    random: np.ndarray
+
+
+def certify_and_attack(
+    net: TrainedNetwork,
+    indices: np.ndarray,
+    radii: tuple[float, ...],
+    *,
+    steps: int,
+    rel_step: float,
+    restarts: int,
+    seed: int,
+    batch_size: int,
+    stage: Callable[..., Callable[[int], None] | None],
+) -> Attacks:
+    """The global Lipschitz bound (:func:`lipschitz_bound`), the certified radii of the test
+    images ``indices`` and their PGD and random-noise attacks at every radius."""
+    n_att = len(indices)
+    xa, ya = net.dataset.x_test[indices], net.dataset.y_test[indices]
+    tick = stage("Lipschitz bound and certificates", n_att, f"{n_att} images")
+    lip = lipschitz_bound(net.inference_model, net.variables, net.image_hw,
+                          effective=net.effective_operators)  # fmt: skip
+    cert = certify(net, xa, ya, lip.total, batch_size=batch_size, on_batch=tick)
+    attacked = sum(r > 0 for r in radii)
+    tick = stage("PGD", attacked * n_att * restarts,
+                 f"{attacked} radii × {n_att} images × {restarts} start(s), at most "
+                 f"{steps} steps each")  # fmt: skip
+    pgd = pgd_fooled(
+        net, xa, ya, radii, steps=steps, rel_step=rel_step, restarts=restarts, seed=seed,
+        batch_size=batch_size, clean_wrong=~cert["correct"], on_job=tick,
+    )  # fmt: skip
+    tick = stage("random noise", len(radii) * n_att, f"{len(radii)} radii × {n_att} images")
+    rnd = random_noise_fooled(net, xa, ya, radii, seed=seed, batch_size=batch_size, on_batch=tick)
+    return Attacks(radii, lip, cert, pgd, rnd)
+
+
+def _header(net: TrainedNetwork, indices: np.ndarray, attack_indices: np.ndarray, *, seed: int,
+            clip_corruptions: bool) -> dict[str, Any]:  # fmt: skip
+    """The report's first keys: the network, the settings and the samples of test images."""
+    from stabnet import runs
+
+    model, n_test = net.inference_model, len(net.dataset.x_test)
+
+    def sample(idx: np.ndarray) -> dict[str, Any]:
+        info = runs.sample_info(n_test, idx, seed)
+        if not info["whole_test_set"]:
+            info["indices"] = idx.tolist()
+        return info
+
+    return {
+        "workdir": os.fspath(getattr(net, "workdir", "")),
+        "variant": model.variant,
+        "n": model.n,
+        "depth": variants.get(model.variant).depth(model.n),
+        "data": net.dataset.name,
+        "step": int(getattr(net, "step", -1)),
+        "seed": seed,
+        "corruptions_clipped": bool(clip_corruptions),
+        "n_images": len(indices),
+        "n_attack": len(attack_indices),
+        "sample": sample(indices),
+        "attack_sample": sample(attack_indices),
+    }
+
+
+def _noise_section(noise: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's keys of Table 5.4 (:func:`table_5_4`)."""
+    return {
+        "clean_accuracy": noise["clean"],
+        "clean_accuracy_ci95": noise["clean_ci95"],
+        "unstructured": noise["unstructured"],
+        "structured": noise["structured"],
+        "table": table_row(noise),
+    }
+
+
+def lipschitz_section(lip: LipschitzBound, padding: str) -> dict[str, Any]:
+    """The report's ``lipschitz``: the global bound ``L``, its layers and where the norms come
+    from."""
+    return {
+        "bound": lip.total,
+        "log10_bound": math.log10(lip.total) if lip.total > 0 else None,
+        "layers": lip.layers,
+        "norms": lip.norms,
+        "lemma_a1_failures": lip.lemma_a1_failures,
+        "padding": padding,
+    }
+
+
+def certified_section(attacks: Attacks, *, steps: int, rel_step: float, restarts: int) -> dict:
+    """The report's ``certified``: certified, PGD and random-noise accuracy per radius with their
+    95 % intervals, the check certified ≤ PGD at every radius, the radii and the attack."""
+    from stabnet import runs
+
+    radii, cert, pgd, rnd = attacks.radii, attacks.certificate, attacks.pgd, attacks.random
+    correct_radii = cert["radius"][cert["correct"]]
+    certified_right = [cert["correct"] & (cert["radius"] >= r) for r in radii]
+    return {
+        "radii": list(radii),
+        "certified_accuracy": certified_accuracy(cert, radii),
+        "certified_accuracy_ci95": [runs.accuracy_interval(c) for c in certified_right],
+        "pgd_accuracy": [float(np.mean(~f)) for f in pgd],
+        "pgd_accuracy_ci95": [runs.accuracy_interval(~f) for f in pgd],
+        "random_noise_accuracy": [float(np.mean(~f)) for f in rnd],
+        "random_noise_accuracy_ci95": [runs.accuracy_interval(~f) for f in rnd],
+        # certified ≤ PGD at every radius, and no certified image broken by PGD
+        "checks": [
+            {k: v for k, v in row.items() if k not in ("images", "certified_radii")}
+            for row in certificate_checks(radii, cert, pgd)
+        ],
+        "clean_accuracy": float(np.mean(cert["correct"])),
+        "median_radius": float(np.median(correct_radii)) if len(correct_radii) else 0.0,
+        "max_radius": float(np.max(correct_radii)) if len(correct_radii) else 0.0,
+        "pgd": {
+            "steps": steps,
+            "rel_step": rel_step,
+            "restarts": restarts,
+            "loss": "cross-entropy",
+            "norm": "l2",
+            "random_start": True,
+        },
+    }
 
 
 def table_row(noise: Mapping[str, Any]) -> dict[str, float]:
@@ -1082,18 +1234,33 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     """``robustness.md``: Table 5.4's row, CIFAR-10-C, the Lipschitz bound by layer, certified vs
     PGD accuracy, and a loud banner on a violation."""
     out = [f"# Robustness of {_label(report)} ({report['data']}, step {report['step']})", ""]
-    if report["violation"]:
-        out += [
-            "> **CERTIFICATE VIOLATION** — certified accuracy exceeds PGD accuracy, or PGD broke "
-            "a certified image. This is a bug in the Lipschitz bound or the attack:",
-            "",
-            *[f"> - r={v['radius']:g}: certified {100 * v['certified_accuracy']:.2f}% vs PGD "
-              f"{100 * v['pgd_accuracy']:.2f}%, images {v['images']}"
-              for v in report["violations"]],
-            "",
-        ]  # fmt: skip
+    out += _violation_markdown(report)
+    out += _noise_markdown(report)
+    out += _cifar10c_markdown(report["cifar10_c"])
+    out += _lipschitz_markdown(report["lipschitz"])
+    out += _certified_markdown_section(report)
+    return "\n".join(out)
+
+
+def _violation_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The banner of a certificate violation (nothing without one)."""
+    if not report["violation"]:
+        return []
+    return [
+        "> **CERTIFICATE VIOLATION** — certified accuracy exceeds PGD accuracy, or PGD broke "
+        "a certified image. This is a bug in the Lipschitz bound or the attack:",
+        "",
+        *[f"> - r={v['radius']:g}: certified {100 * v['certified_accuracy']:.2f}% vs PGD "
+          f"{100 * v['pgd_accuracy']:.2f}%, images {v['images']}"
+          for v in report["violations"]],
+        "",
+    ]  # fmt: skip
+
+
+def _noise_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The section of Table 5.4: how the images were corrupted, and the row."""
     s = report["structured"]
-    out += [
+    return [
         "## Accuracy under input noise (Table 5.4)",
         "",
         f"{sample_sentence(report)}. Unstructured `x + ε·η`, η ~ N(0, 1) (seed "
@@ -1105,17 +1272,23 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         table_markdown([report]),
         "",
     ]
-    c10c = report["cifar10_c"]
-    out += ["## CIFAR-10-C", ""]
-    if c10c.get("status") == "ok":
-        out += [f"mean accuracy {100 * c10c['mean']:.2f}%", "", "| corruption | severity | acc |",
-                "|---|---|---|"]  # fmt: skip
-        for name, per in c10c["accuracy"].items():
-            out += [f"| {name} | {sev} | {100 * a:.2f} |" for sev, a in per.items()]
-    else:
-        out.append(f"{c10c.get('status')}: {c10c.get('reason', '')}".rstrip(": "))
-    lip = report["lipschitz"]
-    out += [
+
+
+def _cifar10c_markdown(c10c: Mapping[str, Any]) -> list[str]:
+    """The CIFAR-10-C section: accuracy per corruption and severity, or why there is none."""
+    out = ["## CIFAR-10-C", ""]
+    if c10c.get("status") != "ok":
+        return [*out, f"{c10c.get('status')}: {c10c.get('reason', '')}".rstrip(": ")]
+    out += [f"mean accuracy {100 * c10c['mean']:.2f}%", "", "| corruption | severity | acc |",
+            "|---|---|---|"]  # fmt: skip
+    for name, per in c10c["accuracy"].items():
+        out += [f"| {name} | {sev} | {100 * a:.2f} |" for sev, a in per.items()]
+    return out
+
+
+def _lipschitz_markdown(lip: Mapping[str, Any]) -> list[str]:
+    """The global Lipschitz bound's section: ``L`` and its factor of every layer."""
+    out = [
         "",
         "## Global ℓ₂ Lipschitz bound ([0,1] image → logits)",
         "",
@@ -1136,9 +1309,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     if lip["lemma_a1_failures"]:
         out += ["", f"Lemma A.1's condition ‖A‖₂ ≤ √2 fails in {lip['lemma_a1_failures']}; "
                 "those layers use the bound max(1, ‖A‖₂² − 1) instead of 1."]  # fmt: skip
+    return out
+
+
+def _certified_markdown_section(report: Mapping[str, Any]) -> list[str]:
+    """The section of certified vs attacked accuracy, with the check certified ≤ PGD."""
     c = report["certified"]
     p = c["pgd"]
-    out += [
+    out = [
         "",
         "## Certified vs attacked accuracy (ℓ₂, [0,1]-pixel units)",
         "",
@@ -1161,7 +1339,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                + ", ".join(f"{row['radius']:.3g}" for row in failed)),
             "",
         ]  # fmt: skip
-    return "\n".join(out)
+    return out
 
 
 def plot_noise(reports: Sequence[Mapping[str, Any]], path: str) -> str:
@@ -1223,7 +1401,6 @@ def write_report(report: Mapping[str, Any], outdir: str) -> dict[str, str]:
 
 __all__ = [
     "CertificateViolation",
-    "Classifier",
     "LipschitzBound",
     "avg_pool_l2",
     "certified_accuracy",

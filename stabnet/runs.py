@@ -1,8 +1,11 @@
-"""A finished (or checkpointed) run, loaded back from its workdir for analysis."""
+"""A finished (or checkpointed) run, loaded back from its workdir for analysis: one
+:class:`TrainedNetwork` that the stability analysis, the robustness report and the figures all
+evaluate."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -11,29 +14,98 @@ import time
 from typing import IO, Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from stabnet import checkpoints, data, networks, parallel, train
+from stabnet import checkpoints, data, networks, norms, parallel, stability, train
 from stabnet import config as config_lib
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _inference(model: networks.StableResNet, variables: Any, x: jax.Array):
+    """``(logits, features)`` of the normalised input ``x`` at inference; compiled once per
+    network configuration and input shape, shared by every :class:`TrainedNetwork`."""
+    return model.apply(variables, x, train=False, return_features=True)
+
+
 @dataclasses.dataclass(frozen=True)
-class Run:
-    """What an analysis needs of a trained run."""
+class TrainedNetwork:
+    """One trained network as every analysis sees it (:func:`load_run`): its config, the network,
+    its variables, the data and their normalisation ``x = image/255 − mean``
+    (:func:`stabnet.data.normalize`, docs/mathematics.md §4).
+
+    The analyses — :func:`stabnet.stability.analyze`, :mod:`stabnet.robustness`, the figures of
+    ``experiments/figures.py`` — evaluate :attr:`inference_model`, the network at inference
+    (running BN statistics) in float32 whatever the training dtype, through
+    :meth:`forward` (logits and every layer's features, jitted), the layer maps of Figure 4.1
+    (:attr:`layer_maps`) and the BN-folded effective operators (Remark 4.3,
+    :attr:`effective_operators`); each of these is computed once, on first use.
+    :meth:`logits` alone evaluates the network as trained (its compute dtype), as training's
+    evaluation does.
+    """
 
     workdir: str
     config: ml_collections.ConfigDict
-    model: networks.StableResNet
+    model: networks.StableResNet  # as trained (its compute dtype)
     variables: dict[str, Any]  # {"params": …, "batch_stats": …}, on the host device
     dataset: data.Dataset
     step: int
-    mean: Any  # per-pixel mean [H, W, C] of the training images
+    mean: Any  # per-pixel mean [H, W, C] of the training images, in [0, 1] units
 
     def logits(self, images_uint8: Any) -> jax.Array:
         """Inference logits (running BN statistics) for uint8 images ``[N, H, W, C]``."""
         x = data.normalize(jax.numpy.asarray(images_uint8), self.mean)
         return self.model.apply(self.variables, x, train=False)
+
+    @functools.cached_property
+    def inference_model(self) -> networks.StableResNet:
+        """The network computing in float32 (:func:`stabnet.stability.float32_model`)."""
+        return stability.float32_model(self.model)
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        """``(h, w)`` of the input images."""
+        h, w = self.dataset.image_shape[:2]
+        return h, w
+
+    def normalize(self, images: Any) -> jax.Array:
+        """Pixels (0..255, uint8 or float) as the network's input ``x = image/255 − mean``."""
+        return data.normalize(jnp.asarray(images), self.mean)
+
+    def forward(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """Logits ``[N, K]`` and every layer's output (docs/mathematics.md §3 indices) of the
+        normalised input ``x`` (:meth:`normalize`), float32 at inference, jitted."""
+        return _inference(self.inference_model, self.variables, x)
+
+    def unit_logits(self, u: Any) -> jax.Array:
+        """Logits ``[N, K]`` of images ``u`` in [0, 1] units (``x = u − mean``), float32 at
+        inference (not jitted): the map whose robustness :mod:`stabnet.robustness` measures."""
+        x = jnp.asarray(u).astype(jnp.float32) - jnp.asarray(self.mean, jnp.float32)
+        return self.inference_model.apply(self.variables, x, train=False)
+
+    @functools.cached_property
+    def logit_map(self) -> stability.NetMap:
+        """The whole network ``(variables, x) ↦ logits`` as a hashable map
+        (:class:`stabnet.stability.NetMap`): jitted analyses compile once per network."""
+        return stability.NetMap(self.inference_model)
+
+    @functools.cached_property
+    def layer_maps(self) -> list[tuple[networks.LayerSpec, stability.LayerMap, dict[str, Any]]]:
+        """``(spec, map, layer_variables)`` of every layer of Figure 4.1
+        (:func:`stabnet.stability.layer_maps`)."""
+        return stability.layer_maps(self.inference_model, self.variables)
+
+    @functools.cached_property
+    def effective_operators(self) -> dict[str, norms.EffectiveConv | jax.Array]:
+        """The BN-folded operators ``diag(s)A_K`` of every layer at inference, by
+        ``"<layer>/<op>"`` (:func:`stabnet.norms.effective_operators`, Remark 4.3), with the
+        network's own residual form (an ablation's where it changed the variant's)."""
+        model = self.inference_model
+        return norms.effective_operators(
+            self.variables, model.variant, self.image_hw, eps=float(model.cfg.bn_eps),
+            form=model.residual_form,
+        )  # fmt: skip
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -55,8 +127,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         ) from None
 
 
-def load_run(workdir: str, dataset: data.Dataset | None = None) -> Run:
-    """Config, network, latest good checkpoint's variables and data of ``workdir``."""
+def load_run(workdir: str, dataset: data.Dataset | None = None) -> TrainedNetwork:
+    """The trained network of ``workdir``: config, network, the latest good checkpoint's
+    variables, the data (``dataset`` where already loaded) and their normalisation."""
     config = load_config(workdir)
     d = config.data
     ds = dataset or data.load_dataset(
@@ -76,7 +149,8 @@ def load_run(workdir: str, dataset: data.Dataset | None = None) -> Run:
         raise checkpoints.CheckpointError(f"{workdir} holds no checkpoint; train it first")
     state, step = restored
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    return Run(workdir, config, model, variables, ds, step, data.pixel_mean(ds.x_train))
+    mean = data.pixel_mean(ds.x_train)
+    return TrainedNetwork(workdir, config, model, variables, ds, step, mean)
 
 
 # --------------------------------------------------------------------------------------------

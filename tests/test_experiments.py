@@ -71,13 +71,12 @@ def test_figure_helpers(trained_runs):
     assert noisy.min() >= 0 and noisy.max() <= 1 and not np.allclose(noisy, x)
     assert np.allclose(robustness.corrupted_images(x, delta=0.2, x_s=np.ones((8, 8, 1))), 1.0)
     # the figure's corrupted test images are the ones Table 5.4's evaluation classifies
-    clf = robustness.Classifier.from_run(run)
     x_s = robustness.as_unit(run.dataset.x_test[-1])
     for eps, delta in ((0.3, 0.0), (0.0, 0.4), (0.2, 0.3)):
         images = robustness.corrupted_images(run.dataset.x_test[2:5], eps=eps, delta=delta,
                                              x_s=x_s, seed=1, image_index=[2, 3, 4])  # fmt: skip
-        ours = np.argmax(np.asarray(clf.logits(images)), -1) == run.dataset.y_test[2:5]
-        table = robustness.corrupted_correct(clf, run.dataset.x_test[:5], run.dataset.y_test[:5],
+        ours = np.argmax(np.asarray(run.unit_logits(images)), -1) == run.dataset.y_test[2:5]
+        table = robustness.corrupted_correct(run, run.dataset.x_test[:5], run.dataset.y_test[:5],
                                              [(eps, delta)], x_s=x_s, seed=1)[0, 2:]  # fmt: skip
         np.testing.assert_array_equal(ours, table)
     assert [k for k, _ in figures.block_layers(2)] == [0, 2, 3, 4, 5, 6]
@@ -279,7 +278,7 @@ def test_benchmark_json_profile_and_refusal(tmp_path):
     non-zero exit."""
     prof = os.fspath(tmp_path / "prof")
     proc = _run("-m", "experiments.benchmark", f"--config={QUICKSTART}", "--steps=4", "--json",
-                "--config.steps_per_dispatch=2", f"--profile={prof}")  # fmt: skip
+                "--config.runtime.steps_per_dispatch=2", f"--profile={prof}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["steps"] == 4 and r["batch_size"] == 64 and r["rounds"] == 2  # chunks of 2
@@ -303,9 +302,9 @@ def test_benchmark_json_profile_and_refusal(tmp_path):
         r["conv_impl"] == "onednn"
     )  # oneDNN's convolutions show as FFI calls
     bad = _run("-m", "experiments.benchmark", f"--config={QUICKSTART}",
-               "--config.optim.norm_method=fast")  # fmt: skip
+               "--config.runtime.norm_method=fast")  # fmt: skip
     assert bad.returncode != 0
-    assert "optim.norm_method" in bad.stderr.strip().splitlines()[-1]
+    assert "runtime.norm_method" in bad.stderr.strip().splitlines()[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +361,7 @@ PAPER_FIXTURE_5_4_D18 = {"clean": 88.02, "ε=0.02": 83.52, "ε=0.05": 50.55, "st
 def _fake_cifar_run(folder, variant: str, n: int, accuracy: float) -> None:
     """A finished full-protocol CIFAR-10 run folder (no checkpoint), as results/ holds them."""
     from experiments.configs import common
-    from stabnet import networks
+    from stabnet import variants
 
     os.makedirs(folder)
     config = common.paper_config(variant, n, "cifar10")
@@ -371,7 +370,7 @@ def _fake_cifar_run(folder, variant: str, n: int, accuracy: float) -> None:
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
         for step in (35_000, 70_000):
             f.write(json.dumps({"step": step, "test_accuracy": accuracy}) + "\n")
-    results = {"variant": variant, "n": n, "depth": networks.paper_depth(variant, n),
+    results = {"variant": variant, "n": n, "depth": variants.get(variant).depth(n),
                "data": "cifar10", "data_source": "local:cifar10.npz", "steps": 70_000,
                "final_test_accuracy": accuracy, "schedule_scale": 1.0}  # fmt: skip
     with open(os.path.join(folder, "results.json"), "w") as f:

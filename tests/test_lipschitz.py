@@ -32,6 +32,7 @@ from stabnet import (
     robustness,
     runs,
     stability,
+    variants,
 )
 
 N = 2  # conv0, res1, res2, pool3, res4, pool5, res6, fc8
@@ -116,10 +117,10 @@ def random_step(tx, params, state, rng):
 
 
 def test_variant_is_built_without_bn_and_kept_out_of_the_paper_loop():
-    assert "resnet_s_lipschitz" in networks.ALL_VARIANTS
-    assert "resnet_s_lipschitz" not in networks.VARIANTS
-    assert layers.RESIDUAL_FORMS["resnet_s_lipschitz"].certified
-    assert networks.paper_depth("resnet_s_lipschitz", 3) == 11
+    assert "resnet_s_lipschitz" in variants.names()
+    assert "resnet_s_lipschitz" not in variants.experiment_names()
+    assert variants.get("resnet_s_lipschitz").form.certified
+    assert variants.get("resnet_s_lipschitz").depth(3) == 11
     with pytest.raises(ValueError, match="model.use_bn"):
         networks.build_model("resnet_s_lipschitz", N, 10)
     model = networks.build_model("resnet_s_lipschitz", N, 10, use_bn=False)
@@ -338,7 +339,7 @@ def project(params, grids) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bounded_run() -> runs.Run:
+def bounded_run() -> runs.TrainedNetwork:
     """A ``resnet_s_lipschitz`` (``n = 1``, space-to-depth, the digits config) with random weights
     projected onto its constraints, as a run on ``N_TEST`` digits test images labelled with its
     own predictions: every image is classified correctly, so every margin gives a certificate."""
@@ -353,7 +354,8 @@ def bounded_run() -> runs.Run:
     # perturbation in the pixel box changes, and PGD could never break an image.
     params = project(jax.tree.map(lambda p: 3.0 * p, variables["params"]), grids)
     ds = dataclasses.replace(ds, x_test=ds.x_test[:N_TEST], y_test=ds.y_test[:N_TEST])
-    run = runs.Run("", config, model, {"params": params}, ds, 0, data.pixel_mean(ds.x_train))
+    mean = data.pixel_mean(ds.x_train)
+    run = runs.TrainedNetwork("", config, model, {"params": params}, ds, 0, mean)
     own = np.asarray(jnp.argmax(run.logits(ds.x_test), -1), np.int32)
     return dataclasses.replace(run, dataset=dataclasses.replace(ds, y_test=own))
 
@@ -401,7 +403,7 @@ def test_theorem_4_2_hypotheses_fail_where_a_bound_is_broken(bounded_run):
     """The hypotheses are checked, not assumed: ``W`` or a downsampling ``M`` scaled past its
     bound fails the named hypothesis, and ``C`` grows with it."""
     specs = networks.layer_specs(1)
-    form = layers.RESIDUAL_FORMS["resnet_s_lipschitz"]
+    form = variants.get("resnet_s_lipschitz").form
     cfg = bounded_run.model.cfg
     for path, name in (("fc5/W", "fc_l2_le_1"), ("pool2/M", "downsampling_M_l2_le_1")):
         layer, leaf = path.split("/")
@@ -425,8 +427,8 @@ def test_robustness_certified_never_above_pgd(bounded_run):
     assert {36 / 255, 72 / 255, 108 / 255} <= set(robustness.default_radii("cifar10"))
     grids = networks.layer_grids(1, (8, 8))
     total, _ = lipschitz.lipschitz_bound(bounded_run.variables["params"], grids, (2, 2), 3)
-    clf = robustness.Classifier.from_run(bounded_run)
-    z = np.sort(np.asarray(clf.logits(robustness.to_unit(bounded_run.dataset.x_test))), -1)
+    z = bounded_run.unit_logits(robustness.to_unit(bounded_run.dataset.x_test))
+    z = np.sort(np.asarray(z), -1)
     median = float(np.median((z[:, -1] - z[:, -2]) / (SQRT2 * total)))
     radii = (0.0, 0.5 * median, median, 4 * median, 40 * median)
     kwargs = dict(radii=radii, pgd_steps=10, n_images=N_TEST, eps=(0.02,), deltas=(0.1,),

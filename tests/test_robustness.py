@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from stabnet import data, networks, norms, ops, plots, robustness, runs
+from stabnet import data, norms, ops, plots, robustness, runs, variants
 from tests.conftest import REPO
 
 N_IMAGES = 64  # images per evaluation
@@ -31,11 +31,10 @@ BATCH = 256  # one batch shape for every evaluation: one compilation per network
 
 @pytest.fixture(scope="module")
 def evaluated(trained_runs) -> dict[str, dict]:
-    """Per variant: the loaded run, its jitted evaluator and a small robustness report."""
+    """Per variant: the trained network and a small robustness report."""
     out = {}
-    for variant in networks.VARIANTS:
+    for variant in variants.experiment_names():
         run = runs.load_run(trained_runs[variant])
-        jitted = robustness._Jitted(robustness.Classifier.from_run(run))
         with warnings.catch_warnings():
             warnings.simplefilter("error", robustness.CertificateViolation)
             report = robustness.robustness_report(
@@ -46,11 +45,11 @@ def evaluated(trained_runs) -> dict[str, dict]:
                 eps=(0.02, 0.05, 1.0),
                 batch_size=BATCH,
             )
-        out[variant] = {"run": run, "jitted": jitted, "report": report}
+        out[variant] = {"run": run, "report": report}
     return out
 
 
-def _images(run: runs.Run, n: int = N_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+def _images(run: runs.TrainedNetwork, n: int = N_IMAGES) -> tuple[np.ndarray, np.ndarray]:
     return run.dataset.x_test[:n], run.dataset.y_test[:n]
 
 
@@ -67,13 +66,13 @@ def test_zero_noise_is_clean_accuracy(evaluated):
         logits = jax.jit(e["run"].logits)(x)  # the training code's path: normalize, model.apply
         clean = np.asarray(jnp.argmax(logits, -1)) == y
         right = robustness.corrupted_correct(
-            e["jitted"], x, y, [(0.0, 0.0), (0.0, 0.0)], batch_size=BATCH
+            e["run"], x, y, [(0.0, 0.0), (0.0, 0.0)], batch_size=BATCH
         )
         np.testing.assert_array_equal(right[0], clean, err_msg=variant)
         np.testing.assert_array_equal(right[1], clean, err_msg=variant)
         x_s = robustness.to_unit(x[0])
         zero_delta = robustness.corrupted_accuracy(
-            e["jitted"], x, y, delta=0.0, x_s=x_s, batch_size=BATCH
+            e["run"], x, y, delta=0.0, x_s=x_s, batch_size=BATCH
         )
         assert zero_delta == pytest.approx(clean.mean())
         assert e["report"]["clean_accuracy"] == pytest.approx(clean.mean())
@@ -87,8 +86,8 @@ def test_large_noise_lowers_accuracy_and_is_deterministic(evaluated):
     assert table["unstructured ε=1"] < table["clean"] - 0.3
     assert table["structured δ=0.5"] <= table["clean"]
     x, y = _images(e["run"])
-    a = robustness.corrupted_correct(e["jitted"], x, y, [(0.5, 0.0)], seed=3, batch_size=BATCH)
-    b = robustness.corrupted_correct(e["jitted"], x, y, [(0.5, 0.0)], seed=3, batch_size=32)
+    a = robustness.corrupted_correct(e["run"], x, y, [(0.5, 0.0)], seed=3, batch_size=BATCH)
+    b = robustness.corrupted_correct(e["run"], x, y, [(0.5, 0.0)], seed=3, batch_size=32)
     np.testing.assert_array_equal(a, b)  # the noise depends on the seed, not on the batching
 
 
@@ -110,10 +109,10 @@ def test_certified_never_exceeds_pgd(evaluated):
 def test_lipschitz_bound_bounds_the_network(evaluated):
     key = jax.random.PRNGKey(0)
     for variant, e in evaluated.items():
-        clf = e["jitted"].clf
-        bound = robustness.lipschitz_bound(clf.model, clf.variables, (8, 8))
+        net = e["run"]
+        bound = robustness.lipschitz_bound(net.inference_model, net.variables, (8, 8))
 
-        def f(u, j=e["jitted"]):
+        def f(u, j=e["run"]):
             return robustness.forward_logits(j, np.asarray(u), batch_size=BATCH)
 
         assert bound.total == pytest.approx(e["report"]["lipschitz"]["bound"])
@@ -178,21 +177,22 @@ def test_pgd_ascends_the_loss_beyond_random_noise(evaluated, variant):
     PGD is above the start's for nearly every image, and above that of random perturbations of
     the same norm (so ``pgd_accuracy ≤ random_noise_accuracy`` is not luck)."""
     e = evaluated[variant]
-    j = e["jitted"]
+    j = e["run"]
     x, y = _images(e["run"])
     u = jnp.asarray(x, jnp.float32) / 255.0
     labels = jnp.asarray(y)
     radius = jnp.full(len(x), 0.5, jnp.float32)
 
     def loss(d):
-        z = robustness._logits(j.clf.model, j.clf.variables, j.clf.mean, jnp.clip(u + d, 0, 1))
+        z = robustness._logits(j.inference_model, j.variables, j.mean, jnp.clip(u + d, 0, 1))
         return np.asarray(optax.softmax_cross_entropy_with_integer_labels(z, labels))
 
-    d = j.pgd_start(u, jnp.arange(len(x), dtype=jnp.uint32), jax.random.PRNGKey(0), radius)
+    jobs = jnp.arange(len(x), dtype=jnp.uint32)
+    d = robustness._jit_pgd_start(u, jobs, jax.random.PRNGKey(0), radius)
     start = loss(d)
     fooled = jnp.zeros(len(x), bool)
     for _ in range(PGD_STEPS):
-        d, fooled = j.pgd_step(j.clf.variables, j.clf.mean, u, labels, d, fooled, radius,
+        d, fooled = robustness.pgd_step(j, u, labels, d, fooled, radius,
                                0.25 * radius)  # fmt: skip
     attacked = loss(d)
     norm = np.sqrt(np.sum(np.square(np.asarray(d)), axis=(1, 2, 3)))
@@ -207,14 +207,14 @@ def test_pgd_does_not_flip_a_certified_image(evaluated):
     e = evaluated["resnet_s_certified"]
     x, y = _images(e["run"])
     lip = e["report"]["lipschitz"]["bound"]
-    cert = robustness.certify(e["jitted"], x, y, lip, batch_size=BATCH)
+    cert = robustness.certify(e["run"], x, y, lip, batch_size=BATCH)
     assert np.all(cert["radius"][~cert["correct"]] == 0) and np.all(cert["radius"] >= 0)
     best = int(np.argmax(cert["radius"]))
     radius = float(cert["radius"][best])
     assert radius > 0
     # Four radii on the same images: the batch shape of the report's attack (no recompilation).
     below = robustness.pgd_fooled(
-        e["jitted"], x, y, [0.9 * radius, 0.5 * radius, 0.99 * radius, 0.7 * radius],
+        e["run"], x, y, [0.9 * radius, 0.5 * radius, 0.99 * radius, 0.7 * radius],
         steps=20, restarts=2, clean_wrong=~cert["correct"], batch_size=BATCH,
     )  # fmt: skip
     assert not below[:, best].any()
@@ -247,11 +247,11 @@ def test_cifar10c_unavailable_or_evaluated(evaluated, monkeypatch):
         raise data.DataError("tfds:cifar10_corrupted (no network)")
 
     monkeypatch.setattr(data, "load_cifar10_corrupted", offline)
-    out = robustness.cifar10c_accuracies(e["jitted"], corruptions=["fog"], batch_size=BATCH)
+    out = robustness.cifar10c_accuracies(e["run"], corruptions=["fog"], batch_size=BATCH)
     assert out["status"] == "unavailable" and "no network" in out["reason"]
     monkeypatch.setattr(data, "load_cifar10_corrupted", lambda c, s, tfds_data_dir=None: (x, y))
     out = robustness.cifar10c_accuracies(
-        e["jitted"], corruptions=["fog"], severities=(1, 5), batch_size=BATCH
+        e["run"], corruptions=["fog"], severities=(1, 5), batch_size=BATCH
     )
     assert out["status"] == "ok"
     assert out["accuracy"]["fog"]["1"] == pytest.approx(e["report"]["clean_accuracy"])
@@ -316,7 +316,7 @@ def test_corruptions_are_the_formula_of_table_5_4(evaluated, clip):
     x, _ = _images(e["run"], 16)
     u, x_s = x.astype(np.float64) / 255.0, x[-1].astype(np.float64) / 255.0
     seed, eps, delta = 3, 0.3, 0.2
-    got = robustness.forward_logits(e["jitted"], x, eps=eps, delta=delta, x_s=x_s, seed=seed,
+    got = robustness.forward_logits(e["run"], x, eps=eps, delta=delta, x_s=x_s, seed=seed,
                                     batch_size=BATCH, clip=clip)  # fmt: skip
     key = jax.random.PRNGKey(seed)
     eta = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), x.shape[1:]))
@@ -327,7 +327,7 @@ def test_corruptions_are_the_formula_of_table_5_4(evaluated, clip):
         corrupted = np.clip(corrupted, 0.0, 1.0)
     want = np.asarray(jax.jit(e["run"].logits)(jnp.asarray(255.0 * corrupted, jnp.float32)))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    other = robustness.forward_logits(e["jitted"], x, eps=eps, delta=delta, x_s=x_s, seed=seed,
+    other = robustness.forward_logits(e["run"], x, eps=eps, delta=delta, x_s=x_s, seed=seed,
                                       batch_size=BATCH, clip=not clip)  # fmt: skip
     assert np.max(np.abs(other - want)) > 1e-2  # the option matters
 
@@ -354,17 +354,18 @@ def test_pgd_stays_in_its_ball_and_the_box(evaluated):
     """Every PGD iterate is a perturbation the certificate covers: ``‖δ‖₂ ≤ r`` and
     ``x + δ ∈ [0, 1]``, from the random start on; radii are rounded down, never up."""
     e = evaluated["resnet"]
-    j = e["jitted"]
+    j = e["run"]
     x, y = _images(e["run"], 16)
     u = jnp.asarray(x, jnp.float32) / 255.0
     radius = jnp.asarray(np.linspace(0.05, 2.0, len(x)), jnp.float32)
-    d = j.pgd_start(u, jnp.arange(len(x), dtype=jnp.uint32), jax.random.PRNGKey(0), radius)
+    jobs = jnp.arange(len(x), dtype=jnp.uint32)
+    d = robustness._jit_pgd_start(u, jobs, jax.random.PRNGKey(0), radius)
     fooled = jnp.zeros(len(x), bool)
     for _ in range(3):
         norms_ = np.sqrt(np.sum(np.square(np.asarray(d, np.float64)), axis=(1, 2, 3)))
         assert np.all(norms_ <= np.asarray(radius, np.float64) * (1 + 1e-6))
         assert np.all((np.asarray(u + d) >= 0.0) & (np.asarray(u + d) <= 1.0))
-        d, fooled = j.pgd_step(j.clf.variables, j.clf.mean, u, jnp.asarray(y), d, fooled,
+        d, fooled = robustness.pgd_step(j, u, jnp.asarray(y), d, fooled,
                                radius, 0.5 * radius)  # fmt: skip
     r = np.asarray([0.1, 1 / 3, 1.0, math.pi], np.float64)
     down = robustness._float32_down(r)
@@ -438,17 +439,17 @@ def test_streamed_pgd_is_plain_pgd(evaluated):
     image is already fooled at a smaller radius, which decides it), and an image fooled at a
     radius is fooled at every larger one."""
     e = evaluated["resnet"]
-    j = e["jitted"]
+    j = e["run"]
     x, y = _images(e["run"])
     u, labels = jnp.asarray(x, jnp.float32) / 255.0, jnp.asarray(y)
     clean_wrong = np.zeros(len(x), bool)
     steps, radius = 6, 0.5
     r = jnp.full(len(x), robustness._float32_down(np.asarray([radius]))[0])
     key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
-    d = j.pgd_start(u, jnp.arange(len(x), dtype=jnp.uint32), key, r)
+    d = robustness._jit_pgd_start(u, jnp.arange(len(x), dtype=jnp.uint32), key, r)
     fooled = jnp.zeros(len(x), bool)
     for _ in range(steps + 1):
-        d, fooled = j.pgd_step(j.clf.variables, j.clf.mean, u, labels, d, fooled, r,
+        d, fooled = robustness.pgd_step(j, u, labels, d, fooled, r,
                                r * (robustness.PGD_REL_STEP / steps))  # fmt: skip
     want = np.asarray(fooled)
     assert 0 < want.sum() < len(x)  # some fooled, some not: the test can tell
