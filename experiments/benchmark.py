@@ -73,7 +73,7 @@ def benchmark(
     import numpy as np
 
     from stabnet import config as config_lib
-    from stabnet import constraints, data, layers, networks, parallel, train
+    from stabnet import constraints, data, parallel, train, variants
 
     config_lib.validate(config)
     h, w, c, classes = data.SHAPES[config.data.name]
@@ -148,13 +148,14 @@ def benchmark(
     unconstrained_ms = float(np.mean(off_ms))
     saved = np.subtract(ms["on"], off_ms)  # per round: what the constraints cost
     constraint_ms = max(float(np.median(saved)), 0.0)
-    spectral = layers.RESIDUAL_FORMS[config.model.variant].outer == "adjoint"  # ResNet-S forms
+    record = variants.get(config.model.variant)
+    spectral = record.constraint in ("spectral", "lipschitz")  # the exact norms of ResNet-S
     norm_method = constraints.norm_method(config.optim.norm_method) if spectral else None
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return {
         "config": config.model.variant + f"-n{config.model.n}-{config.data.name}",
-        "depth": networks.paper_depth(config.model.variant, config.model.n),
+        "depth": record.depth(config.model.n),
         "machine": machine(),
         "backend": jax.default_backend(),
         "dtype": config.model.dtype,

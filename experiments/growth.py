@@ -14,7 +14,8 @@ layers
 
 * at initialisation (the parameters ``train_and_evaluate`` starts from: same seed and key), and
 * after a short training with :func:`stabnet.train.train_and_evaluate` on the quickstart config
-  (``steps`` steps, BN removed, each variant at its own learning rate, :data:`LEARNING_RATES`;
+  (``steps`` steps, BN removed, each variant at its own learning rate,
+  :attr:`stabnet.variants.Variant.growth_learning_rate`;
   ``on_nonfinite="skip"`` guards against divergence and the skipped steps are reported).
 
 The *growth per residual layer* is the geometric mean over the residual layers ``k`` of
@@ -44,11 +45,13 @@ from typing import Any
 import numpy as np
 
 from stabnet import plots
+from stabnet import variants as variants_lib
 
-VARIANTS = ("resnet", "resnet_d", "resnet_s")
-# Learning rates without BN that learn on digits in a few hundred steps (n = 4, 200 steps: the
-# standard ResNet 71% at 0.002 but chance at 0.02; ResNet-S chance at 0.002 and 0.02, 29% at 0.1).
-LEARNING_RATES = {"resnet": 0.002, "resnet_d": 0.01, "resnet_s": 0.1}
+# The variants with a learning rate for this experiment (Variant.growth_learning_rate): rates
+# without BN that learn on digits in a few hundred steps (n = 4, 200 steps: the standard ResNet
+# 71% at 0.002 but chance at 0.02; ResNet-S chance at 0.002 and 0.02, 29% at 0.1).
+VARIANTS = variants_lib.names(lambda v: v.growth_learning_rate is not None)
+DEFAULT_LEARNING_RATE = 0.01  # of a variant without one
 
 
 def growth_config(
@@ -163,7 +166,8 @@ def run_growth(
 ) -> dict[str, Any]:
     """Measure, write ``growth.json``/``growth.md``/``growth.png`` to ``out``, return the results
     (``{"variants": {v: {"init": {...}, "trained": {...}|None}}, "settings": {...}}``).
-    ``learning_rate=None`` takes each variant's :data:`LEARNING_RATES`."""
+    ``learning_rate=None`` takes each variant's
+    :attr:`stabnet.variants.Variant.growth_learning_rate`."""
     import jax
 
     from stabnet import data, networks, runs, train
@@ -185,7 +189,8 @@ def run_growth(
         "variants": {},
     }  # fmt: skip
     for variant in variants:
-        lr = LEARNING_RATES.get(variant, 0.01) if learning_rate is None else learning_rate
+        own = variants_lib.get(variant).growth_learning_rate or DEFAULT_LEARNING_RATE
+        lr = own if learning_rate is None else learning_rate
         config = growth_config(
             variant, n=n, steps=max(steps, 1), data_name=data_name, learning_rate=lr, seed=seed
         )
@@ -195,7 +200,7 @@ def run_growth(
         init = jax.jit(lambda k, m=model: networks.init_variables(m, k, ds.image_shape))(key)
         norms0 = feature_norms(model, init, x)
         entry: dict[str, Any] = {
-            "depth": networks.paper_depth(variant, n),
+            "depth": variants_lib.get(variant).depth(n),
             "learning_rate": lr,
             "init": {"norms": norms0, **growth_factors(norms0, n)},
             "trained": None,
@@ -363,7 +368,7 @@ def _define_flags() -> None:
         "learning_rate",
         None,
         "One learning rate for every variant (default: "
-        "each variant's LEARNING_RATES; without BN a shared one suits none).",
+        "each variant's growth_learning_rate; without BN a shared one suits none).",
     )
     flags.DEFINE_integer("batch", 256, "Test images the norms are averaged over.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Seed of the initialisation and training.")

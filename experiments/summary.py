@@ -31,7 +31,7 @@ def summarize(config) -> dict:
     import numpy as np
 
     from stabnet import config as config_lib
-    from stabnet import data, networks, train
+    from stabnet import data, networks, train, variants
 
     config_lib.validate(config)
     h, w, c, classes = data.SHAPES[config.data.name]
@@ -54,7 +54,7 @@ def summarize(config) -> dict:
         "input_shape": [h, w, c],
         "params": count(variables["params"]),
         "non_trainable": count(variables.get("batch_stats", {})),
-        "depth": networks.paper_depth(model.variant, model.n),
+        "depth": variants.get(model.variant).depth(model.n),
         "layers": rows,
     }
 

@@ -88,10 +88,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 def depth_to_n(variant: str, depth: int) -> int | None:
     """``n`` with the paper's depth ``depth`` (``6n``, or ``3n + 2`` for ResNet-S); ``None`` if
     this variant has no network of that depth."""
-    from stabnet import networks
+    from stabnet import variants as variants_lib
 
     for n in range(1, depth + 1):
-        d = networks.paper_depth(variant, n)
+        d = variants_lib.get(variant).depth(n)
         if d == depth:
             return n
         if d > depth:
@@ -236,15 +236,14 @@ def build_grid(
             an invalid config (one line each).
     """
     from stabnet import config as config_lib
-    from stabnet import networks
+    from stabnet import variants as variants_lib
 
     if ns and depths:
         raise SweepError("give --n or --depths, not both")
     for v in variants:
-        if v not in networks.VARIANTS:
-            raise SweepError(
-                f"--variants: {v!r} is unknown; allowed: {', '.join(networks.VARIANTS)}"
-            )
+        known = variants_lib.experiment_names()
+        if v not in known:
+            raise SweepError(f"--variants: {v!r} is unknown; allowed: {', '.join(known)}")
     base = load_config_file(base_config or DEFAULT_BASE)
     if not datasets:
         datasets = ["cifar10"] if base_config is None else [base.data.name]

@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from stabnet import constraints, layers, lipschitz, networks, norms, ops
+from stabnet import constraints, layers, lipschitz, networks, norms, ops, variants
 
 
 class ConfigError(ValueError):
@@ -27,7 +27,13 @@ class ConfigError(ValueError):
 class Field:
     types: tuple[type, ...]
     check: Callable[[Any], bool] = lambda v: True
-    allowed: str = ""
+    allowed: str | Callable[[], str] = ""  # a callable where the values can be added to
+
+
+def _variant() -> Field:
+    """``model.variant``: a name in :data:`stabnet.variants.VARIANTS`, read when validating."""
+    return Field((str,), lambda v: v in variants.VARIANTS,
+                 lambda: "one of " + ", ".join(variants.VARIANTS))  # fmt: skip
 
 
 def _choice(*values: str) -> Field:
@@ -75,7 +81,7 @@ SCHEMA: dict[str, Field] = {
     "data.augment_flip": _BOOL,
     "data.on_device": _BOOL,
     "data.eval_batch_size": _int(1),
-    "model.variant": _choice(*networks.ALL_VARIANTS),
+    "model.variant": _variant(),
     "model.n": _int(1, 1000),
     "model.widths": _WIDTHS,
     "model.padding": _choice(*ops.PADDINGS),
@@ -133,14 +139,23 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
             isinstance(value, bool) and bool not in field.types
         )
         if bad_type or not field.check(value):
-            raise ConfigError(f"config field {key}={value!r} is invalid; allowed: {field.allowed}")
-    if items["model.variant"] in layers.LIPSCHITZ_VARIANTS:
-        _check_lipschitz(items)
-    elif items["model.downsampling"] != "pool":
+            allowed = field.allowed() if callable(field.allowed) else field.allowed
+            raise ConfigError(f"config field {key}={value!r} is invalid; allowed: {allowed}")
+    record = variants.get(items["model.variant"])
+    if items["model.use_bn"] and not record.batch_norm:
         raise ConfigError(
-            f"config field model.downsampling={items['model.downsampling']!r} applies to "
-            f"{', '.join(layers.LIPSCHITZ_VARIANTS)} only; allowed: pool"
+            f"config field model.use_bn=True is invalid with model.variant={record.name!r}; "
+            "allowed: false (BN's inference scale is not bounded by the optimiser)"
         )
+    downsampling = items["model.downsampling"]
+    if downsampling not in record.downsamplings:
+        taking = ", ".join(variants.names(lambda v: downsampling in v.downsamplings))
+        raise ConfigError(
+            f"config field model.downsampling={downsampling!r} applies to {taking} only; "
+            f"allowed: {', '.join(record.downsamplings)}"
+        )
+    if record.constraint == "lipschitz":
+        _check_lipschitz(items)
     try:
         networks.check_architecture(
             items["model.variant"], items["model.n"], (4, 4, 1), 1, tuple(items["model.widths"])
@@ -154,15 +169,11 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
 
 
 def _check_lipschitz(items: Mapping[str, Any]) -> None:
-    """The fields the Lipschitz ResNet-S (:mod:`stabnet.lipschitz`) cannot take: BN (its scale
-    is not bounded), a pooling window without room for the filter, scale-carrying projection
-    (the scale of its filters is the function)."""
+    """The fields a network whose every layer is bounded (``constraint="lipschitz"``,
+    :mod:`stabnet.lipschitz`) cannot take besides BN (its scale is not bounded): a pooling window
+    without room for the filter, scale-carrying projection (the scale of its filters is the
+    function)."""
     variant = items["model.variant"]
-    if items["model.use_bn"]:
-        raise ConfigError(
-            f"config field model.use_bn=True is invalid with model.variant={variant!r}; "
-            "allowed: false (BN's inference scale is not bounded by the optimiser)"
-        )
     if items["model.pool_window"] < 3 and items["model.downsampling"] == "pool":
         raise ConfigError(
             f"config field model.pool_window={items['model.pool_window']!r} is invalid with "

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from stabnet import layers, lipschitz, norms, norms_kernel
+from stabnet import lipschitz, norms, norms_kernel, variants
 from stabnet import schedule as schedule_lib
 
 Params = Any
@@ -39,16 +39,13 @@ Mask = Any
 
 SQRT2 = math.sqrt(2.0)
 
-# Table 4.1 (inferred): which regulariser each kind of filter gets. Patterns match parameter paths.
+# Table 4.1 (inferred): which regulariser each kind of filter gets (the rows are the variants'
+# stabnet.variants.Variant.regularizers). Patterns match parameter paths.
 FILTERS = {
     "conv": r"^conv\d+/K0$",
     "res": r"^res\d+/K[12]?$",
     "pool": r"^pool\d+/Kp$",
     "fc": r"^fc\d+/W$",
-}
-TABLE_4_1: dict[str, dict[str, str]] = {
-    "resnet_d": {"conv": "l1", "res": "frobenius", "pool": "frobenius", "fc": "l1"},
-    "resnet_s": {"conv": "frobenius", "res": "frobenius", "pool": "frobenius", "fc": "frobenius"},
 }
 OUTER_FILTER = r"^res\d+/K2$"  # ResNet-D: K₂ ≥ 0
 SYMMETRIC_FILTER = r"^res\d+/K$"  # ResNet-S: ‖A_K‖₂ ≤ √2
@@ -278,15 +275,17 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def regularizer_masks(params: Params, variant: str, table: str) -> tuple[Mask, Mask]:
-    """``(frobenius_mask, l1_mask)`` for ``table`` = ``paper`` (Table 4.1; the baseline gets
-    Frobenius everywhere, the certified ResNet-S ResNet-S's row), ``frobenius`` or ``none``."""
+    """``(frobenius_mask, l1_mask)`` for ``table`` = ``paper`` (the variant's row of Table 4.1,
+    :attr:`stabnet.variants.Variant.regularizers`; Frobenius everywhere where it has none, as the
+    baseline), ``frobenius`` or ``none``."""
     if table not in REGULARIZER_TABLES:
         raise ValueError(
             f"optim.regularizers={table!r} is unknown; allowed: {', '.join(REGULARIZER_TABLES)}"
         )
     row = {kind: "frobenius" for kind in FILTERS}
     if table == "paper":
-        row = TABLE_4_1.get(variant.removesuffix("_certified"), row)
+        own = variants.get(variant).regularizers
+        row = own._asdict() if own else row
     elif table == "none":
         row = {kind: "none" for kind in FILTERS}
 
@@ -318,13 +317,13 @@ def build_optimizer(
         chain.append(soft_threshold(lam, schedule, l1))
     if not opt.constraints:
         return optax.chain(*chain), schedule
-    form = layers.RESIDUAL_FORMS[variant]
-    if form.outer == "K2" and form.sign < 0:
+    constraint = variants.get(variant).constraint
+    if constraint == "nonnegative":
         chain.append(nonnegative(path_mask(params, OUTER_FILTER)))
-    if form.outer != "adjoint":
+    if constraint not in ("spectral", "lipschitz"):
         return optax.chain(*chain), schedule
     method = norm_method(opt.norm_method)
-    if variant in layers.LIPSCHITZ_VARIANTS:  # every layer bounded (stabnet.lipschitz)
+    if constraint == "lipschitz":  # every layer bounded (stabnet.lipschitz)
         bounded = lipschitz.projection(
             grids, config.model.pool_window, padding=config.model.padding, method=method
         )
@@ -352,7 +351,7 @@ def spectral_projection(config: ml_collections.ConfigDict) -> str:
     choice = config.optim.projection
     if choice != "auto":
         return choice
-    form = layers.RESIDUAL_FORMS[config.model.variant]
+    form = variants.get(config.model.variant).form
     blind = config.model.use_bn and form.inner_bn == "trained" and form.outer_bn == "frozen"
     return "scale_carrying" if blind else "plain"
 

@@ -12,21 +12,23 @@ initialisers),
 call the pure function and keep the running averages; all the mathematics is in the functions.
 
 The three residual layers share one skeleton, ``x⁺ = σ(x ± BN₂(outer(σ(BN₁(A_{K₁} x)))))``; a
-:class:`ResidualForm` says which sign, which outer operator and which BNs. The table
-:data:`RESIDUAL_FORMS` is the whole difference between ResNet, ResNet-D and ResNet-S.
+:class:`~stabnet.variants.ResidualForm` says which sign, which outer operator and which BNs. Each
+variant's form is a field of its record in :data:`stabnet.variants.VARIANTS`, the whole
+difference between ResNet, ResNet-D and ResNet-S.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stabnet import ops
+from stabnet import ops, variants
+from stabnet.variants import BNMode, ResidualForm
 
 Params = Mapping[str, jax.Array]
 Stats = Mapping[str, jax.Array]
@@ -60,9 +62,6 @@ class LayerConfig:
     pool_window: int = 3
     dtype: Any = jnp.float32
     conv_impl: ops.ConvImpl = "xla"
-
-
-BNMode = Literal["trained", "frozen", "bias", "none"]
 
 
 def normalize(
@@ -121,50 +120,6 @@ def conv_layer(
     return jax.nn.relu(z), used
 
 
-class ResidualForm(NamedTuple):
-    """What distinguishes the residual layers: ``x⁺ = σ(x + sign · BN₂(outer(σ(BN₁(A_{K₁} x)))))``.
-
-    Attributes:
-      sign: ``+1`` adds the branch (3.1); ``−1`` subtracts it (4.1), (4.2).
-      outer: ``"K2"`` – a second filter, ``A_{K₂}``; ``"adjoint"`` – the adjoint of the inner
-        filter, ``A_K^T`` (one filter ``K`` used twice, ResNet-S).
-      inner_bn: mode of ``BN₁`` (see :func:`normalize`).
-      outer_bn: mode of ``BN₂``.
-      outer_init: initialiser of ``K₂``: ``he`` (truncated normal) or ``abs_he`` (its absolute
-        value, so that ResNet-D's ``K₂ ≥ 0`` holds from the start); unused by ResNet-S.
-    """
-
-    sign: int
-    outer: Literal["K2", "adjoint"]
-    inner_bn: BNMode
-    outer_bn: BNMode
-    outer_init: Literal["he", "abs_he"] = "he"
-
-    @property
-    def inner(self) -> str:
-        """Name of the inner filter: ``K`` for ResNet-S (one filter), ``K1`` otherwise."""
-        return "K" if self.outer == "adjoint" else "K1"
-
-    @property
-    def certified(self) -> bool:
-        """The exact gradient-flow form ``σ(x − A_K^T σ(A_K x + b))`` of Lemma A.1."""
-        return self.outer == "adjoint" and self.outer_bn == "none"
-
-
-RESIDUAL_FORMS: dict[str, ResidualForm] = {
-    "resnet": ResidualForm(+1, "K2", "trained", "trained"),  # (3.1) σ(x + BN(A₂σ(BN(A₁x))))
-    # (4.1) σ(x − BN₀(A₂σ(BN(A₁x)))), K₂ ≥ 0 from the start
-    "resnet_d": ResidualForm(-1, "K2", "trained", "frozen", "abs_he"),
-    "resnet_s": ResidualForm(-1, "adjoint", "trained", "frozen"),  # (4.2) σ(x − BN₀(AᵀσBN(Ax)))
-    "resnet_s_certified": ResidualForm(-1, "adjoint", "bias", "none"),  # σ(x − Aᵀσ(Ax + b))
-    # the same residual layer in a network without BN whose every layer is bounded
-    # (stabnet.lipschitz; beyond the paper, built on docs/mathematics.md §2 and §6)
-    "resnet_s_lipschitz": ResidualForm(-1, "adjoint", "bias", "none"),
-}
-
-# Variants built without BatchNorm whose every layer is norm-bounded by the optimiser
-# (stabnet.lipschitz): model.use_bn must be false for them.
-LIPSCHITZ_VARIANTS: tuple[str, ...] = ("resnet_s_lipschitz",)
 # model.downsampling: the paper's pooling layer (4.4), or space-to-depth with a bounded 1×1 map
 # (:func:`downsampling_layer`, the Lipschitz ResNet-S only).
 DOWNSAMPLINGS: tuple[str, ...] = ("pool", "space_to_depth")
@@ -184,15 +139,16 @@ def residual_form(variant: str, sign: str = "paper", outer_bn: str = "paper",
     branch (``sign``), the frozen ``BN₀`` (``outer_bn``) and the ``|He|`` start of ``K₂``
     (``outer_init``), each ``"paper"`` for the variant's own. Only forms with a second filter
     ``K₂`` (``resnet``, ``resnet_d``) take them; ``ValueError`` names the field otherwise."""
-    form = RESIDUAL_FORMS[variant]
+    form = variants.get(variant).form
     chosen = {"sign": sign, "outer_bn": outer_bn, "outer_init": outer_init}
     for field, value in chosen.items():
         if value not in FORM_OPTIONS[field]:
             allowed = ", ".join(FORM_OPTIONS[field])
             raise ValueError(f"model.{field}={value!r} is unknown; allowed: {allowed}")
         if value != "paper" and form.outer != "K2":
+            with_k2 = variants.listed(variants.names(lambda v: v.form.outer == "K2"))
             raise ValueError(
-                f"model.{field}={value!r} applies to resnet and resnet_d only (the forms with a "
+                f"model.{field}={value!r} applies to {with_k2} only (the forms with a "
                 f"second filter K2), not model.variant={variant!r}; use paper"
             )
     if sign != "paper":
@@ -213,7 +169,8 @@ def residual_layer(
     cfg: LayerConfig,
     form: ResidualForm,
 ) -> tuple[jax.Array, Used]:
-    """A residual layer, eqs. (3.1), (4.1), (4.2), chosen by ``form`` (:data:`RESIDUAL_FORMS`).
+    """A residual layer, eqs. (3.1), (4.1), (4.2), chosen by ``form`` (a variant's
+    :attr:`stabnet.variants.Variant.form`).
 
     The certified form is ``x⁺ = σ(x − A_K^T σ(A_K x + b))`` with no BatchNorm, so it is the same
     map in training and at inference, Lemma A.1 applies exactly, and the layer is 1-Lipschitz in
@@ -391,7 +348,7 @@ class ConvLayer(_Layer):
 class ResidualLayer(_Layer):
     """Linen wrapper of :func:`residual_layer` ((3.1), (4.1), (4.2), certified ResNet-S)."""
 
-    form: ResidualForm = RESIDUAL_FORMS["resnet"]
+    form: ResidualForm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:

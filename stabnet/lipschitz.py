@@ -73,8 +73,9 @@ from stabnet import networks, norms, stability
 Params = Any
 
 SQRT2 = math.sqrt(2.0)
+# The network this module bounds (its record in stabnet.variants has constraint="lipschitz"):
+# the residual layers whose constants lipschitz_bound reads are its certified form.
 VARIANT = "resnet_s_lipschitz"
-VARIANTS: tuple[str, ...] = (VARIANT,)
 
 # The constrained filters (paths as in stabnet.constraints.FILTERS) and their bounds.
 CONV = r"^conv\d+/K0$"
@@ -88,11 +89,6 @@ POOL_BOUND = 1.0  # ‖P‖₂ + ‖A^{(2)}_{K_p}‖₂ ≤ 1
 FC_BOUND = 1.0  # ‖W‖₂ ≤ 1 (Theorem 4.2)
 
 LOSSES = ("cross_entropy", "margin_cross_entropy", "hinge")
-
-
-def is_lipschitz(variant: str) -> bool:
-    """Whether ``variant`` is the fully bounded ResNet-S of this module."""
-    return variant in VARIANTS
 
 
 # --------------------------------------------------------------------------------------------

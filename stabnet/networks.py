@@ -12,7 +12,7 @@ Depth parameter ``n ≥ 1``, widths ``(16, 32, 64)``::
 
 Module names carry the layer's kind and its index in this table, so a parameter path such as
 ``res5/K2`` says where it is in the paper; optimiser masks and the analysis select by these names.
-Only the residual layer changes between variants (:data:`stabnet.layers.RESIDUAL_FORMS`).
+Only the residual layer changes between variants (their records, :mod:`stabnet.variants`).
 """
 
 from __future__ import annotations
@@ -25,15 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stabnet import layers, ops
-
-# The variants of the paper's experiments, which the analysis, the robustness report and the
-# parametrised tests iterate; the Lipschitz ResNet-S (stabnet.lipschitz) is built by the same code
-# but kept out of that loop until the analysis knows its theorem (ALL_VARIANTS has every one).
-VARIANTS: tuple[str, ...] = tuple(
-    v for v in layers.RESIDUAL_FORMS if v not in layers.LIPSCHITZ_VARIANTS
-)
-ALL_VARIANTS: tuple[str, ...] = tuple(layers.RESIDUAL_FORMS)
+from stabnet import layers, ops, variants
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +41,6 @@ class LayerSpec:
         return f"{self.kind}{self.index}"
 
 
-def paper_depth(variant: str, n: int) -> int:
-    """The paper's depth (learned filters and weights): ``6n`` for ResNet and ResNet-D, ``3n + 2``
-    for ResNet-S (Table 5.2)."""
-    return 3 * n + 2 if layers.RESIDUAL_FORMS[variant].outer == "adjoint" else 6 * n
-
-
 def check_architecture(
     variant: str,
     n: int,
@@ -63,9 +49,7 @@ def check_architecture(
     widths: Sequence[int] = (16, 32, 64),
 ) -> None:
     """Raise ``ValueError`` naming the field and the allowed values if the network is impossible."""
-    if variant not in layers.RESIDUAL_FORMS:
-        allowed = ", ".join(ALL_VARIANTS)
-        raise ValueError(f"model.variant={variant!r} is unknown; allowed: {allowed}")
+    variants.get(variant)  # ValueError naming model.variant and the allowed names
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"model.n={n!r} is invalid; allowed: an integer ≥ 1")
     if len(widths) != 3 or any(not isinstance(w, int) or w < 1 for w in widths):
@@ -132,7 +116,8 @@ class StableResNet(nn.Module):
       widths: channel widths of the three stages.
       cfg: padding, BN, pooling window and compute dtype (:class:`stabnet.layers.LayerConfig`).
       form: the residual form when it is not the variant's own (an ablation,
-        :func:`stabnet.layers.residual_form`); ``None``: ``RESIDUAL_FORMS[variant]``.
+        :func:`stabnet.layers.residual_form`); ``None``: the variant's record's
+        (:attr:`stabnet.variants.Variant.form`).
       downsampling: layers ``n+1`` and ``2n+1``: ``pool``, the pooling layer (4.4), or
         ``space_to_depth`` (:func:`stabnet.layers.downsampling_layer`).
     """
@@ -148,7 +133,7 @@ class StableResNet(nn.Module):
     @property
     def residual_form(self) -> layers.ResidualForm:
         """The residual layer's form: ``form``, or the variant's own."""
-        return self.form or layers.RESIDUAL_FORMS[self.variant]
+        return self.form or variants.get(self.variant).form
 
     @nn.compact
     def __call__(
@@ -213,7 +198,8 @@ def build_model(
     if not isinstance(pool_window, int) or pool_window < 1 or pool_window % 2 == 0:
         raise ValueError(f"model.pool_window={pool_window!r} is invalid; allowed: 1, 3, 5, …")
     check_architecture(variant, n, (4, 4, 1), num_classes, widths)
-    if variant in layers.LIPSCHITZ_VARIANTS and use_bn:
+    record = variants.get(variant)
+    if use_bn and not record.batch_norm:
         raise ValueError(
             f"model.use_bn=True is invalid with model.variant={variant!r} (BN's inference scale is "
             "not bounded by the optimiser); allowed: false"
@@ -221,11 +207,11 @@ def build_model(
     if downsampling not in layers.DOWNSAMPLINGS:
         allowed = ", ".join(layers.DOWNSAMPLINGS)
         raise ValueError(f"model.downsampling={downsampling!r} is unknown; allowed: {allowed}")
-    if downsampling != "pool" and variant not in layers.LIPSCHITZ_VARIANTS:
-        allowed = ", ".join(layers.LIPSCHITZ_VARIANTS)
+    if downsampling not in record.downsamplings:
+        taking = ", ".join(variants.names(lambda v: downsampling in v.downsamplings))
         raise ValueError(
-            f"model.downsampling={downsampling!r} applies to {allowed} only, not "
-            f"model.variant={variant!r}; use pool"
+            f"model.downsampling={downsampling!r} applies to {taking} only, not "
+            f"model.variant={variant!r}; use {', '.join(record.downsamplings)}"
         )
     form = layers.residual_form(variant, sign, outer_bn, outer_init)
     cfg = layers.LayerConfig(
@@ -238,7 +224,7 @@ def build_model(
         dtype=dtype,
         conv_impl=conv_impl,
     )
-    own = form == layers.RESIDUAL_FORMS[variant]
+    own = form == record.form
     return StableResNet(
         variant, n, num_classes, tuple(widths), cfg, None if own else form, downsampling
     )

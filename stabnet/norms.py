@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stabnet import layers, networks, norms_kernel, ops
+from stabnet import layers, networks, norms_kernel, ops, variants
 
 
 def conv_symbol(
@@ -678,7 +678,8 @@ def effective_operators(
 ) -> dict[str, EffectiveConv | jax.Array]:
     """Every linear operator of a trained network at inference, BN folded in (running stats).
     ``form``: the network's residual form where an ablation changed it
-    (:attr:`stabnet.networks.StableResNet.residual_form`); default ``RESIDUAL_FORMS[variant]``.
+    (:attr:`stabnet.networks.StableResNet.residual_form`); default the variant's own
+    (:attr:`stabnet.variants.Variant.form`).
 
     Keys are ``"<layer>/<operator>"``: ``conv0/A0``; ``res{k}/A1`` (``diag(s₁)A_{K₁}``, or
     ``diag(s₁)A_K`` for ResNet-S) and ``res{k}/A2`` (``diag(s₂)A_{K₂}``, or ``diag(s₂)A_K^T`` for
@@ -689,7 +690,7 @@ def effective_operators(
     ``fc{k}/W`` (the matrix ``Wᵀ`` acting on ``g``, ``[K, c]``).
     """
     params, stats = variables["params"], variables.get("batch_stats", {})
-    form = form or layers.RESIDUAL_FORMS[variant]
+    form = form or variants.get(variant).form
     grids = networks.layer_grids(networks.n_of(params), image_hw)
     ops_: dict[str, EffectiveConv | jax.Array] = {}
 

@@ -17,17 +17,10 @@ matplotlib.use("Agg")  # before pyplot: headless, deterministic
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from stabnet import logbook  # noqa: E402
+from stabnet import logbook, variants  # noqa: E402
 
-# One colour and label per variant, the same in every figure.
-VARIANT_STYLE: dict[str, dict[str, Any]] = {
-    "resnet": {"color": "#1f77b4", "label": "ResNet"},
-    "resnet_d": {"color": "#d62728", "label": "ResNet-D"},
-    "resnet_s": {"color": "#2ca02c", "label": "ResNet-S"},
-    "resnet_s_certified": {"color": "#9467bd", "label": "ResNet-S (certified)"},
-    # every layer bounded (stabnet.lipschitz; docs/mathematics.md §6), beyond the paper
-    "resnet_s_lipschitz": {"color": "#ff7f0e", "label": "ResNet-S (Lipschitz)"},
-}
+# One colour and label per variant, the same in every figure: its record's (stabnet.variants);
+# names that are not in the table (an old run's) keep their name and take a fallback colour.
 _FALLBACK_COLORS = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 DPI = 120
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -48,13 +41,14 @@ plt.rcParams.update(
 
 def variant_label(variant: str) -> str:
     """The paper's name of a variant (``resnet_d`` → ``ResNet-D``); unknown names unchanged."""
-    return VARIANT_STYLE.get(variant, {}).get("label", variant)
+    record = variants.VARIANTS.get(variant)
+    return record.label if record else variant
 
 
 def variant_color(variant: str, index: int = 0) -> str:
     """The colour of ``variant``; unknown variants cycle through a fallback palette."""
-    style = VARIANT_STYLE.get(variant)
-    return style["color"] if style else _FALLBACK_COLORS[index % len(_FALLBACK_COLORS)]
+    record = variants.VARIANTS.get(variant)
+    return record.color if record else _FALLBACK_COLORS[index % len(_FALLBACK_COLORS)]
 
 
 def save_figure(fig: matplotlib.figure.Figure, path: str, *, dpi: int = DPI) -> str:

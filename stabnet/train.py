@@ -36,7 +36,17 @@ import numpy as np
 import optax
 from jax import lax
 
-from stabnet import checkpoints, constraints, data, layers, logbook, networks, onednn, parallel
+from stabnet import (
+    checkpoints,
+    constraints,
+    data,
+    layers,
+    logbook,
+    networks,
+    onednn,
+    parallel,
+    variants,
+)
 from stabnet import config as config_lib
 from stabnet import schedule as schedule_lib
 from stabnet.lipschitz import training_loss
@@ -1317,7 +1327,7 @@ def run_results(loop: _Loop, state: TrainState, compile_seconds: Any) -> dict[st
         "skipped_steps": sum(int(r.get("skipped_steps", 0)) for r in rows if r["step"] <= total),
         "params": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
         "params_norm": params_norm(state.params),
-        "depth": networks.paper_depth(config.model.variant, config.model.n),
+        "depth": variants.get(config.model.variant).depth(config.model.n),
         "variant": config.model.variant,
         "n": config.model.n,
         "data": loop.ds.name,

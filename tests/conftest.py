@@ -48,11 +48,11 @@ def small_config(variant: str = "resnet_d", steps: int = 300, **overrides):
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory) -> dict[str, str]:
     """Workdirs of digits runs (n = 2, 300 steps) for every variant, trained once per session."""
-    from stabnet import networks, train
+    from stabnet import train, variants
 
     root = tmp_path_factory.mktemp("trained")
     out = {}
-    for variant in networks.VARIANTS:
+    for variant in variants.experiment_names():
         workdir = os.fspath(root / variant)
         train.train_and_evaluate(small_config(variant), workdir)
         out[variant] = workdir

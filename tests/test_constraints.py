@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from experiments.configs import default
-from stabnet import constraints, networks, norms
+from stabnet import constraints, networks, norms, variants
 from tests.conftest import REPO
 
 N = 2  # conv0, res1, res2, pool3, res4, pool5, res6, fc8
@@ -317,7 +317,7 @@ def _filters(params, pattern):
     return {k for k in flat(params) if re.fullmatch(pattern, k)}
 
 
-@pytest.mark.parametrize("variant", networks.VARIANTS)
+@pytest.mark.parametrize("variant", variants.experiment_names())
 def test_regularizer_masks_table_4_1(variant):
     params, _ = random_variables(variant)
     frob, l1 = constraints.regularizer_masks(params, variant, "paper")

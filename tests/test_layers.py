@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stabnet import layers, norms
+from stabnet import layers, norms, variants
 
 EPS = 1e-5
 CFG = layers.LayerConfig()
@@ -81,7 +81,7 @@ def residual(variant, params, x, stats, train=False):
     """``layers.residual_layer`` of ``variant``'s form: ``(y, used)``."""
     return layers.residual_layer(
         params, jnp.asarray(x), stats=stats, train=train, cfg=CFG,
-        form=layers.RESIDUAL_FORMS[variant],
+        form=variants.get(variant).form,
     )  # fmt: skip
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stabnet import networks
+from stabnet import networks, variants
 
 # A small grid covering every variant, n = 1..3, 8×8 and 32×32, 1 and 3 channels.
 CASES = [
@@ -48,7 +48,7 @@ def test_network_runs_inference_train_and_features(variant, n, shape):
     assert np.abs(np.asarray(new["conv0"]["mean"])).max() > 0
 
 
-@pytest.mark.parametrize("variant", networks.VARIANTS)
+@pytest.mark.parametrize("variant", variants.experiment_names())
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_paper_depth_and_parameter_counts(variant, n):
     model = networks.build_model(variant, n, 10)
@@ -61,7 +61,7 @@ def test_paper_depth_and_parameter_counts(variant, n):
     names = ["/".join(str(p.key) for p in path) for path, _ in leaves]
     filters = [nm for nm in names if nm.split("/")[-1] in ("K0", "K1", "K2", "K", "Kp", "W")]
     depth = 3 * n + 2 if variant.startswith("resnet_s") else 6 * n
-    assert networks.paper_depth(variant, n) == depth
+    assert variants.get(variant).depth(n) == depth
     assert len(filters) == depth
 
     count = sum(int(np.prod(leaf.shape)) for _, leaf in leaves)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stabnet import constraints, networks, norms, norms_kernel, ops
+from stabnet import constraints, networks, norms, norms_kernel, ops, variants
 from tests.test_ops import dense_conv_matrix, rand
 
 
@@ -159,7 +159,7 @@ def random_variables(model, image_shape, seed=0):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-@pytest.fixture(scope="module", params=networks.VARIANTS)
+@pytest.fixture(scope="module", params=variants.experiment_names())
 def eff_setup(request):
     variant = request.param
     model = networks.build_model(variant, N_EFF, K_EFF, widths=W_EFF)

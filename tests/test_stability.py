@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stabnet import networks, norms, ops, runs, stability
+from stabnet import networks, norms, ops, runs, stability, variants
 from tests.conftest import REPO
 
 N_IMAGES = 16
@@ -42,7 +42,7 @@ def reports(trained_runs, tmp_path_factory):
     """One analysis per variant (per-layer measurements for one of them, to keep this short)."""
     root = tmp_path_factory.mktemp("stability")
     out = {}
-    for variant in networks.VARIANTS:
+    for variant in variants.experiment_names():
         run = runs.load_run(trained_runs[variant])
         report = stability.analyze(
             run,
@@ -58,7 +58,7 @@ def reports(trained_runs, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("variant", networks.VARIANTS)
+@pytest.mark.parametrize("variant", variants.experiment_names())
 def test_measured_values_within_rigorous_bounds(reports, variant):
     report, outdir, _ = reports[variant]
     for key in REQUIRED:
@@ -72,7 +72,7 @@ def test_measured_values_within_rigorous_bounds(reports, variant):
     assert 0 < report["growth_measured_max"] <= report["growth_bound"]
     # The rigorous product uses exact ‖P‖ ≤ 1 and (hw)^{-1/2}: never above the paper's C_A.
     assert report["sensitivity_bound"] <= report["constants"]["C_A_l2"] * (1 + 1e-9)
-    assert report["theorem"] == stability.THEOREMS[variant]
+    assert report["theorem"] == variants.get(variant).theorem
     if variant == "resnet":
         assert report["hypotheses_hold"] is None
     else:
@@ -116,7 +116,7 @@ def test_certified_layers_are_nonexpansive_and_bound_is_much_smaller(reports):
     assert cert["sensitivity_bound"] < base["sensitivity_bound"] / 10
 
 
-@pytest.mark.parametrize("variant", networks.VARIANTS)
+@pytest.mark.parametrize("variant", variants.experiment_names())
 def test_ascent_is_a_better_attack_than_random(reports, variant):
     sens = reports[variant][0]["sensitivity"]
     asc = sens["ascent"]
@@ -227,7 +227,7 @@ def test_growth_constant_holds_each_residual_branch_at_zero(reports, variant):
     specs = networks.layer_specs(model.n, model.widths)
     grids = networks.layer_grids(model.n, (h, w))
     cfg = model.cfg
-    form = layers.RESIDUAL_FORMS[variant]
+    form = variants.get(variant).form
     total = 0.0
     for s in (s for s in specs if s.kind == "res"):
         zero = jnp.zeros((1, *grids[s.name], s.channels), jnp.float32)

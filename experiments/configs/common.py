@@ -4,6 +4,7 @@ files."""
 import ml_collections
 
 from experiments.configs import default
+from stabnet import variants
 
 DATASETS = ("cifar10", "cifar100")
 
@@ -12,7 +13,8 @@ def paper_config(variant: str, n: int, dataset: str | None = None) -> ml_collect
     """ResNet, ResNet-D or ResNet-S of depth parameter ``n`` with the paper's schedule.
 
     Learning rate 0.1 ÷ 10 every 24K steps for 70K steps, except ResNet-S on CIFAR-10: every
-    32K steps for 93.5K steps (Section 5). The baseline uses ResNet-D's schedule.
+    32K steps for 93.5K steps (Section 5; each variant's
+    :attr:`stabnet.variants.Variant.cifar10_schedule`). The baseline uses ResNet-D's schedule.
     """
     dataset = dataset or "cifar10"
     if dataset not in DATASETS:
@@ -21,9 +23,7 @@ def paper_config(variant: str, n: int, dataset: str | None = None) -> ml_collect
     config.data.name = dataset
     config.model.variant = variant
     config.model.n = n
-    symmetric = variant.startswith("resnet_s")
-    if symmetric and dataset == "cifar10":
-        config.optim.decay_every, config.num_train_steps = 32_000, 93_500
-    else:
-        config.optim.decay_every, config.num_train_steps = 24_000, 70_000
+    record = variants.get(variant)
+    schedule = record.cifar10_schedule if dataset == "cifar10" else variants.PAPER_SCHEDULE
+    config.optim.decay_every, config.num_train_steps = schedule
     return config
