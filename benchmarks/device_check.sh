@@ -18,7 +18,7 @@
 # BENCH_STEPS and TRAIN_STEPS shrink it for a dry run on a CPU (e.g.
 # BENCH_STEPS=2 TRAIN_STEPS=4). Arguments, if any, replace the default jobs, one job each, e.g.
 #   bash benchmarks/device_check.sh norms "bench experiments/configs/s_depth20.py" \
-#       "train s20 experiments/configs/s_depth20.py --config.optim.norm_method=eigh"
+#       "train s20 experiments/configs/s_depth20.py --config.runtime.norm_method=eigh"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then  # here, not on the device
@@ -137,18 +137,14 @@ else  # in order of importance: a call cut short by its time limit loses the las
     # ResNet-S past its first ~100 steps (flat spectra), where the screen rules frequencies out
     "bench experiments/configs/s_depth20.py --warmup=200 --profile=/tmp/prof_s20"  # auto: fused
     "trace /tmp/prof_s20 s20"
-    "bench experiments/configs/s_depth20.py --warmup=200 --config.optim.norm_screen=true --profile=/tmp/prof_s20s"
-    "trace /tmp/prof_s20s s20_screen"
-    "forms lags experiments/configs/s_depth20.py"  # lag matrices: 25 slice sums / one product
     "trainings"
     "bench experiments/configs/d_depth54.py"
-    "forms crop"  # stride-1 convolutions: SAME + crop / VALID (the default off CPUs: 5 % faster on an H200)
+    "forms fold"  # stride-1 convolutions: side by side / one by one "VALID" (the form off CPUs)
     "bench experiments/configs/d_depth18.py --config.model.dtype=bfloat16"
     "norms --filters=lowpass --methods_only"
-    "bench experiments/configs/s_depth20.py --warmup=200 --config.optim.norm_method=squaring --config.optim.norm_screen=true"
-    "bench experiments/configs/s_depth20.py --config.optim.norm_screen=true"  # no warm-up: flat spectra
+    "bench experiments/configs/s_depth20.py --warmup=200 --config.runtime.norm_method=squaring"
     "norms"
-    "forms bn"  # BatchNorm statistics: two_pass / one_pass (default) / dot
+    "forms bn"  # BatchNorm statistics: two_pass (the reference) / one_pass (default)
   )
 fi
 for job in "${jobs_[@]}"; do
@@ -164,7 +160,7 @@ bench = out / "bench.jsonl"
 for line in bench.read_text().splitlines() if bench.exists() else []:
     r = json.loads(line)
     print(f"{r['config']:<20} {r['dtype']:<8} b{r['batch_size']} spd {r['steps_per_dispatch']:>3}"
-          f" w{r['warmup_steps']}{' screen' if r.get('norm_screen') else ''}"
+          f" w{r['warmup_steps']}"
           f" {r['images_per_second']:>8,.0f} img/s {r['step_ms']:6.2f} ms/step compile "
           f"{r['compile_seconds']:4.1f} s constraints {100 * r['constraint_share']:4.1f}% "
           f"{r.get('norm_method') or ''} {r.get('xla_flags') or ''}")

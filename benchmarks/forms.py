@@ -1,55 +1,61 @@
-"""Training-step time of alternative formulations of one operation, in one process.
+"""Training-step time of the forms of one operation (:mod:`stabnet.fast`), in one process.
 
     python benchmarks/forms.py --op=conv [--config=experiments/configs/d_depth18.py]
     python benchmarks/forms.py --op=bn --rounds=3 --steps=100 --json
-    python benchmarks/forms.py --op=order
+    python benchmarks/forms.py --op=norms --config=experiments/configs/s_depth20.py
 
-``--op=conv``: :func:`stabnet.ops.conv` with the images side by side (``fold_batch=True``, the
-CPU default) against one by one (``fold_batch=False``, the default elsewhere).
-``--op=crop``: the images one by one (the default off CPUs, forced here on CPUs too), a stride-1
-"SAME" correlation of the padded images cropped to their interior (CPU's default) against a
-"VALID" one (no border outputs; the default off CPUs).
-``--op=bn``: the forms of BatchNorm's batch statistics, ``model.bn_stats`` (``two_pass``,
-``one_pass``, the default, and ``dot``; :func:`stabnet.ops.batch_norm`).
-``--op=lags``: the lag matrices of ResNet-S's exact norms summed as slices (the default) or
-as one 0/1 selection product (:func:`stabnet.norms.conv_gram_lags`; use a ResNet-S config).
-``--op=order``: the data order of each epoch drawn once and kept on the device (the default,
-:class:`stabnet.train.EpochOrders`) against drawn afresh every step (a sort of all example
-indices; ``make_step_fns(order_cache=False)``).
+``--op=conv``: the training step's convolutions, oneDNN's against XLA's
+(``runtime.conv_impl``; oneDNN runs on one CPU device only).
+``--op=fold``: XLA's convolutions with the images side by side (CPU's form,
+:func:`stabnet.fast.conv.side_by_side`) against one by one (the reference,
+:func:`stabnet.ops.conv`, the form off CPUs).
+``--op=bn``: BatchNorm's batch statistics in one pass (``one_pass``, the default) against the
+reference's two (``two_pass``; ``runtime.bn_stats``).
+``--op=norms``: the methods of ResNet-S's exact norms (``runtime.norm_method``; use a ResNet-S
+config, and ``fused`` on a GPU only).
+
+Forms that lost here were deleted with their knobs (issue 25): the "SAME" correlation cropped
+(against "VALID"), the 0/1 product of the lag matrices, the ``dot`` BN statistics, the screen of
+``squaring`` and ``fused``, the epoch order drawn every step; their figures are in the history
+of benchmarks/RESULTS.md.
 
 Builds the config's training step once per form on random data of the config's shape, then
 times the forms in alternation, ``--steps`` steps a round in dispatches of the config's
-``steps_per_dispatch``, so that drift of the machine's speed hits all alike. Prints per round
-and form the ms/step, and the kernels XLA compiled for the dispatch (fusions and custom calls,
-counted in its optimised HLO).
+``runtime.steps_per_dispatch``, so that drift of the machine's speed hits all alike. Prints per
+round and form the ms/step, and the kernels XLA compiled for the dispatch (fusions and custom
+calls, counted in its optimised HLO).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
 import json
 import re
 import time
 
-# op: (where, name, keyword, {form: value}): "ops" ("norms") patches stabnet.ops.<name>
-# (stabnet.norms.<name>) with the keyword (or, keyword None, with the value's keywords),
-# "config" sets config.model.<name>, "step_fns" passes the keyword to train.make_step_fns.
+# op: {form: runtime settings}; the form "one by one" also takes XLA's reference convolutions
+# where the platform's form would lay the images side by side (fast.xla_conv).
 FORMS = {
-    "conv": ("ops", "conv", "fold_batch", {"side by side": True, "one by one": False}),
-    "crop": (
-        "ops",
-        "conv",
-        None,
-        {
-            "SAME, cropped": {"crop": True, "fold_batch": False},
-            "VALID": {"crop": False, "fold_batch": False},
-        },
-    ),  # fmt: skip
-    "bn": ("config", "bn_stats", None, {f: f for f in ("two_pass", "one_pass", "dot")}),
-    "lags": ("norms", "conv_gram_lags", "form", {f: f for f in ("slices", "product")}),
-    "order": ("step_fns", None, "order_cache", {"per epoch": True, "per step": False}),
+    "conv": {"onednn": {"conv_impl": "onednn"}, "xla": {"conv_impl": "xla"}},
+    "fold": {"side by side": {"conv_impl": "xla"}, "one by one": {"conv_impl": "xla"}},
+    "bn": {f: {"bn_stats": f} for f in ("two_pass", "one_pass")},
+    "norms": {m: {"norm_method": m} for m in ("eigh", "screened", "squaring", "fused")},
 }
+
+
+@contextlib.contextmanager
+def reference_convolutions(on: bool):
+    """While building a model: XLA's convolutions one by one (the reference form) if ``on``."""
+    from stabnet import fast, ops
+
+    original = fast.xla_conv
+    if on:
+        fast.xla_conv = lambda: ops.conv
+    try:
+        yield
+    finally:
+        fast.xla_conv = original
 
 
 def main() -> None:
@@ -70,41 +76,31 @@ def main() -> None:
     import numpy as np
 
     from experiments.sweep import load_config_file
-    from stabnet import data, norms, ops, parallel, train
+    from stabnet import data, parallel, train
 
     config = load_config_file(args.config)
-    per_call = 1 if jax.default_backend() == "cpu" else config.steps_per_dispatch
+    per_call = 1 if jax.default_backend() == "cpu" else config.runtime.steps_per_dispatch
     h, w, c, classes = data.SHAPES[config.data.name]
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (args.examples, h, w, c), dtype=np.uint8)
     y = rng.integers(0, classes, len(x)).astype(np.int32)
     mesh = parallel.make_mesh()
     arrays = parallel.put_replicated((x, y, data.pixel_mean(x)), mesh)
-    where, name, keyword, forms = FORMS[args.op]
-    module = {"ops": ops, "norms": norms}.get(where)
-    original, runs, kernels = getattr(module, name) if module else None, {}, {}
-    try:
-        for form, value in forms.items():
-            if where == "config":
-                config.model[name] = value
-            elif module:  # <module>.<name> is looked up when the step is traced (first call)
-                kwargs = value if keyword is None else {keyword: value}
-                setattr(module, name, functools.partial(original, **kwargs))
-            model = train.model_from_config(config, classes)
-            state, tx, _ = train.create_train_state(config, model, (h, w, c))
-            extra = {keyword: value} if where == "step_fns" else {}
-            fns = train.make_step_fns(config, model, tx, mesh, len(x), **extra)
-            state = parallel.put_replicated(state, mesh)
-            lowered = fns.chunk.lower(state, fns.new_acc(), fns.no_orders(), *arrays, per_call)
-            hlo = lowered.compile().as_text()
-            kernels[form] = {"fusions": len(re.findall(r" fusion\(", hlo)),
-                             "custom_calls": len(re.findall(r" custom-call\(", hlo))}  # fmt: skip
-            state, acc, orders = train.run_on_device(fns, state, None, *arrays, per_call)
-            jax.block_until_ready(acc)
-            runs[form] = [fns, state, orders]
-    finally:
-        if module:
-            setattr(module, name, original)
+    runs, kernels = {}, {}
+    for form, settings in FORMS[args.op].items():
+        config.runtime.update(settings)
+        with reference_convolutions(form == "one by one"):
+            model = train.model_from_config(config, classes, training=True)
+        state, tx, _ = train.create_train_state(config, model, (h, w, c))
+        fns = train.make_step_fns(config, model, tx, mesh, len(x))
+        state = parallel.put_replicated(state, mesh)
+        lowered = fns.chunk.lower(state, fns.new_acc(), fns.no_orders(), *arrays, per_call)
+        hlo = lowered.compile().as_text()
+        kernels[form] = {"fusions": len(re.findall(r" fusion\(", hlo)),
+                         "custom_calls": len(re.findall(r" custom-call\(", hlo))}  # fmt: skip
+        state, acc, orders = train.run_on_device(fns, state, None, *arrays, per_call)
+        jax.block_until_ready(acc)
+        runs[form] = [fns, state, orders]
     device = jax.devices()[0].device_kind
     dispatches = max(args.steps // per_call, 1)
     for r in range(args.rounds):

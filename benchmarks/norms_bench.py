@@ -1,13 +1,13 @@
-"""Time and compare the exact-norm methods of ResNet-S's constraint (``optim.norm_method``).
+"""Time and compare the exact-norm methods of ResNet-S's constraint (``runtime.norm_method``).
 
     python benchmarks/norms_bench.py [--n=6] [--reps=20] [--filters=random|lowpass] [--methods_only]
 
 For the filters of ResNet-S with ``n`` residual layers per stage on CIFAR grids (32², 16², 8²;
-16, 32, 64 channels) prints, per method (``squaring`` and ``fused`` also with
-``screen=True``), the time of :func:`stabnet.norms.fft_norms` (jitted, median of ``reps``)
-and its largest relative difference from float64 NumPy on the same symbols, then per Gram size
-(the ``n`` layers' Grams together) the time of one batched ``eigvalsh``, of the squarings and
-of the fused kernel's variants. Prints one JSON line per measurement.
+16, 32, 64 channels) prints, per method, the time of :func:`stabnet.fast.norms.fft_norms`
+(jitted, median of ``reps``) and its largest relative difference from float64 NumPy on the same
+symbols, then per Gram size (the ``n`` layers' Grams together) the time of one batched
+``eigvalsh``, of the squarings and of the fused kernel's variants. Prints one JSON line per
+measurement.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stabnet import norms, norms_kernel
+from stabnet import norms
+from stabnet.fast import norms as fast_norms
+from stabnet.fast import norms_kernel
 
 
 def median_ms(fn, *args, reps: int) -> float:
@@ -68,11 +70,9 @@ def main() -> None:
         )
     exact = np.asarray(exact)
     device = jax.devices()[0].device_kind
-    variants = [(m, False) for m in norms.NORM_METHODS] + [("squaring", True), ("fused", True)]
-    for method, screen in variants:
-        fn = jax.jit(lambda ks, m=method, s=screen: jnp.stack(
-            norms.fft_norms(ks, grids, method=m, screen=s)))  # fmt: skip
-        what = f"fft_norms[{method}{', screen' if screen else ''}]"
+    for method in fast_norms.NORM_METHODS:
+        fn = jax.jit(lambda ks, m=method: jnp.stack(fast_norms.fft_norms(ks, grids, method=m)))
+        what = f"fft_norms[{method}]"
         try:
             got = np.asarray(fn(kernels), np.float64)
         except Exception as e:  # a kernel that does not compile here: say so, go on
@@ -96,7 +96,7 @@ def main() -> None:
             "squaring": jax.jit(lambda g: norms.top_eigenvalue_upper(g)),
         }
         if norms_kernel.supports(batch):
-            for tolerance in (None, norms.FUSED_TOLERANCE):
+            for tolerance in (None, fast_norms.FUSED_TOLERANCE):
                 for warps in (c // 16, c // 8, c // 4):
                     top[f"fused[tolerance {tolerance}, {warps} warps]"] = functools.partial(
                         norms_kernel.top_eigenvalue_upper, tolerance=tolerance, num_warps=warps

@@ -3,12 +3,12 @@
     python -m experiments.benchmark --config=experiments/configs/d_depth18.py --steps=50 --json
 
 Measures the training path that ``experiments.main`` runs (device-resident data, on-device
-augmentation, ``steps_per_dispatch`` steps per dispatch): images per second, milliseconds per
-step, compile time, peak memory, and the share of the step spent in the constraints (the
-proximal projections and the FFT norms: the median step time that ``optim.constraints=False``
-saves, the two timed in alternating chunks). Uses the config's data set if it can be found,
-random images of the same shape otherwise (speed does not depend on pixel values);
-``--synthetic`` forces the latter.
+augmentation, ``runtime.steps_per_dispatch`` steps per dispatch): images per second,
+milliseconds per step, compile time, peak memory, and the share of the step spent in the
+constraints (the proximal projections and the FFT norms: the median step time that
+``optim.constraints=False`` saves, the two timed in alternating chunks). Uses the config's data
+set if it can be found, random images of the same shape otherwise (speed does not depend on
+pixel values); ``--synthetic`` forces the latter.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def benchmark(
     import numpy as np
 
     from stabnet import config as config_lib
-    from stabnet import constraints, data, parallel, train, variants
+    from stabnet import data, fast, parallel, train, variants
 
     config_lib.validate(config)
     h, w, c, classes = data.SHAPES[config.data.name]
@@ -113,7 +113,7 @@ def benchmark(
     # The unit of the alternation: one dispatch (a scan of steps_per_dispatch steps) on
     # accelerators. On CPUs every dispatch is one step (train.run_on_device), so rounds of at
     # most 5 steps: more rounds, each nearer in time to its pair, against this VM's drift.
-    chunk = min(config.steps_per_dispatch, steps)
+    chunk = min(config.runtime.steps_per_dispatch, steps)
     if jax.default_backend() == "cpu":
         chunk = min(chunk, 5)
 
@@ -150,7 +150,7 @@ def benchmark(
     constraint_ms = max(float(np.median(saved)), 0.0)
     record = variants.get(config.model.variant)
     spectral = record.constraint in ("spectral", "lipschitz")  # the exact norms of ResNet-S
-    norm_method = constraints.norm_method(config.optim.norm_method) if spectral else None
+    norm_method = fast.norm_method(config.runtime.norm_method) if spectral else None
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return {
@@ -161,7 +161,7 @@ def benchmark(
         "dtype": config.model.dtype,
         "conv_impl": train.training_conv_impl(config),
         "batch_size": config.batch_size,
-        "steps_per_dispatch": config.steps_per_dispatch,
+        "steps_per_dispatch": config.runtime.steps_per_dispatch,
         "data": source,
         "steps": done,
         "rounds": len(ms["on"]),  # alternating rounds of timed steps with / without constraints
@@ -174,7 +174,6 @@ def benchmark(
         "constraint_share": constraint_ms / float(np.median(ms["on"])),
         "constraint_ms_range": [float(saved.min()), float(saved.max())],  # over the rounds
         "norm_method": norm_method,
-        "norm_screen": config.optim.norm_screen if spectral else None,
         "peak_memory_bytes": peak,
         "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # huge pages: stabnet.cli

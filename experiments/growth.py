@@ -73,7 +73,7 @@ def growth_config(
     config.data.name = data_name
     if data_name != "digits":
         config.data.source = "auto"
-        config.data.eval_batch_size = 1000
+        config.runtime.eval_batch_size = 1000
     config.model.variant = variant
     config.model.n = n
     config.model.use_bn = False
@@ -85,7 +85,7 @@ def growth_config(
     config.log_every = min(50, steps)
     config.checkpoint_every = steps
     config.final_average_steps = steps
-    config.steps_per_dispatch = min(config.steps_per_dispatch, steps)
+    config.runtime.steps_per_dispatch = min(config.runtime.steps_per_dispatch, steps)
     config.on_nonfinite = "skip"
     config.progress_bar = False
     return config

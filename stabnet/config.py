@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from stabnet import constraints, layers, lipschitz, networks, norms, ops, variants
+from stabnet import constraints, fast, layers, lipschitz, networks, ops, variants
 
 
 class ConfigError(ValueError):
@@ -70,7 +70,6 @@ SCHEMA: dict[str, Field] = {
     "checkpoint_every": _int(1),
     "keep_checkpoints": _int(1),
     "final_average_steps": _int(1),
-    "steps_per_dispatch": _int(1, 10_000),
     "on_nonfinite": _choice("stop", "skip"),
     "progress_bar": _BOOL,
     "data.name": _choice("digits", "mnist", "fashion_mnist", "cifar10", "cifar100"),
@@ -79,8 +78,6 @@ SCHEMA: dict[str, Field] = {
     "data.tfds_data_dir": _STR,
     "data.augment_pad": _int(0, 64),
     "data.augment_flip": _BOOL,
-    "data.on_device": _BOOL,
-    "data.eval_batch_size": _int(1),
     "model.variant": _variant(),
     "model.n": _int(1, 1000),
     "model.widths": _WIDTHS,
@@ -89,9 +86,7 @@ SCHEMA: dict[str, Field] = {
     "model.pool_window": Field((int,), lambda v: v >= 1 and v % 2 == 1, "an odd integer ≥ 1"),
     "model.bn_momentum": _float(0.0, 1.0),
     "model.bn_eps": _float(0.0, 1.0, open_lo=True),
-    "model.bn_stats": _choice(*ops.BN_STATS_FORMS),
     "model.dtype": _choice("float32", "bfloat16"),
-    "model.conv_impl": _choice("auto", *ops.CONV_IMPLS),
     **{f"model.{k}": _choice(*v) for k, v in layers.FORM_OPTIONS.items()},
     "model.downsampling": _choice(*layers.DOWNSAMPLINGS),
     "optim.learning_rate": _float(0.0, 100.0, open_lo=True),
@@ -103,12 +98,18 @@ SCHEMA: dict[str, Field] = {
     "optim.regularizers": _choice(*constraints.REGULARIZER_TABLES),
     "optim.constraints": _BOOL,
     "optim.max_operator_norm": _float(0.0, open_lo=True),
-    "optim.norm_method": _choice("auto", *norms.NORM_METHODS),
-    "optim.norm_screen": _BOOL,
     "optim.projection": _choice(*constraints.SPECTRAL_PROJECTIONS),
     "loss.name": _choice(*lipschitz.LOSSES),
     "loss.temperature": _float(0.0, 1e6, open_lo=True),
     "loss.margin": _float(0.0, 1e6),
+    # How fast, not what: the same run to float32 rounding whatever these are (stabnet.fast).
+    # A resume may change the first four (train.RESUME_FREE).
+    "runtime.steps_per_dispatch": _int(1, 10_000),
+    "runtime.on_device": _BOOL,
+    "runtime.eval_batch_size": _int(1),
+    "runtime.conv_impl": _choice("auto", *fast.CONV_IMPLS),
+    "runtime.bn_stats": _choice(*fast.BN_STATS),
+    "runtime.norm_method": _choice("auto", *fast.NORM_METHODS),
 }
 
 
@@ -128,6 +129,9 @@ def validate(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
         if key not in SCHEMA:
             close = [k for k in SCHEMA if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" (did you mean {close[0]}?)" if close else ""
+            if key in MOVED_FIELDS:
+                hint = (f" (moved to {MOVED_FIELDS[key]})" if MOVED_FIELDS[key]
+                        else " (deleted with the form it chose)")  # fmt: skip
             raise ConfigError(f"config key {key!r} is unknown{hint}; remove it or fix its spelling")
     for key, field in SCHEMA.items():
         if key not in items:
@@ -190,28 +194,74 @@ def _check_lipschitz(items: Mapping[str, Any]) -> None:
 # written before it ran with (not always today's default: ``bn_stats``, ``projection``).
 OLDER_WORKDIR_DEFAULTS: dict[str, Any] = {
     "schedule_scale": 1.0,
-    "model.bn_stats": "two_pass",
-    "model.conv_impl": "auto",
+    "runtime.bn_stats": "two_pass",
+    "runtime.conv_impl": "auto",
     **{f"model.{k}": "paper" for k in layers.FORM_OPTIONS},  # sign, outer_bn, outer_init
     "model.downsampling": "pool",
     "optim.regularizers": "paper",
     "optim.constraints": True,
     "optim.projection": "plain",
-    "optim.norm_method": "auto",
-    "optim.norm_screen": False,
+    "runtime.norm_method": "auto",
     "loss.name": "cross_entropy",
     "loss.temperature": 1.0,
     "loss.margin": 0.0,
 }
 
 
+# The fields that moved, old key -> new key, with their values, where a config written before
+# the move is loaded: the speed settings left the experiment's sections for ``runtime``
+# (issue 25). ``None``: deleted with the only form it chose (``optim.norm_screen``: the screen
+# of ``squaring`` and ``fused``, which lost its benchmarks; benchmarks/RESULTS.md history).
+MOVED_FIELDS: dict[str, str | None] = {
+    "steps_per_dispatch": "runtime.steps_per_dispatch",
+    "data.on_device": "runtime.on_device",
+    "data.eval_batch_size": "runtime.eval_batch_size",
+    "model.conv_impl": "runtime.conv_impl",
+    "model.bn_stats": "runtime.bn_stats",
+    "optim.norm_method": "runtime.norm_method",
+    "optim.norm_screen": None,
+}
+# Values of forms deleted since, and the form that computes the same map in their place
+# (``dot``: BN's one-pass means as matrix products, slower than ``one_pass``).
+RETIRED_VALUES: dict[tuple[str, Any], Any] = {("runtime.bn_stats", "dot"): "one_pass"}
+
+
+def move_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (a config as nested dicts, ``config.json``'s layout) with the fields of
+    :data:`MOVED_FIELDS` under their new keys and :data:`RETIRED_VALUES` replaced; a new copy
+    (a field already at its new key is kept as it is)."""
+    raw = copy.deepcopy(raw)
+    for old, new in MOVED_FIELDS.items():
+        *sections, name = old.split(".")
+        node = raw
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or name not in node:
+            continue
+        value = node.pop(name)
+        if new is None:
+            continue
+        *sections, name = new.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node.setdefault(name, value)
+    for (key, value), replacement in RETIRED_VALUES.items():
+        section, name = key.split(".")
+        if raw.get(section, {}).get(name) == value:
+            raw[section][name] = replacement
+    return raw
+
+
 def upgrade_config(
     config: ml_collections.ConfigDict | Mapping[str, Any],
 ) -> ml_collections.ConfigDict:
-    """A run's config (``config.json`` as loaded) with every field of
+    """A run's config (``config.json`` as loaded) in today's layout: the fields of
+    :data:`MOVED_FIELDS` under their new keys (:func:`move_fields`), and every field of
     :data:`OLDER_WORKDIR_DEFAULTS` that an older workdir lacks filled in with the value that
     workdir ran with; a new copy (the fields present are kept as they are)."""
     raw = config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
+    raw = move_fields(raw)
     for key, value in OLDER_WORKDIR_DEFAULTS.items():
         *sections, name = key.split(".")
         node = raw

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from stabnet import lipschitz, norms, norms_kernel, variants
+from stabnet import fast, lipschitz, norms, variants
 from stabnet import schedule as schedule_lib
 
 Params = Any
@@ -118,15 +118,14 @@ def spectral_rescale(
     grids: Mapping[str, tuple[int, int]],
     max_norm: float = SQRT2,
     method: str = "eigh",
-    screen: bool = False,
 ) -> optax.GradientTransformation:
     """Rescale so that ``‖A_K‖₂ ≤ max_norm`` for every filter ``K`` whose path matches ``pattern``.
 
     ``K ← K · min(1, max_norm/‖A_K‖₂)``, the norm of ``A_K`` on the layer's grid
     (``grids[layer]``; for zero padding, :func:`stabnet.norms.zero_padding_grid`, whose circular
     norm bounds the zero-padded one) computed once per step, exactly, by FFT, all layers together
-    (:func:`stabnet.norms.fft_norms` with ``method``: ``eigh``, ``screened``, ``squaring`` or
-    ``fused``; ``screen``: the latter two on a shortlist of frequencies only).
+    (:func:`stabnet.fast.norms.fft_norms` with ``method``: ``eigh``, ``screened``, ``squaring``
+    or ``fused``).
     In training, ResNet-S's layer (4.2) is blind to the scale of ``K`` (BN₁ and the frozen BN₀
     both normalise by batch statistics), so there the rescaling sets the size of the following
     gradient steps (relative to ``‖K‖``), not the function; for the certified ResNet-S, which has
@@ -149,9 +148,7 @@ def spectral_rescale(
             return new, SpectralState(zero, zero)
         kernels = [params[name][k] + updates[name][k] for name, k in paths]
         # All norms at once: one batch of Gram matrices per size (norms.fft_norms).
-        norms_ = norms.fft_norms(
-            kernels, [grids[name] for name, _ in paths], method=method, screen=screen
-        )
+        norms_ = fast.norms.fft_norms(kernels, [grids[name] for name, _ in paths], method=method)
         for (name, k), kernel, norm in zip(paths, kernels, norms_, strict=True):
             factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
             new[name][k] = _exact_update(params[name][k], kernel * factor, factor < 1.0)
@@ -174,7 +171,6 @@ def scale_carrying_rescale(
     grids: Mapping[str, tuple[int, int]],
     max_norm: float = SQRT2,
     method: str = "eigh",
-    screen: bool = False,
 ) -> optax.GradientTransformation:
     """``inner`` run on shadow filters ``U = K/s``, the stored filters ``K = s·U`` rescaled so that
     ``‖A_K‖₂ ≤ max_norm`` for every filter whose path matches ``pattern`` (docs/mathematics.md,
@@ -218,9 +214,7 @@ def scale_carrying_rescale(
         new = jax.tree.map(lambda u: u, inner_updates)  # shallow copy of the nested dicts
         scale = jax.tree.map(lambda s: s, state.scale)
         targets = [shadow[name][k] + inner_updates[name][k] for name, k in paths]
-        norms_ = norms.fft_norms(
-            targets, [grids[name] for name, _ in paths], method=method, screen=screen
-        )
+        norms_ = fast.norms.fft_norms(targets, [grids[name] for name, _ in paths], method=method)
         for (name, k), target, norm in zip(paths, targets, norms_, strict=True):
             factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
             scale[name][k] = factor
@@ -243,23 +237,6 @@ def _exact_update(old: jax.Array, target: jax.Array, shrink: jax.Array) -> jax.A
     slack = ulp * (jnp.abs(old) + jnp.abs(target))  # ≥ the two roundings of old + (t − old)
     pulled = jnp.sign(target) * jnp.maximum(jnp.abs(target) - slack, 0.0)
     return jnp.where(shrink, pulled, target) - old
-
-
-def norm_method(name: str = "auto") -> str:
-    """The exact-norm method of :func:`spectral_rescale` for ``optim.norm_method``: ``auto`` is
-    ``screened`` (LAPACK on a few frequencies per layer, the same numbers as ``eigh``) on CPUs,
-    ``fused`` (the squarings in one Pallas kernel per Gram size) on NVIDIA GPUs that run it and
-    ``squaring`` (batched matrix products) on other accelerators: batched small eigensolvers are
-    slow on accelerators and can fail to converge there (benchmarks/RESULTS.md)."""
-    if name == "auto":
-        if jax.default_backend() == "cpu":
-            return "screened"
-        return "fused" if norms_kernel.available() else "squaring"
-    if name not in norms.NORM_METHODS:
-        raise ValueError(
-            f"optim.norm_method={name!r} is unknown; allowed: auto, {', '.join(norms.NORM_METHODS)}"
-        )
-    return name
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -322,7 +299,7 @@ def build_optimizer(
         chain.append(nonnegative(path_mask(params, OUTER_FILTER)))
     if constraint not in ("spectral", "lipschitz"):
         return optax.chain(*chain), schedule
-    method = norm_method(opt.norm_method)
+    method = fast.norm_method(config.runtime.norm_method)  # auto: this platform's
     if constraint == "lipschitz":  # every layer bounded (stabnet.lipschitz)
         bounded = lipschitz.projection(
             grids, config.model.pool_window, padding=config.model.padding, method=method
@@ -331,8 +308,7 @@ def build_optimizer(
     if config.model.padding == "zeros":  # bound the zero-padded maps from above
         grids = {name: norms.zero_padding_grid(hw, params[name]["K"].shape[:2])
                  for name, hw in grids.items() if "K" in params.get(name, {})}  # fmt: skip
-    screen = opt.norm_screen
-    args = (SYMMETRIC_FILTER, grids, opt.max_operator_norm, method, screen)
+    args = (SYMMETRIC_FILTER, grids, opt.max_operator_norm, method)
     if spectral_projection(config) == "scale_carrying":
         return scale_carrying_rescale(optax.chain(*chain), *args), schedule
     return optax.chain(*chain, spectral_rescale(*args)), schedule

@@ -46,22 +46,23 @@ class LayerConfig:
         identity (the "ResNet without BN" of docs/mathematics.md §7).
       bn_eps: ``ε`` of BN.
       bn_momentum: momentum of the running averages.
-      bn_stats: how BN computes the batch statistics (:func:`stabnet.ops.batch_norm`).
+      bn_statistics: BN's batch statistics, :func:`stabnet.ops.batch_statistics` or a fast form
+        of it (:func:`stabnet.fast.select`).
       pool_window: window of the average pooling ``P`` in (4.4); 1 is plain subsampling.
       dtype: compute dtype of convolutions and features (parameters and BN statistics stay
         float32).
-      conv_impl: ``xla`` or ``onednn`` (:func:`stabnet.ops.conv`; the latter has no
-        forward-mode derivative, so only the training step asks for it).
+      conv: ``A_K x``, :func:`stabnet.ops.conv` or a fast form of it (:func:`stabnet.fast.select`;
+        oneDNN's has no forward-mode derivative, so only the training step gets it).
     """
 
     padding: ops.Padding = "circular"
     use_bn: bool = True
     bn_eps: float = 1e-5
     bn_momentum: float = 0.9
-    bn_stats: ops.BNStatsForm = "one_pass"
+    bn_statistics: ops.StatsFn = ops.batch_statistics
     pool_window: int = 3
     dtype: Any = jnp.float32
-    conv_impl: ops.ConvImpl = "xla"
+    conv: ops.ConvFn = ops.conv
 
 
 def normalize(
@@ -96,7 +97,7 @@ def normalize(
         beta=params["beta" + which] if trained else None,
         train=train,
         eps=cfg.bn_eps,
-        stats=cfg.bn_stats,
+        statistics=cfg.bn_statistics,
     )
     used[which] = batch
     return y, s
@@ -110,7 +111,7 @@ def conv_layer(
     z, _ = normalize(
         params,
         stats,
-        ops.conv(x, params["K0"], padding=cfg.padding, impl=cfg.conv_impl),
+        cfg.conv(x, params["K0"], padding=cfg.padding),
         "",
         "trained",
         train=train,
@@ -181,7 +182,7 @@ def residual_layer(
     z, _ = normalize(
         params,
         stats,
-        ops.conv(x, inner, padding=cfg.padding, impl=cfg.conv_impl),
+        cfg.conv(x, inner, padding=cfg.padding),
         "1",
         form.inner_bn,
         train=train,
@@ -190,9 +191,9 @@ def residual_layer(
     )
     z = jax.nn.relu(z)
     if form.outer == "K2":
-        v = ops.conv(z, params["K2"], padding=cfg.padding, impl=cfg.conv_impl)
+        v = cfg.conv(z, params["K2"], padding=cfg.padding)
     else:
-        v = ops.conv_transpose(z, inner, padding=cfg.padding, impl=cfg.conv_impl)
+        v = ops.conv_transpose(z, inner, padding=cfg.padding, conv_fn=cfg.conv)
     v, _ = normalize(params, stats, v, "2", form.outer_bn, train=train, cfg=cfg, used=used)
     return jax.nn.relu(x + form.sign * v), used
 
@@ -211,7 +212,7 @@ def pooling_layer(
     z, _ = normalize(
         params,
         stats,
-        ops.conv(x, kp, stride=2, padding=cfg.padding, impl=cfg.conv_impl),
+        cfg.conv(x, kp, stride=2, padding=cfg.padding),
         "",
         "trained",
         train=train,

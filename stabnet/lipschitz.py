@@ -68,7 +68,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from stabnet import networks, norms, stability
+from stabnet import fast, networks, norms, stability
 
 Params = Any
 
@@ -171,13 +171,13 @@ def constrained_norms(
     method: str = "eigh",
 ) -> list[jax.Array]:
     """``‖·‖₂`` of the operator of each path in ``paths`` (``layer/leaf``): stride-1 filters
-    (``conv``, ``res``) exactly by :func:`stabnet.norms.fft_norms` (``method``), all at once;
+    (``conv``, ``res``) exactly by :func:`stabnet.fast.norms.fft_norms` (``method``), all at once;
     pooling filters by :func:`strided_conv_norm_upper`, ``W`` by :func:`matrix_norm_upper`."""
     leaf = {p: params[p.split("/")[0]][p.split("/")[1]] for p in paths}
     stride1 = [p for p in paths if re.search(CONV, p) or re.search(RES, p)]
     out: dict[str, jax.Array] = {}
     if stride1:
-        values = norms.fft_norms(
+        values = fast.norms.fft_norms(
             [leaf[p] for p in stride1], [grids[p.split("/")[0]] for p in stride1], method=method
         )
         out |= dict(zip(stride1, values, strict=True))

@@ -175,9 +175,9 @@ def build_model(
     pool_window: int = 3,
     bn_momentum: float = 0.9,
     bn_eps: float = 1e-5,
-    bn_stats: str = "one_pass",
+    bn_statistics: ops.StatsFn = ops.batch_statistics,
     dtype: Any = jnp.float32,
-    conv_impl: str = "xla",
+    conv: ops.ConvFn = ops.conv,
     sign: str = "paper",
     outer_bn: str = "paper",
     outer_init: str = "paper",
@@ -185,16 +185,11 @@ def build_model(
 ) -> StableResNet:
     """Construct :class:`StableResNet`, validating every argument first (``ValueError``).
     ``sign``, ``outer_bn``, ``outer_init``: ablations of the residual form
-    (:func:`stabnet.layers.residual_form`)."""
+    (:func:`stabnet.layers.residual_form`). ``bn_statistics``, ``conv``: the reference forms, or
+    faster ones of the same maps (:func:`stabnet.fast.select`)."""
     if padding not in ops.PADDINGS:
         allowed = ", ".join(ops.PADDINGS)
         raise ValueError(f"model.padding={padding!r} is unknown; allowed: {allowed}")
-    if bn_stats not in ops.BN_STATS_FORMS:
-        allowed = ", ".join(ops.BN_STATS_FORMS)
-        raise ValueError(f"model.bn_stats={bn_stats!r} is unknown; allowed: {allowed}")
-    if conv_impl not in ops.CONV_IMPLS:
-        allowed = ", ".join(ops.CONV_IMPLS)
-        raise ValueError(f"conv_impl={conv_impl!r} is unknown; allowed: {allowed}")
     if not isinstance(pool_window, int) or pool_window < 1 or pool_window % 2 == 0:
         raise ValueError(f"model.pool_window={pool_window!r} is invalid; allowed: 1, 3, 5, …")
     check_architecture(variant, n, (4, 4, 1), num_classes, widths)
@@ -219,10 +214,10 @@ def build_model(
         use_bn=use_bn,
         bn_eps=bn_eps,
         bn_momentum=bn_momentum,
-        bn_stats=bn_stats,
+        bn_statistics=bn_statistics,
         pool_window=pool_window,
         dtype=dtype,
-        conv_impl=conv_impl,
+        conv=conv,
     )
     own = form == record.form
     return StableResNet(

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stabnet import layers, networks, norms_kernel, ops, variants
+from stabnet import layers, networks, ops, variants
 
 
 def conv_symbol(
@@ -130,10 +130,7 @@ def _gram(sym: jax.Array) -> jax.Array:
     return gram.reshape(-1, *gram.shape[-2:])
 
 
-LAG_FORMS = ("slices", "product")
-
-
-def conv_gram_lags(kernel: jax.Array, form: str = "slices") -> tuple[jax.Array, np.ndarray]:
+def conv_gram_lags(kernel: jax.Array) -> tuple[jax.Array, np.ndarray]:
     """The lag matrices of the smaller Gram matrix of a stride-1 filter: ``(M [..., L, m, m],
     d [L, 2])`` with ``G(ω) = Σ_l e^{iω·d_l} M_l`` (see :func:`conv_gram`).
 
@@ -143,15 +140,9 @@ def conv_gram_lags(kernel: jax.Array, form: str = "slices") -> tuple[jax.Array, 
     are summed per lag (25 lags for a 3×3 filter); ``M_{−d} = M_dᵀ``. Leading axes of
     ``kernel`` (``[..., kh, kw, c_in, c_out]``) are batch axes.
 
-    ``form``: how the blocks are summed. ``slices``: a sum of slices per lag, which XLA:CPU
-    compiles into one loop per lag (the faster here: 0.9 against 2.1 ms for five 64-channel
-    filters, benchmarks/RESULTS.md); ``product``: one product of a 0/1 matrix ``[L, pairs]``
-    with the pairs' blocks, two kernels however many lags (meant for accelerators, where each
-    loop is a kernel launch; yet on an H200 ResNet-S depth 20's step took 5.36 ms with it against
-    5.28–5.33 with slices; TPUs untimed; ``benchmarks/forms.py --op=lags``).
+    The blocks are summed as slices, one sum per lag (one product of a 0/1 matrix with the
+    pairs' blocks was slower on a CPU and on an H200; benchmarks/RESULTS.md history).
     """
-    if form not in LAG_FORMS:
-        raise ValueError(f"lag form {form!r} is unknown; allowed: {', '.join(LAG_FORMS)}")
     *batch, kh, kw, ci, co = kernel.shape
     offsets = [(a - kh // 2, b - kw // 2) for a in range(kh) for b in range(kw)]
     pairs: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -169,16 +160,7 @@ def conv_gram_lags(kernel: jax.Array, form: str = "slices") -> tuple[jax.Array, 
     lags = sorted(pairs)
     if transposed:  # the block K_t K_sᵀ of pair (t, s) is prod[s, ·, t, ·]
         pairs = {d: [(s, t) for t, s in members] for d, members in pairs.items()}
-    if form == "slices":
-        lag = jnp.stack([sum(prod[..., t, :, s, :] for t, s in pairs[d]) for d in lags], axis=-3)
-    else:
-        taps = kh * kw
-        select = np.zeros((len(lags), taps * taps), np.float32)
-        for row, d in enumerate(lags):
-            select[row, [t * taps + s for t, s in pairs[d]]] = 1.0
-        blocks = jnp.swapaxes(prod, -3, -2).reshape(*batch, taps * taps, m * m)  # [.., (t, s), ··]
-        lag = jnp.einsum("lp,...pq->...lq", select, blocks, precision=_HI)
-        lag = lag.reshape(*batch, len(lags), m, m)
+    lag = jnp.stack([sum(prod[..., t, :, s, :] for t, s in pairs[d]) for d in lags], axis=-3)
     return lag, np.asarray(lags, np.int64)  # d: [lags, 2], in the order of the lag matrices
 
 
@@ -277,10 +259,6 @@ def conv_gram(kernel: jax.Array, hw: Sequence[int]) -> jax.Array:
     return gram_group([kernel], [hw]).grams()[0]
 
 
-NORM_METHODS = ("eigh", "screened", "squaring", "fused")
-FUSED_TOLERANCE = 1e-6  # method="fused": relative width of the bracket that ends the squarings
-
-
 def _squarings(gram: jax.Array, count: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(tr G, G_count, log of the upper bound after count squarings)``, see
     :func:`top_eigenvalue_bracket`."""
@@ -338,200 +316,37 @@ def _eigh_top(batch: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(top), top, frobenius)
 
 
-def gram_bounds(group: GramGroup) -> jax.Array:
-    """Upper bounds ``u ≥ λ_max(G_i(ω_f))``, ``[n, F]``, from the lags, without forming a Gram
-    matrix (``−∞`` at padding).
-
-    Wolkowicz–Styan: ``λ_max ≤ t/m + √((m−1)/m · ‖G − (t/m)I‖²_F)`` with ``t = tr G`` (the
-    ``μ_j = λ_j − t/m`` sum to zero, so ``μ₁² = (Σ_{j>1} μ_j)² ≤ (m−1)(‖μ‖² − μ₁²)``); never
-    above ``‖G‖_F``, equal to ``λ_max`` for rank one. Both terms are sums over lags:
-    ``t(ω) = Σ_l cos(ω·d_l) tr M_l`` (the sines cancel, ``tr M_{−d} = tr M_d``), and with the
-    traceless lags ``M̃_l = M_l − (tr M_l/m) I`` and ``P_lk = ⟨M̃_l, M̃_k⟩``,
-    ``‖G − (t/m)I‖²_F = cᵀPc + sᵀPs`` (``c``, ``s`` the frequency's cosines and sines). Each
-    term is raised by a bound on its float32 rounding (``n·ε·Σ|terms|`` per sum of ``n``), so
-    that ruling a frequency out by ``u`` is safe to rounding.
-    """
-    lags = group.lags
-    n, num_lags, m, _ = lags.shape
-    eps = float(np.finfo(np.float32).eps)
-    trace = jnp.trace(lags, axis1=-2, axis2=-1)  # [n, L]
-    traceless = lags - (trace / m)[..., None, None] * jnp.eye(m, dtype=lags.dtype)
-    p = jnp.einsum("nlij,nkij->nlk", traceless, traceless, precision=_HI)
-    cos, sin = jnp.asarray(group.cos), jnp.asarray(group.sin)
-    t = jnp.einsum("nfl,nl->nf", cos, trace, precision=_HI)
-    form = functools.partial(jnp.einsum, "nfl,nlk,nfk->nf", precision=_HI)
-    spread = jnp.maximum(form(cos, p, cos) + form(sin, p, sin), 0.0)
-    size = jnp.sum(jnp.sqrt(jnp.sum(traceless**2, axis=(-2, -1))), -1)  # (Σ_l ‖M̃_l‖_F)² ≥ Σ|P_lk|
-    t_err = 2 * num_lags * eps * jnp.sum(jnp.abs(trace), -1)
-    spread_err = 2 * (2 * num_lags + m * m) * eps * size**2
-    upper = (t + t_err[:, None]) / m + jnp.sqrt((m - 1) / m * (spread + spread_err[:, None]))
-    return jnp.where(group.valid, upper, -jnp.inf)
+LayerTops = Callable[[GramGroup], jax.Array]  # each layer's max_ω λ_max(G(ω)), [n]
 
 
-def _top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Each row's ``k`` largest ``values`` ``[n, F]`` (indices), and its next largest (``−∞``
-    where the row has no more)."""
-    vals, index = jax.lax.top_k(values, min(k + 1, values.shape[-1]))
-    rest = vals[:, k] if k < values.shape[-1] else jnp.full(values.shape[:1], -jnp.inf)
-    return index[:, :k], rest
-
-
-def _eigh_max(grams: jax.Array) -> jax.Array:
-    """Each layer's largest :func:`_eigh_top` over its Grams ``[n, k, m, m]``."""
-    n, k, m, _ = grams.shape
-    return jnp.max(_eigh_top(grams.reshape(-1, m, m)).reshape(n, k), -1)
-
-
-def _solve(grams: jax.Array, upper: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``eigvalsh`` on each layer's ``k`` Grams of largest bound ``upper`` (``grams`` ``[n, F',
-    m, m]``, ``upper`` ``[n, F']``): the layers' maxima over those, and whether every other
-    bound is below them."""
-    index, rest = _top_k(upper, min(k, upper.shape[-1]))
-    tops = _eigh_max(jnp.take_along_axis(grams, index[..., None, None], axis=1))
-    return tops, jnp.all(rest <= tops)
-
-
-def screened_top_eigenvalues(
-    group: GramGroup,
-    *,
-    budget: int = 8192,
-    candidates: int = 2,
-    squarings: int = 4,
-) -> tuple[jax.Array, jax.Array]:
-    """``max_ω λ_max(G(ω))`` of each layer of ``group``, exactly (as ``eigvalsh``), solving few
-    eigenproblems and forming few Gram matrices.
-
-    Upper bounds ``u(ω) ≥ λ_max(G(ω))`` rule frequencies out: the layer's exact maximum over a
-    few candidates, ``L``, is its maximum over all frequencies as soon as every other one has
-    ``u(ω) ≤ L``. Each level takes a shortlist of the ``s`` frequencies of largest
-    :func:`gram_bounds` per layer (the rest ruled out by those), forms their Grams only, bounds
-    them more tightly by ``squarings`` squarings (:func:`top_eigenvalue_upper`) and solves the
-    ``candidates`` of largest bound with ``eigvalsh``; a level runs only where the one before
-    could not certify (:func:`jax.lax.cond`):
-
-    0. ``s = max(candidates, budget/m²)`` (32 at 16×16, 8 at 32×32, 2 at 64×64, where the
-       squarings are skipped: the shortlist is solved). Trained filters have one dominant
-       frequency whose ``λ_max`` exceeds nearly every other frequency's bound, so this level
-       holds there.
-    1. ``4s``: the first ~100 steps of training, while that frequency emerges.
-    2. Every frequency, ``eigvalsh`` on ``4·candidates`` (flat spectra: at initialisation).
-    3. ``eigvalsh`` at every frequency.
-
-    Shortlists as long as the grid's ``F`` frequencies are level 2; levels that would repeat
-    one are left out. Returns ``(tops [n], level)``: the index of the level that certified the
-    result among those run (an int32 scalar).
-    """
-    big_f = group.valid.shape[-1]
-    m = group.lags.shape[-1]
-    bound = gram_bounds(group)
-
-    def shortlisted(size: int, solve: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
-        def level() -> tuple[jax.Array, jax.Array]:
-            index, rest = _top_k(bound, size)
-            grams = group.grams(index if size < big_f else None)
-            if size <= solve:  # nothing to square: solve the shortlist
-                tops = _eigh_max(grams)
-                return tops, jnp.all(rest <= tops)
-            upper = top_eigenvalue_upper(grams.reshape(-1, m, m), squarings)
-            valid = group.valid_at(index if size < big_f else None)
-            tops, ok = _solve(grams, jnp.where(valid, upper.reshape(valid.shape), -jnp.inf), solve)
-            return tops, ok & jnp.all(rest <= tops)
-
-        return level
-
-    def every_frequency() -> tuple[jax.Array, jax.Array]:
-        return _eigh_max(group.grams()), jnp.bool_(True)  # padding: zero Grams, λ = 0
-
-    sizes = _shortlist_sizes(big_f, max(candidates, budget // m**2))
-    levels = [shortlisted(s, candidates if s < big_f else 4 * candidates) for s in sizes]
-    return _first_certified([*levels, every_frequency])
-
-
-def _shortlist_sizes(big_f: int, first: int) -> list[int]:
-    """The screens' shortlists: ``first``, ``4·first`` and every frequency, without repeats."""
-    return sorted({min(big_f, first), min(big_f, 4 * first), big_f})
-
-
-def _first_certified(
-    levels: Sequence[Callable[[], tuple[jax.Array, jax.Array]]],
-) -> tuple[jax.Array, jax.Array]:
-    """``(tops, i)`` of the first level ``i`` whose result is certified (its second output), the
-    next one run only where the one before failed (:func:`jax.lax.cond`); the last is final."""
-
-    def from_level(i: int) -> tuple[jax.Array, jax.Array]:
-        tops, ok = levels[i]()
-        if i + 1 == len(levels):
-            return tops, jnp.int32(i)
-        return jax.lax.cond(ok, lambda: (tops, jnp.int32(i)), lambda: from_level(i + 1))
-
-    return from_level(0)
-
-
-def screened_upper_bounds(
-    group: GramGroup, upper: GramFn, *, budget: int = 8192
-) -> tuple[jax.Array, jax.Array]:
-    """``max_ω upper(G(ω))`` of each layer of ``group`` with ``upper`` a bound ``≥ λ_max``
-    (:func:`top_eigenvalue_upper`, the fused kernel), evaluated on a shortlist only.
-
-    The screen of :func:`screened_top_eigenvalues` without an eigensolver: the ``s``
-    frequencies of largest :func:`gram_bounds` per layer (``s = max(2, budget/m²)``, then
-    ``4s``, then all), their Grams formed and bounded by ``upper``; the layer's maximum ``U``
-    over the shortlist holds for every frequency once each other one has ``gram_bounds ≤ U``.
-    ``U`` is then an upper bound on the layer's ``λ_max`` at least as tight as ``upper``'s
-    maximum over all frequencies. Returns ``(tops [n], level)`` as that function does.
-    """
-    big_f = group.valid.shape[-1]
-    m = group.lags.shape[-1]
-    bound = gram_bounds(group)
-
-    def shortlisted(size: int) -> Callable[[], tuple[jax.Array, jax.Array]]:
-        def level() -> tuple[jax.Array, jax.Array]:
-            index, rest = _top_k(bound, size)
-            tops = group.layer_max(upper, index if size < big_f else None)
-            return tops, jnp.all(rest <= tops)
-
-        return level
-
-    sizes = _shortlist_sizes(big_f, max(2, budget // m**2))
-    return _first_certified([shortlisted(s) for s in sizes])
+def eigh_tops(group: GramGroup) -> jax.Array:
+    """Each layer's ``max_ω λ_max(G(ω))`` by ``eigvalsh`` at every frequency: the exact value
+    (where the solver fails, the upper bound ``tr G``, :func:`_eigh_top`)."""
+    return group.layer_max(lambda real, imag: _eigh_top(jax.lax.complex(real, imag)))
 
 
 def fft_norms(
     kernels: Sequence[jax.Array],
     grids: Sequence[Sequence[int]],
     *,
-    method: str = "eigh",
-    screen: bool = False,
+    layer_tops: LayerTops = eigh_tops,
+    serial: bool = True,
 ) -> list[jax.Array]:
     """:func:`fft_norm` of several stride-1 circular convolutions, all Gram matrices of one size
-    batched together (built from lag matrices, :func:`conv_gram`).
+    batched together (built from lag matrices, :func:`conv_gram`), ``λ_max`` by ``eigvalsh`` at
+    every frequency (:func:`eigh_tops`; where the eigensolver fails, a non-finite eigenvalue,
+    the norm falls back to the upper bound ``max_ω ‖K̂(ω)‖_F``).
 
-    ``method="eigh"``: one batched ``eigvalsh`` per size, the calls made one after the other.
-    Why: jaxlib 0.10's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and block
-    a pool thread until it is done; when as many batched ``eigvalsh`` run at once as the pool has
+    One batched ``eigvalsh`` per size, the calls made one after the other (``serial``). Why:
+    jaxlib 0.10's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and block a
+    pool thread until it is done; when as many batched ``eigvalsh`` run at once as the pool has
     threads, every thread waits and the program hangs (seen here: a jitted ResNet-S constraint
-    update hung in 5 of 6 runs on 2 cores). A ``fori_loop`` over the sizes, with a ``lax.switch``
-    choosing the call, runs exactly one at a time on every backend. Where the eigensolver fails
-    (a non-finite eigenvalue), the norm falls back to the upper bound ``max_ω ‖K̂(ω)‖_F``.
+    update hung in 5 of 6 runs on 2 cores). A ``fori_loop`` over the sizes, with a
+    ``lax.switch`` choosing the call, runs exactly one at a time on every backend.
 
-    ``method="screened"``: the same numbers as ``eigh`` with ``eigvalsh`` on a few frequencies
-    per layer, the rest ruled out by bounds from the lag matrices (:func:`gram_bounds`) and Gram
-    matrices formed only where needed (:func:`screened_top_eigenvalues`), serialised the same
-    way.
-
-    ``method="squaring"``: :func:`top_eigenvalue_upper` (matrix products only; never below the
-    exact norm, so a constraint enforced with it holds).
-
-    ``method="fused"``: the same squarings in one Pallas kernel per Gram size
-    (:mod:`stabnet.norms_kernel`) on GPUs, each matrix's stopped once its upper bound is within
-    ``FUSED_TOLERANCE`` of a lower bound (at most the same 16); Gram sizes the kernel does not
-    take (not a power of two from 16) and other backends run ``squaring``.
-
-    ``screen=True`` (``squaring`` and ``fused``): their bound on a shortlist of frequencies
-    only, the rest ruled out as ``screened`` does (:func:`screened_upper_bounds`).
+    ``layer_tops``, ``serial``: the faster methods of :mod:`stabnet.fast.norms` in place of
+    ``eigvalsh`` at every frequency (``serial=False`` for those that call no eigensolver).
     """
-    if method not in NORM_METHODS:
-        raise ValueError(f"norm method {method!r} is unknown; allowed: {', '.join(NORM_METHODS)}")
     units, maxima = zip(*(_unit_max(k) for k in kernels), strict=True)  # no overflow, see there
     gram_size = [min(k.shape[-2:]) for k in units]
     sizes = sorted(set(gram_size))
@@ -539,25 +354,10 @@ def fft_norms(
 
     def size_tops(j: int) -> jax.Array:
         """``λ_max`` of each layer of Gram size ``sizes[j]``."""
-        group = gram_group([units[i] for i in groups[j]], [grids[i] for i in groups[j]])
-        if method == "screened":  # Grams only where the screen needs them
-            return screened_top_eigenvalues(group)[0]
-
-        def top_of(real: jax.Array, imag: jax.Array) -> jax.Array:
-            if method == "eigh":
-                return _eigh_top(jax.lax.complex(real, imag))
-            if method == "fused" and norms_kernel.supports(real):
-                return norms_kernel.top_eigenvalue_upper_parts(
-                    real, imag, tolerance=FUSED_TOLERANCE
-                )
-            return top_eigenvalue_upper(jax.lax.complex(real, imag))  # squaring, fused elsewhere
-
-        if screen and method != "eigh":  # bounds on a shortlist
-            return screened_upper_bounds(group, top_of)[0]
-        return group.layer_max(top_of)  # every frequency
+        return layer_tops(gram_group([units[i] for i in groups[j]], [grids[i] for i in groups[j]]))
 
     order = [i for members in groups for i in members]  # the layers by Gram size
-    if method in ("squaring", "fused"):  # no solver, nothing to serialise
+    if not serial:  # no solver, nothing to serialise
         tops = jnp.concatenate([size_tops(j) for j in range(len(groups))])
     else:  # one size at a time: each branch puts its layers' tops in place, zeros elsewhere
         ends = np.cumsum([len(members) for members in groups])

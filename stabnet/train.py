@@ -2,12 +2,12 @@
 
 The fast path, on by default: the data set lives on the devices, each step draws its batch by
 index from its epoch's order (drawn once per epoch, :class:`EpochOrders`) and augments it there
-from a key derived from ``(seed, step)``, and on accelerators ``steps_per_dispatch`` steps run
-inside one ``lax.scan`` with metrics summed on the device, so the host touches the device once
-per chunk (CPUs dispatch one fused step at a time, asynchronously: :func:`run_on_device`).
-The straightforward path (``data.on_device=False``) draws the same indices, gathers each batch
-on the host, feeds it with :func:`parallel.put_global_batch` and runs one jitted step per call;
-both paths share :func:`guarded_step` and give the same run.
+from a key derived from ``(seed, step)``, and on accelerators ``runtime.steps_per_dispatch``
+steps run inside one ``lax.scan`` with metrics summed on the device, so the host touches the
+device once per chunk (CPUs dispatch one fused step at a time, asynchronously:
+:func:`run_on_device`). The straightforward path (``runtime.on_device=False``) draws the same
+indices, gathers each batch on the host, feeds it with :func:`parallel.put_global_batch` and
+runs one jitted step per call; both paths share :func:`guarded_step` and give the same run.
 
 Everything a step needs is in :class:`TrainState`, and batches and augmentations are functions
 of ``(seed, step)``, so a run resumed from a checkpoint continues exactly.
@@ -40,10 +40,10 @@ from stabnet import (
     checkpoints,
     constraints,
     data,
+    fast,
     layers,
     logbook,
     networks,
-    onednn,
     parallel,
     variants,
 )
@@ -94,45 +94,30 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
     return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
 
 
-def training_conv_impl(config: ml_collections.ConfigDict) -> str:
-    """``model.conv_impl`` resolved for the training step (:func:`stabnet.ops.conv`).
+def forms(config: ml_collections.ConfigDict, *, training: bool = False) -> fast.Forms:
+    """The forms of the operators (:func:`stabnet.fast.select`) for ``config.runtime`` on this
+    platform: with ``training``, the training step's (oneDNN's convolutions on one CPU device,
+    ``runtime.conv_impl=auto``); otherwise those every transformation of the analysis code
+    (forward mode, ``vmap``) can go through. Raises :class:`~stabnet.config.ConfigError` where a
+    form asked for by name cannot run here."""
+    try:
+        return fast.select(config.runtime, dtype=compute_dtype(config), training=training)
+    except fast.FormError as e:
+        raise config_lib.ConfigError(str(e)) from None
 
-    ``auto``: oneDNN's convolutions (:mod:`stabnet.onednn`, ~1.5× faster steps on a 2-core CPU)
-    where the step runs on one CPU device and the library builds (in bfloat16: where the CPU
-    runs oneDNN's bfloat16 convolutions), XLA's elsewhere (accelerators; several devices, where
-    a custom call would not be partitioned). ``onednn`` insists and raises
-    :class:`~stabnet.config.ConfigError` where it cannot run.
-    """
-    choice = config.model.conv_impl
-    if choice == "xla":
-        return "xla"
-    fits = jax.default_backend() == "cpu" and jax.device_count() == 1
-    if choice == "auto":
-        return "onednn" if fits and onednn.supports(compute_dtype(config)) else "xla"
-    if not fits:
-        raise config_lib.ConfigError(
-            "config field model.conv_impl='onednn' needs one CPU device (here "
-            f"{jax.device_count()} {jax.default_backend()} device(s)); use auto or xla"
-        )
-    if not onednn.available():
-        raise config_lib.ConfigError(
-            f"config field model.conv_impl='onednn': {onednn.unavailable_reason()}; use auto or xla"
-        )
-    if not onednn.supports(compute_dtype(config)):
-        raise config_lib.ConfigError(
-            "config field model.conv_impl='onednn' with model.dtype='bfloat16' needs a CPU "
-            "with AVX-512 (oneDNN's bfloat16 convolutions); use auto or xla, or float32"
-        )
-    return "onednn"
+
+def training_conv_impl(config: ml_collections.ConfigDict) -> str:
+    """``runtime.conv_impl`` resolved for the training step: ``onednn`` or ``xla``
+    (:func:`forms`)."""
+    return forms(config, training=True).conv_impl
 
 
 def model_from_config(
     config: ml_collections.ConfigDict, num_classes: int, *, training: bool = False
 ) -> networks.StableResNet:
-    """The network of ``config.model`` (validated). ``training``: with the convolutions of
-    :func:`training_conv_impl` (reverse mode only); otherwise XLA's, which every transformation
-    of the analysis code (forward mode, ``vmap``) can go through."""
-    m = config.model
+    """The network of ``config.model`` (validated), with the forms of :func:`forms`
+    (``training``: the training step's convolutions, reverse mode only)."""
+    m, chosen = config.model, forms(config, training=training)
     return networks.build_model(
         m.variant,
         m.n,
@@ -143,9 +128,9 @@ def model_from_config(
         pool_window=m.pool_window,
         bn_momentum=m.bn_momentum,
         bn_eps=m.bn_eps,
-        bn_stats=m.bn_stats,
+        bn_statistics=chosen.statistics,
         dtype=compute_dtype(config),
-        conv_impl=training_conv_impl(config) if training else "xla",
+        conv=chosen.conv,
         sign=m.sign,
         outer_bn=m.outer_bn,
         outer_init=m.outer_init,
@@ -426,17 +411,17 @@ def train_chunk(
     step_fn: Callable[..., Any],
     num_train: int,
     batch: int,
-    order_cache: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array], EpochOrders]:
     """``num_steps`` of ``step_fn`` (:func:`guarded_step`, bound) on the ``num_train`` training
     examples resident on the devices, each step drawing its batch by index; ``orders``: the
     data-order cache (returned for the next chunk).
 
     A chunk of at most one epoch's steps spans two epochs at most: their orders are drawn at most
-    once per epoch (:class:`EpochOrders`). A longer one (tiny data sets), or ``order_cache=False``,
-    draws every step's order afresh (the same batches)."""
+    once per epoch (:class:`EpochOrders`). A longer one (tiny data sets) draws every step's order
+    afresh (the same batches; slower on CIFAR, 475 against 456 ms a d_depth18 step on a 2-core
+    CPU, benchmarks/RESULTS.md)."""
     per_epoch = num_train // batch
-    cached = order_cache and num_steps <= per_epoch
+    cached = num_steps <= per_epoch
     if cached:
         orders = refresh_epoch_orders(orders, state.key, state.step // per_epoch)
 
@@ -513,14 +498,10 @@ def make_step_fns(
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     num_train: int,
-    order_cache: bool = True,
 ) -> StepFns:
     """The step functions above bound to ``config``, ``model`` and ``tx`` and jitted for ``mesh``:
     state, metrics and test set replicated, batches sharded; the train step and chunk donate
-    their state and metrics (the chunk its data-order cache too).
-
-    ``order_cache=False`` makes the chunk draw every step's epoch order afresh (the same batches,
-    slower; for ``benchmarks/forms.py --op=order``)."""
+    their state and metrics (the chunk its data-order cache too)."""
     rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     sgd = {"model": model, "tx": tx, "data_loss": training_loss(config),
            "pad": config.data.augment_pad, "flip": config.data.augment_flip}  # fmt: skip
@@ -532,7 +513,6 @@ def make_step_fns(
     )
     chunk = functools.partial(
         train_chunk, step_fn=step, num_train=num_train, batch=config.batch_size,
-        order_cache=order_cache,
     )  # fmt: skip
     jit = functools.partial(jax.jit, out_shardings=rep)
     diagnose = functools.partial(diagnose_step, **sgd)
@@ -742,7 +722,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, lock: logbook.Work
         networks.check_architecture(m.variant, m.n, ds.image_shape, ds.num_classes, tuple(m.widths))
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
-    training_conv_impl(config)
+    chosen = forms(config, training=True)  # a form asked for by name refused before any work
+    if chosen.note and primary:
+        print(f"stabnet: {chosen.note}", file=sys.stderr, flush=True)
     try:
         ckpt = checkpoints.Checkpointer(
             os.path.join(workdir, "checkpoints"), config.keep_checkpoints, fingerprint(config, ds)
@@ -759,9 +741,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, lock: logbook.Work
 # Config fields that do not change a run's numbers: a resume may change them freely.
 RESUME_FREE = frozenset({
     "num_train_steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
-    "final_average_steps", "steps_per_dispatch", "progress_bar", "data.source",
-    "data.local_dir", "data.tfds_data_dir", "data.on_device", "data.eval_batch_size",
-    "model.conv_impl",
+    "final_average_steps", "progress_bar", "data.source", "data.local_dir",
+    "data.tfds_data_dir", "runtime.steps_per_dispatch", "runtime.on_device",
+    "runtime.eval_batch_size", "runtime.conv_impl",
 })  # fmt: skip
 
 
@@ -818,6 +800,7 @@ def config_record(
     previous = _read_config_json(os.path.join(workdir, "config.json")) if start_step else None
     if previous is None:
         return current
+    previous = config_lib.move_fields(previous)  # a config.json from before fields moved
     changes = resume_changes(previous, current)
     segments = previous.get("segments")
     if changes:
@@ -1109,12 +1092,12 @@ class _Loop:
         primary = jax.process_index() == 0
         mean = data.pixel_mean(ds.x_train)
         # never larger than the test set (an absurd eval_batch_size would allocate it padded)
-        eval_size = min(config.data.eval_batch_size, len(ds.x_test))
+        eval_size = min(config.runtime.eval_batch_size, len(ds.x_test))
         eval_batch = -(-eval_size // mesh.devices.size) * mesh.devices.size
         x_test, y_test, mask = padded_batches(ds.x_test, ds.y_test, eval_batch)
         arrays = {"mean": mean, "x_test": x_test, "y_test": y_test, "mask": mask}
         arrays = parallel.put_replicated(arrays, mesh)
-        if config.data.on_device:
+        if config.runtime.on_device:
             arrays["x_train"], arrays["y_train"] = parallel.put_replicated(
                 (ds.x_train, ds.y_train), mesh
             )
@@ -1161,7 +1144,7 @@ def train_loop(loop: _Loop, state: TrainState, start_step: int) -> tuple[TrainSt
     interval = Interval()
     with _StopSignal() as stop:
         while step < total:
-            n = min(loop.config.steps_per_dispatch, next_boundary(plan, step) - step)
+            n = min(loop.config.runtime.steps_per_dispatch, next_boundary(plan, step) - step)
             t0 = time.time()
             state, acc, orders = run_steps(loop, state, orders, n)
             acc = parallel.to_host(acc)
@@ -1205,7 +1188,7 @@ def run_steps(
     data-order cache on), or batch by batch from the host. Returns the state, the summed
     metrics (on the device) and the cache."""
     a = loop.arrays
-    if loop.config.data.on_device:
+    if loop.config.runtime.on_device:
         return run_on_device(loop.fns, state, orders, a["x_train"], a["y_train"], a["mean"],
                              num_steps)  # fmt: skip
     acc = loop.fns.new_acc()
@@ -1334,7 +1317,7 @@ def run_results(loop: _Loop, state: TrainState, compile_seconds: Any) -> dict[st
         "data_source": loop.ds.source,
         "devices": loop.mesh.devices.size,
         "processes": jax.process_count(),
-        "conv_impl": loop.model.cfg.conv_impl,
+        "conv_impl": fast.conv_impl_of(loop.model.cfg.conv),
         "compile_seconds": compile_seconds,
         "wall_seconds": None,
     }

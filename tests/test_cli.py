@@ -80,7 +80,7 @@ def test_a_training_run_off_a_terminal_prints_progress_lines_and_no_backend_nois
 
     workdir = tmp_path / "w"
     args = [*short_overrides(20), "--config.log_every=5", "--config.eval_every=5",
-            "--config.steps_per_dispatch=5"]  # fmt: skip
+            "--config.runtime.steps_per_dispatch=5"]  # fmt: skip
     proc = _main(f"--config={REPO}/experiments/configs/quickstart.py", f"--workdir={workdir}",
                  *args, "--progress_every=0.001", timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

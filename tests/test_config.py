@@ -91,8 +91,9 @@ def test_unknown_dataset_argument():
         ("data.augment_flip", 1, "true or false"),
         ("model.use_bn", "yes", "true or false"),
         ("on_nonfinite", "ignore", "stop, skip"),
-        ("optim.norm_method", "svd", "auto, eigh, screened, squaring, fused"),
-        ("model.bn_stats", "welford", "one_pass, two_pass, dot"),
+        ("runtime.norm_method", "svd", "auto, eigh, screened, squaring, fused"),
+        ("runtime.bn_stats", "welford", "one_pass, two_pass"),
+        ("runtime.conv_impl", "mkl", "auto, xla, onednn"),
     ],
 )
 def test_validation_names_the_field(key, value, words):
@@ -193,4 +194,31 @@ def test_upgrade_config_fills_only_the_fields_an_older_workdir_lacks():
     assert {k: flat[k] for k in config_lib.OLDER_WORKDIR_DEFAULTS} == (
         config_lib.OLDER_WORKDIR_DEFAULTS
     )
-    assert flat["model.bn_stats"] == "two_pass" and flat["optim.projection"] == "plain"
+    assert flat["runtime.bn_stats"] == "two_pass" and flat["optim.projection"] == "plain"
+
+
+def test_upgrade_config_moves_the_speed_settings_to_runtime():
+    """A ``config.json`` from before the ``runtime`` section (the speed settings at the top, in
+    ``data``, ``model`` and ``optim``; ``optim.norm_screen``; ``bn_stats=dot``) is read in today's
+    layout with the values it ran with (``dot``: ``one_pass``, the same statistics), without
+    changing its input; a config that still sets a moved key is refused with its new place."""
+    raw = json.loads(config_lib.to_json(default.get_config()))
+    runtime = raw.pop("runtime")
+    raw["steps_per_dispatch"] = runtime["steps_per_dispatch"]
+    raw["data"].update(on_device=False, eval_batch_size=7)
+    raw["model"].update(conv_impl="xla", bn_stats="dot")
+    raw["optim"].update(norm_method="eigh", norm_screen=True)
+    before = json.dumps(raw, sort_keys=True)
+    upgraded = config_lib.upgrade_config(raw)
+    assert json.dumps(raw, sort_keys=True) == before
+    config_lib.validate(upgraded)
+    assert upgraded.runtime.to_dict() == {
+        "steps_per_dispatch": 20, "on_device": False, "eval_batch_size": 7, "conv_impl": "xla",
+        "bn_stats": "one_pass", "norm_method": "eigh",
+    }  # fmt: skip
+    assert config_lib.upgrade_config(upgraded).to_dict() == upgraded.to_dict()
+    stale = default.get_config()
+    stale.model.conv_impl = "xla"
+    with pytest.raises(config_lib.ConfigError, match=r"'model.conv_impl' is unknown \(moved to "
+                       r"runtime.conv_impl\)"):  # fmt: skip
+        config_lib.validate(stale)

@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from experiments.configs import default
-from stabnet import constraints, networks, norms, variants
+from stabnet import constraints, fast, networks, norms, variants
 from tests.conftest import REPO
 
 N = 2  # conv0, res1, res2, pool3, res4, pool5, res6, fc8
@@ -123,7 +123,6 @@ def test_resnet_d_outer_filters_stay_nonnegative():
         ("resnet_s", "squaring"),
         ("resnet_s_certified", "squaring"),
         ("resnet_s", "screened"),
-        ("resnet_s", "squaring+screen"),  # optim.norm_screen=true
     ],  # fmt: skip
     ids=lambda p: "-".join(p),
 )
@@ -131,10 +130,10 @@ def symmetric_run(request):
     """3 steps of ResNet-S (or certified) with gradients ×100, the norms by ``method``: ‖A_K‖₂
     of every filter after every step."""
     variant, method = request.param
-    method, screen, _ = method.partition("+screen")
     params, stats = random_variables(variant, 1)
     grads = [random_grads(params, 10 + s, 100.0) for s in range(3)]
-    config = make_config(variant, norm_method=method, norm_screen=bool(screen))
+    config = make_config(variant)
+    config.runtime.norm_method = method
     history, _ = run_steps(config, params, grads)
     grids = networks.layer_grids(N, HW)
     got = [
@@ -151,21 +150,21 @@ def test_symmetric_filters_operator_norm_at_most_sqrt2(symmetric_run):
     assert got.max() <= SQRT2 * (1 + 1e-6), (variant, got)
 
 
-def test_norm_method_and_screen_reach_the_norms(monkeypatch):
-    """``optim.norm_method`` and ``optim.norm_screen`` are what the rescaling asks
-    :func:`stabnet.norms.fft_norms` for, once per step."""
+def test_norm_method_reaches_the_norms(monkeypatch):
+    """``runtime.norm_method`` is what the rescaling asks :func:`stabnet.fast.norms.fft_norms`
+    for, once per step."""
     calls = []
-    fft_norms = norms.fft_norms
+    fft_norms = fast.norms.fft_norms
     monkeypatch.setattr(
-        norms, "fft_norms", lambda *a, **kw: calls.append(kw) or fft_norms(*a, **kw)
+        fast.norms, "fft_norms", lambda *a, **kw: calls.append(kw) or fft_norms(*a, **kw)
     )
     params, _ = random_variables("resnet_s", 1)
     grads = [random_grads(params, 3, 1.0)] * 2
-    for screen in (True, False):
-        run_steps(
-            make_config("resnet_s", norm_method="squaring", norm_screen=screen), params, grads
-        )
-    assert calls == [{"method": "squaring", "screen": s} for s in (True, True, False, False)]
+    for method in ("squaring", "eigh"):
+        config = make_config("resnet_s")
+        config.runtime.norm_method = method
+        run_steps(config, params, grads)
+    assert calls == [{"method": m} for m in ("squaring", "squaring", "eigh", "eigh")]
 
 
 def test_certified_norm_strict_bound_after_a_large_shrink():
@@ -355,7 +354,7 @@ from experiments.configs import s_depth20
 from stabnet import train
 for method in ("eigh", "screened"):
     config = s_depth20.get_config()
-    config.optim.norm_method = method
+    config.runtime.norm_method = method
     model = train.model_from_config(config, 10)
     state, tx, _ = train.create_train_state(config, model, (32, 32, 3))
     updates = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), state.params)
@@ -379,10 +378,10 @@ def test_constraint_update_with_many_norms_does_not_hang():
 
 def test_norm_method_auto_picks_by_backend_and_names_bad_values(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert constraints.norm_method("auto") == "screened"  # accelerators: tests/test_norms.py
-    assert constraints.norm_method("squaring") == "squaring"
-    with pytest.raises(ValueError, match="optim.norm_method='svd'"):
-        constraints.norm_method("svd")
+    assert fast.norm_method("auto") == "screened"  # accelerators: tests/test_fast.py
+    assert fast.norm_method("squaring") == "squaring"
+    with pytest.raises(ValueError, match="runtime.norm_method='svd'"):
+        fast.norm_method("svd")
 
 
 def test_resnet_s_with_zero_padding_bounds_the_zero_padded_maps():

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stabnet import constraints, networks, norms, norms_kernel, ops, variants
+from stabnet import networks, norms, ops, variants
 from tests.test_ops import dense_conv_matrix, rand
 
 
@@ -279,32 +279,37 @@ def _some_kernels(seed: int = 3) -> tuple[list[jax.Array], list[tuple[int, int]]
     return kernels, [g for *_, g in spec]
 
 
-@pytest.mark.parametrize("method", norms.NORM_METHODS)
-def test_fft_norms_match_fft_norm_one_by_one(method):
-    """Batched by Gram size (by eigensolver or by repeated squaring), the same norms."""
+@pytest.fixture
+def norms_of() -> Callable[..., list[jax.Array]]:
+    """The batched norms the tests below check, ``(kernels, grids) -> norms``: the reference,
+    :func:`norms.fft_norms` (``eigvalsh`` at every frequency; the methods of
+    :mod:`stabnet.fast.norms` run the same tests, tests/test_fast.py)."""
+    return norms.fft_norms
+
+
+def test_fft_norms_match_fft_norm_one_by_one(norms_of):
+    """Batched by Gram size, the same norms as one by one."""
     kernels, grids = _some_kernels()
-    got = jax.jit(lambda ks: jnp.stack(norms.fft_norms(ks, grids, method=method)))(kernels)
+    got = jax.jit(lambda ks: jnp.stack(norms_of(ks, grids)))(kernels)
     want = [float(norms.fft_norm(k, g)) for k, g in zip(kernels, grids, strict=True)]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", norms.NORM_METHODS)
-def test_norms_are_exact_for_filters_of_any_size(method):
+def test_norms_are_exact_for_filters_of_any_size(norms_of):
     """``‖A_{cK}‖ = c‖A_K‖`` from 1e-25 to 1e25: the Gram matrices hold squares of the entries,
     which overflow float32 beyond ~1e19 and lose every digit below ~1e-18 unless the filter is
     scaled first (before: NaN from squaring at 1e-18, NaN from eigh at 1e20)."""
     kernels, grids = _some_kernels()
-    base = np.asarray(norms.fft_norms(kernels, grids, method=method), np.float64)
+    base = np.asarray(norms_of(kernels, grids), np.float64)
     one = float(norms.fft_norm(kernels[0], grids[0], scale=jnp.full(16, 2.0)))
     for c in (1e-25, 1e-18, 1e18, 1e25):
-        got = np.asarray(norms.fft_norms([k * c for k in kernels], grids, method=method))
+        got = np.asarray(norms_of([k * c for k in kernels], grids))
         np.testing.assert_allclose(got / c, base, rtol=1e-6)
         scaled = norms.fft_norm(kernels[0] * c, grids[0], scale=jnp.full(16, 2.0 / c))
         np.testing.assert_allclose(float(scaled), one, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", norms.NORM_METHODS)
-def test_norms_of_low_pass_filters_are_exact(method):
+def test_norms_of_low_pass_filters_are_exact(norms_of):
     """Binomial taps times one dominant direction (trained filters look like this): the Grams at
     high frequencies are ~1e-8 of the largest, where rounding in the sums over lags is a large
     part of them. Their Grams are exactly Hermitian, and every method gives float64's norm
@@ -315,7 +320,7 @@ def test_norms_of_low_pass_filters_are_exact(method):
     for c, _ in zip((16, 32, 64), grids, strict=True):
         direction = np.outer(*rng.standard_normal((2, c))) / c
         kernels.append(binomial * (direction + 0.2 * rng.normal(0, (2 / (9 * c)) ** 0.5, (c, c))))
-    got = jax.jit(lambda ks: jnp.stack(norms.fft_norms(ks, grids, method=method)))(
+    got = jax.jit(lambda ks: jnp.stack(norms_of(ks, grids)))(
         [jnp.asarray(k, jnp.float32) for k in kernels]
     )
     want = [np.sqrt(np.linalg.eigvalsh(_gram64(k, g))[:, -1].max())
@@ -331,8 +336,6 @@ def test_fft_norms_fall_back_to_an_upper_bound_where_the_eigensolver_fails(monke
     kernels, grids = _some_kernels(4)
     exact = [float(norms.fft_norm(k, g)) for k, g in zip(kernels, grids, strict=True)]
     monkeypatch.setattr(jnp.linalg, "eigvalsh", lambda g: jnp.full(g.shape[:-1], jnp.nan))
-    screened = np.asarray(jnp.stack(norms.fft_norms(kernels, grids, method="screened")))
-    assert np.all(screened >= np.asarray(exact) * (1 - 1e-6))
     got = np.asarray(jnp.stack(norms.fft_norms(kernels, grids)))
     frobenius = [np.sqrt((np.abs(np.asarray(norms.conv_symbol(k, g))) ** 2).sum((-2, -1)).max())
                  for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
@@ -377,93 +380,6 @@ def test_top_eigenvalue_upper_is_the_brackets_upper_end_with_a_product_fewer():
         assert np.all(upper >= exact * (1 - 2e-6))
 
 
-@pytest.mark.parametrize("m", [16, 32, 64])
-def test_fused_squaring_kernel_is_top_eigenvalue_upper(m):
-    """The Pallas kernel (run by its interpreter here) gives :func:`norms.top_eigenvalue_upper`
-    for Hermitian Grams with large imaginary parts, equal and zero spectra included, and a bad
-    size names the rule."""
-    rng = np.random.default_rng(m)
-    s_ = rng.standard_normal((6, m, m)) + 1j * rng.standard_normal((6, m, m))
-    grams = s_ @ np.conj(np.swapaxes(s_, -1, -2))
-    grams = np.concatenate([grams, 3.0 * np.eye(m)[None], np.zeros((1, m, m))])
-    grams = jnp.asarray(grams, jnp.complex64)
-    exact = np.linalg.eigvalsh(np.asarray(grams, np.complex128))[:, -1]
-    for k in (3, 16):
-        got = np.asarray(norms_kernel.top_eigenvalue_upper(grams, k, interpret=True))
-        np.testing.assert_allclose(got, np.asarray(norms.top_eigenvalue_upper(grams, k)),
-                                   rtol=2e-6)  # fmt: skip
-        assert np.all(got >= exact * (1 - 2e-6)) and got[-1] == 0.0
-    np.testing.assert_allclose(got[:6], exact[:6], rtol=1e-5)
-    assert exact[6] < got[6] <= exact[6] * m ** (2.0**-16) * (1 + 2e-6)  # equal: the worst case
-    for tol in (1e-6, 1e-3):  # stopped early once bracketed: within tol, never below
-        early = np.asarray(norms_kernel.top_eigenvalue_upper(grams, tolerance=tol, interpret=True))
-        assert np.all(early >= exact * (1 - 2e-6)) and early[-1] == 0.0
-        assert np.all(early[:6] <= exact[:6] * (1 + tol + 2e-6))
-        assert early[6] <= exact[6] * max(1 + tol, m ** (2.0**-16)) * (1 + 2e-6)  # 16 at most
-    # 3·I: the lower bound is exact at once, the upper one 3·m^{2^{-j-1}}; tol 1e-3 stops it
-    # after ~11 squarings, well before the 16 that leave got[6] within 4e-5 of 3
-    assert early[6] > got[6] * (1 + 1e-4)
-    nan = grams.at[0, 0, 0].set(jnp.nan)  # a NaN stays NaN (no norm of 0 that hides it)
-    assert np.isnan(np.asarray(norms_kernel.top_eigenvalue_upper(nan, interpret=True))[0])
-    assert np.isnan(np.asarray(norms.top_eigenvalue_upper(nan))[0])
-    with pytest.raises(ValueError, match="powers of two from 16"):
-        norms_kernel.top_eigenvalue_upper(jnp.zeros((1, 24, 24), jnp.complex64), interpret=True)
-
-
-@pytest.mark.parametrize(
-    "options", [{}, {"tolerance": 1e-6}, {"tolerance": None, "num_warps": 2, "precision": "ieee"}]
-)
-def test_fused_squaring_kernel_lowers_to_triton_for_cuda(options):
-    """The kernel's body lowers to Triton IR (what a GPU compiles) on any machine, with every
-    option the benchmarks use (a static option read as a traced value once failed only there)."""
-    gram = jax.ShapeDtypeStruct((40, 32, 32), jnp.complex64)
-    fn = functools.partial(norms_kernel.top_eigenvalue_upper, **options)
-    text = jax.jit(fn).trace(gram).lower(lowering_platforms=("cuda",)).as_text()
-    assert "gram_squarings_32" in text and "triton" in text.lower()
-
-
-def _pretend_gpu(monkeypatch, capability="9.0", backend="gpu"):
-    """Make :func:`norms_kernel.available` see a GPU of that compute capability (None: a device
-    that names none)."""
-    device = types.SimpleNamespace() if capability is None else types.SimpleNamespace(
-        compute_capability=capability)  # fmt: skip
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    monkeypatch.setattr(jax, "devices", lambda *a: [device])
-
-
-@pytest.mark.parametrize(("capability", "backend", "sizes"), [
-    ("9.0", "gpu", {16, 32, 64}), ("8.0", "gpu", {16, 32, 64}), ("7.5", "gpu", set()),
-    (None, "gpu", set()), ("9.0", "tpu", set())])  # fmt: skip
-def test_fused_kernel_runs_on_nvidia_gpus_from_ampere_at_resnet_s_sizes(
-    monkeypatch, capability, backend, sizes
-):
-    """The kernel is used on CUDA GPUs with TF32 tensor cores, for the Gram sizes measured;
-    ``optim.norm_method=auto`` picks it there, ``squaring`` on other accelerators."""
-    grams = {m: jnp.zeros((1, m, m), jnp.complex64) for m in (8, 12, 16, 24, 32, 64, 128)}
-    _pretend_gpu(monkeypatch, capability, backend)
-    assert {m for m, g in grams.items() if norms_kernel.supports(g)} == sizes
-    assert constraints.norm_method("auto") == ("fused" if sizes else "squaring")
-
-
-def test_fft_norms_fused_runs_the_kernel_where_it_can(monkeypatch):
-    """``method="fused"``: the kernel (interpreted) for the 16×16 Grams, ``squaring`` for the
-    others, the same norms as ``eigh``."""
-    kernels, grids = _some_kernels()
-    calls = []
-    kernel = norms_kernel.top_eigenvalue_upper_parts
-
-    def interpreted(re, im, **kw):
-        calls.append(re.shape[-1])
-        return kernel(re, im, interpret=True, **kw)
-
-    monkeypatch.setattr(norms_kernel, "supports", lambda g: g.shape[-1] in (16, 32, 64))
-    monkeypatch.setattr(norms_kernel, "top_eigenvalue_upper_parts", interpreted)
-    got = np.asarray(jnp.stack(norms.fft_norms(kernels, grids, method="fused")))
-    assert calls == [16]  # once, for both 16-channel layers; their grids differ
-    want = np.asarray(jnp.stack(norms.fft_norms(kernels, grids, method="eigh")))
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-
-
 @pytest.mark.parametrize(
     ("hw", "ci", "co"), [((32, 32), 16, 16), ((8, 8), 64, 64), ((6, 4), 3, 5), ((4, 6), 5, 3),
                          ((2, 2), 4, 4), ((5, 7), 4, 4)])  # fmt: skip
@@ -479,18 +395,6 @@ def test_conv_gram_equals_the_gram_of_the_symbol(hw, ci, co):
     np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("shape", [(3, 3, 8, 8), (3, 3, 4, 8), (3, 3, 8, 4), (2, 5, 3, 4, 4)])
-def test_lag_forms_agree(shape):
-    """:func:`norms.conv_gram_lags` summed as slices and as one selection product: the same lag
-    matrices (both ``Sᴴ S`` and ``S Sᴴ``, a batch axis), the same lags; a bad form is named."""
-    kernel = jnp.asarray(np.random.default_rng(len(shape)).standard_normal(shape), jnp.float32)
-    (a, da), (b, db) = (norms.conv_gram_lags(kernel, form) for form in norms.LAG_FORMS)
-    np.testing.assert_array_equal(da, db)
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6 * np.abs(a).max())
-    with pytest.raises(ValueError, match="lag form 'gather'"):
-        norms.conv_gram_lags(kernel, "gather")
-
-
 def _gram64(kernel, hw):
     """The smaller Gram matrix of each half-spectrum symbol, in float64 from the definition."""
     h, w = hw
@@ -502,85 +406,19 @@ def _gram64(kernel, hw):
     return (sym @ sym_h if co <= ci else sym_h @ sym).reshape(-1, min(co, ci), min(co, ci))
 
 
-def test_screened_top_eigenvalues_are_exact_at_every_level():
-    """The result equals float64 ``eigvalsh`` over all frequencies whichever level certifies it.
-    32×32 Grams on 16×16 grids (shortlists of 8 and 32 of 144 frequencies): low-pass filters
-    with one dominant direction, whose peak :func:`norms.gram_bounds` separates from the rest
-    (level 0), the same with a strong random part, whose looser bounds need the longer
-    shortlist (level 1), random filters, whose flat spectra need the squarings everywhere
-    (level 2), and identity filters, every frequency's Gram ``I``, which no bound can separate
-    (level 3, all frequencies solved). 16×16 Grams on an 8×8 grid have no level 1 (its
-    shortlist would hold every frequency): their identity filters are certified at level 2."""
-    rng = np.random.default_rng(5)
-    binomial = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
-
-    def lowpass(sigma: float) -> jax.Array:
-        u, v = rng.standard_normal((2, 32))
-        a = np.outer(u, v) / 32 + sigma * rng.standard_normal((32, 32)) / np.sqrt(32)
-        return jnp.asarray(binomial[:, :, None, None] * a, jnp.float32)
-
-    def random(c: int) -> jax.Array:
-        return jnp.asarray(rng.standard_normal((3, 3, c, c)), jnp.float32)
-
-    def identity(c: int) -> jax.Array:
-        return jnp.zeros((3, 3, c, c), jnp.float32).at[1, 1].set(jnp.eye(c))
-
-    cases = [
-        ([(k := lowpass(0.03)), k * 0.5], (16, 16), 0),
-        ([lowpass(1.0), lowpass(1.0)], (16, 16), 1),
-        ([random(32), random(32)], (16, 16), 2),
-        ([identity(32), random(32)], (16, 16), 3),
-        ([identity(16), random(16)], (8, 8), 2),
-    ]
-    for kernels, grid, level in cases:
-        grids = [grid, (grid[0] - 2, grid[1])]  # a second grid: padded frequencies
-        tops, got_level = jax.jit(norms.screened_top_eigenvalues)(norms.gram_group(kernels, grids))
-        want = [np.linalg.eigvalsh(_gram64(np.asarray(k, np.float64), g))[:, -1].max()
-                for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
-        assert int(got_level) == level
-        np.testing.assert_allclose(np.asarray(tops), want, rtol=1e-5)
+@pytest.fixture
+def layer_tops() -> norms.LayerTops:
+    """Each layer's ``max_ω λ_max`` of a :class:`norms.GramGroup`: the reference,
+    :func:`norms.eigh_tops`."""
+    return norms.eigh_tops
 
 
-def test_screened_upper_bounds_hold_at_every_level():
-    """:func:`norms.screened_upper_bounds` with the squarings' bound: at least float64's
-    ``λ_max`` over all frequencies and within the squarings' overestimate of it, whichever
-    level certifies it (a dominant peak: level 0; a weaker one: the longer shortlist; random
-    filters' flat spectra and identity filters, whose Grams no bound separates: every
-    frequency), and never looser than the bound's maximum over all frequencies."""
-    rng = np.random.default_rng(6)
-    binomial = np.outer([1, 2, 1], [1, 2, 1]) / 16.0
-
-    def lowpass(sigma: float) -> np.ndarray:
-        u, v = rng.standard_normal((2, 32))
-        a = np.outer(u, v) / 32 + sigma * rng.standard_normal((32, 32)) / np.sqrt(32)
-        return binomial[:, :, None, None] * a
-
-    identity = np.zeros((3, 3, 32, 32))
-    identity[1, 1] = np.eye(32)
-    random = [rng.standard_normal((3, 3, 32, 32)) for _ in range(3)]
-    cases = [([peak := lowpass(0.03), 0.5 * peak], 0), ([lowpass(1.0), lowpass(1.0)], 1),
-             (random[:2], 2), ([identity, random[2]], 2)]  # fmt: skip
-    upper = jax.jit(lambda re, im: norms.top_eigenvalue_upper(jax.lax.complex(re, im)))
-    for kernels, level in cases:
-        kernels = [jnp.asarray(k, jnp.float32) for k in kernels]
-        grids = [(16, 16), (14, 16)]  # a second grid: padded frequencies
-        group = norms.gram_group(kernels, grids)
-        tops, got_level = norms.screened_upper_bounds(group, upper)
-        want = [np.linalg.eigvalsh(_gram64(np.asarray(k, np.float64), g))[:, -1].max()
-                for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
-        assert int(got_level) == level
-        assert np.all(np.asarray(tops) >= np.asarray(want) * (1 - 1e-6))
-        np.testing.assert_allclose(np.asarray(tops), want, rtol=1e-4)  # 32^(2^-16) − 1: 5.3e-5
-        every = upper(*(p.reshape(-1, 32, 32) for p in group.parts())).reshape(2, -1)
-        loosest = jnp.max(jnp.where(group.valid, every, -jnp.inf), -1)
-        assert np.all(np.asarray(tops) <= np.asarray(loosest) * (1 + 1e-6))
-
-
-def test_gram_group_pads_other_grids_and_filter_sizes():
+def test_gram_group_pads_other_grids_and_filter_sizes(layer_tops):
     """Layers of one Gram size with other grids and other filter sizes (1×1, 3×3 both ways
     round, 5×3) in one :class:`norms.GramGroup`: at each layer's frequencies its Grams are
-    :func:`norms.conv_gram`'s, padding gives zero Grams, and the screen's maxima are
-    ``eigvalsh``'s over all frequencies."""
+    :func:`norms.conv_gram`'s, padding gives zero Grams, and the layers' maxima are
+    ``eigvalsh``'s over all frequencies (:func:`norms.eigh_tops`; the fast methods':
+    tests/test_fast.py)."""
     rng = np.random.default_rng(11)
     shapes = [(1, 1, 4, 6), (3, 3, 4, 4), (3, 3, 8, 4), (5, 3, 4, 4)]
     grids = [(4, 4), (8, 8), (6, 4), (8, 6)]
@@ -593,32 +431,7 @@ def test_gram_group_pads_other_grids_and_filter_sizes():
         assert count == want.shape[0]
         np.testing.assert_allclose(grams[i, :count], want, atol=2e-5 * np.abs(want).max())
         assert not np.any(grams[i, count:])
-    tops, _ = jax.jit(norms.screened_top_eigenvalues)(group)
+    tops = jax.jit(layer_tops)(group)
     want = [np.linalg.eigvalsh(np.asarray(norms._gram(norms.conv_symbol(k, g)), np.complex128))
             .max() for k, g in zip(kernels, grids, strict=True)]  # fmt: skip
     np.testing.assert_allclose(np.asarray(tops), want, rtol=1e-5)
-
-
-def test_gram_bounds_lie_between_the_top_eigenvalue_and_the_frobenius_norm():
-    """:func:`norms.gram_bounds` from the lags alone: at every frequency at least float64's
-    ``λ_max`` and at most ``‖G‖_F`` (up to rounding); ``λ_max`` itself for rank-one Grams (every
-    tap ``K_t = u_t vᵀ``, one output direction); ``−∞`` at padding."""
-    rng = np.random.default_rng(12)
-    peak = rng.standard_normal((1, 1, 16, 1))
-    kernels = [rng.standard_normal((3, 3, 16, 16)), rng.standard_normal((3, 3, 16, 16)) + peak]
-    grids = [(8, 8), (6, 6)]
-    group = norms.gram_group([jnp.asarray(k, jnp.float32) for k in kernels], grids)
-    bounds = np.asarray(norms.gram_bounds(group))
-    for i, (k, g) in enumerate(zip(kernels, grids, strict=True)):
-        gram = _gram64(k, g)
-        top = np.linalg.eigvalsh(gram)[:, -1]
-        frobenius = np.sqrt((np.abs(gram) ** 2).sum((-2, -1)))
-        count = len(top)
-        assert np.all(bounds[i, :count] >= top)
-        assert np.all(bounds[i, :count] <= frobenius * (1 + 1e-3))
-        assert np.all(bounds[i, count:] == -np.inf)
-    rank_one = rng.standard_normal((3, 3, 8, 1)) * rng.standard_normal(6)  # 6×6 Grams
-    gram = _gram64(rank_one, (6, 6))
-    bound = np.asarray(norms.gram_bounds(norms.gram_group([jnp.asarray(rank_one, jnp.float32)],
-                                                          [(6, 6)])))[0]  # fmt: skip
-    np.testing.assert_allclose(bound, np.linalg.eigvalsh(gram)[:, -1], rtol=1e-3)

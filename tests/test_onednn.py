@@ -1,4 +1,5 @@
-"""oneDNN convolutions (issue 5): the same maps and gradients as XLA's, chosen where they run."""
+"""oneDNN convolutions (issue 5): the same maps and gradients as the reference's
+(:func:`stabnet.ops.conv`), to 2e-5 in float32, chosen where they run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 from jax import lax
 
 from stabnet import config as config_lib
-from stabnet import onednn, ops, train
+from stabnet import fast, ops, train
+from stabnet.fast import conv as fast_conv
+from stabnet.fast import onednn
 from tests.conftest import small_config
 
 needs_onednn = pytest.mark.skipif(
@@ -88,20 +91,21 @@ def test_bfloat16_correlation_matches_float32_on_the_same_values(stride):
 
 @needs_onednn
 @pytest.mark.parametrize("padding", ops.PADDINGS)
-def test_conv_and_its_adjoint_match_xla(padding):
-    """``A_K x``, its stride-2 form and ``A_K^T y``, and their gradients, with either boundary
-    condition."""
+def test_onednn_conv_and_its_adjoint_are_the_reference(padding):
+    """``A_K x``, its stride-2 form and ``A_K^T y`` by :func:`stabnet.fast.conv.onednn`, and
+    their gradients, equal :func:`stabnet.ops.conv`'s to 2e-5 with either boundary condition."""
     x, kernel, ky = _arrays(1, (4, 8, 6, 5), (3, 3, 5, 7))
     y = jax.random.normal(ky, (4, 8, 6, 7))
-    strided = functools.partial(ops.conv, stride=2)
-    for fn, arg in ((ops.conv, x), (strided, x), (ops.conv_transpose, y)):
+    for stride, transpose, arg in ((1, False, x), (2, False, x), (1, True, y)):
 
-        def loss(a, k, impl, fn=fn):
-            return jnp.sum(jnp.sin(fn(a, k, padding=padding, impl=impl)))
+        def loss(a, k, conv, stride=stride, transpose=transpose):
+            if transpose:
+                return jnp.sum(jnp.sin(ops.conv_transpose(a, k, padding=padding, conv_fn=conv)))
+            return jnp.sum(jnp.sin(conv(a, k, stride=stride, padding=padding)))
 
-        ref = jax.value_and_grad(loss, argnums=(0, 1))(arg, kernel, "xla")
+        ref = jax.value_and_grad(loss, argnums=(0, 1))(arg, kernel, ops.conv)
         got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(
-            arg, kernel, "onednn"
+            arg, kernel, fast_conv.onednn
         )
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
@@ -122,8 +126,8 @@ def test_training_with_onednn_matches_xla(variant, dtype, loss_rel, norm_rel, tm
     rounding: in float32 the gradients agree to ~1e-5 (over tens of steps ResNet-D's training
     amplifies that); in bfloat16 (mixed precision, float32 state) to bfloat16's rounding."""
     results = {}
-    for impl in ops.CONV_IMPLS:
-        config = small_config(variant, steps=4, **{"model.conv_impl": impl, "model.dtype": dtype})
+    for impl in fast.CONV_IMPLS:
+        config = small_config(variant, steps=4, **{"runtime.conv_impl": impl, "model.dtype": dtype})
         results[impl] = train.train_and_evaluate(config, os.fspath(tmp_path / impl))
         assert results[impl]["conv_impl"] == impl
     a, b = results["onednn"], results["xla"]
@@ -137,16 +141,16 @@ def test_auto_picks_onednn_for_one_cpu_device(monkeypatch):
     assert jax.device_count() == 1 and jax.default_backend() == "cpu"
     assert train.training_conv_impl(config) == "onednn"
     model = train.model_from_config(config, 10, training=True)
-    assert model.cfg.conv_impl == "onednn"
+    assert model.cfg.conv is fast_conv.onednn
     # Analysis code needs forward mode and vmap: it always gets XLA's convolutions.
-    assert train.model_from_config(config, 10).cfg.conv_impl == "xla"
+    assert train.model_from_config(config, 10).cfg.conv is fast_conv.side_by_side
     # bfloat16: where this CPU runs oneDNN's bfloat16 convolutions
     config.model.dtype = "bfloat16"
     expected = "onednn" if onednn.supports(jnp.bfloat16) else "xla"
     assert train.training_conv_impl(config) == expected
     monkeypatch.setattr(onednn, "supports", lambda dtype: dtype == jnp.float32)
     assert train.training_conv_impl(config) == "xla"
-    config.model.conv_impl = "onednn"
+    config.runtime.conv_impl = "onednn"
     with pytest.raises(config_lib.ConfigError, match="'onednn' with model.dtype='bfloat16' needs"):
         train.training_conv_impl(config)
     config.model.dtype = "float32"
@@ -157,8 +161,8 @@ def test_unavailable_onednn_falls_back_or_is_refused(monkeypatch):
     monkeypatch.setattr(onednn, "_load", lambda: "oneDNN is not installed; pip install …")
     config = small_config()
     assert train.training_conv_impl(config) == "xla"
-    config.model.conv_impl = "onednn"
-    with pytest.raises(config_lib.ConfigError, match="model.conv_impl='onednn': oneDNN is not"):
+    config.runtime.conv_impl = "onednn"
+    with pytest.raises(config_lib.ConfigError, match="runtime.conv_impl='onednn': oneDNN is not"):
         train.training_conv_impl(config)
     with pytest.raises(onednn.Unavailable, match="unavailable: oneDNN is not installed"):
         onednn.conv_valid(jnp.ones((1, 3, 3, 1)), jnp.ones((3, 3, 1, 1)))
@@ -175,7 +179,7 @@ def test_build_says_why_it_cannot(monkeypatch, tmp_path):
     try:
         onednn._find_onednn()
     except onednn.Unavailable as e:
-        assert "pip install onednn-cpu-gomp" in str(e)
+        assert 'pip install -e ".[cpu]"' in str(e)
         return
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(onednn.Unavailable, match="no C\\+\\+ compiler 'no-such-compiler-xyz'"):

@@ -6,8 +6,6 @@ numpy pooling and BN formulas) are also imported by the other core test modules.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,40 +130,21 @@ def test_references_agree():
     np.testing.assert_allclose(np_conv(x, centre), x @ k[1, 1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.fixture(
-    params=[
-        "side-by-side",
-        "side-by-side, padded correlation",
-        "per-image, cropped",
-        "per-image, valid",
-    ]
-)
-def fold_batch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """The formulations of :func:`ops.conv`'s argument ``fold_batch``: the images side by side
-    (CPU's default) with the correlation unpadded (small convolutions) or padded on the right
-    (large ones, forced here by a zero threshold), or one image at a time, by a "SAME"
-    correlation cropped (the CPU's default without the fold) or a "VALID" one (the default
-    elsewhere)."""
-    if request.param == "side-by-side, padded correlation":
-        monkeypatch.setattr(ops, "_RIGHT_PAD_MIN_MACS", 0)
-    per_image = request.param.startswith("per-image")
-    if per_image:
-        crop = request.param == "per-image, cropped"
-        monkeypatch.setattr(ops, "conv", functools.partial(ops.conv, crop=crop))
-    return not per_image
+@pytest.fixture
+def conv() -> ops.ConvFn:
+    """The form of ``A_K x`` the tests below check: the reference, :func:`ops.conv` (the fast
+    forms of :mod:`stabnet.fast.conv` run the same tests, tests/test_fast.py)."""
+    return ops.conv
 
 
 @pytest.mark.parametrize("padding", ["circular", "zeros"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("hw,ci,co", CONV_SHAPES)
-def test_conv_equals_dense_matrix(hw, ci, co, stride, padding, fold_batch):
-    """Both formulations of :func:`ops.conv` (the images side by side, CPU's default; or one by
-    one) against the dense reference."""
+def test_conv_equals_dense_matrix(hw, ci, co, stride, padding, conv):
+    """``A_K x`` against the dense reference."""
     rng = np.random.default_rng(hash((hw, ci, co, stride)) % 2**32)
     x, k = rand(rng, 3, *hw, ci), rand(rng, 3, 3, ci, co)
-    y = ops.conv(jnp.asarray(x), jnp.asarray(k), stride=stride, padding=padding,
-                 fold_batch=fold_batch)  # fmt: skip
-    y = np.asarray(y)
+    y = np.asarray(conv(jnp.asarray(x), jnp.asarray(k), stride=stride, padding=padding))
     ref = np_conv(x, k, stride, padding)
     assert y.shape == ref.shape
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
@@ -306,10 +285,17 @@ def bn_of(d, *, train, frozen=False, **kw):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("how", ["two_pass", "one_pass", "dot"])
-def test_batch_norm_train_uses_batch_statistics(bn_inputs, how):
+@pytest.fixture
+def statistics() -> ops.StatsFn:
+    """The form of BN's batch statistics the tests below check: the reference,
+    :func:`ops.batch_statistics` (the one-pass form of :mod:`stabnet.fast.bn` runs them too,
+    tests/test_fast.py)."""
+    return ops.batch_statistics
+
+
+def test_batch_norm_train_uses_batch_statistics(bn_inputs, statistics):
     d = bn_inputs
-    y, s, stats = bn_of(d, train=True, eps=1e-3, stats=how)
+    y, s, stats = bn_of(d, train=True, eps=1e-3, statistics=statistics)
     z64 = d["z"].astype(np.float64)
     mu = z64.mean(axis=(0, 1, 2))
     v = ((z64 - mu) ** 2).mean(axis=(0, 1, 2))  # biased variance
@@ -318,37 +304,6 @@ def test_batch_norm_train_uses_batch_statistics(bn_inputs, how):
     ref = np_batch_norm(z64, mu, v, d["gamma"], d["beta"], eps=1e-3)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(s), d["gamma"] / np.sqrt(v + 1e-3), rtol=1e-5)
-
-
-@pytest.mark.parametrize("how", ["one_pass", "dot"])
-def test_batch_norm_statistics_forms_have_the_same_gradient(bn_inputs, how):
-    d = bn_inputs
-    w = jnp.asarray(np.random.default_rng(1).normal(size=d["z"].shape), jnp.float32)
-
-    def loss(z, form):
-        return jnp.sum(bn_of({**d, "z": z}, train=True, stats=form)[0] * w)
-
-    z = jnp.asarray(d["z"])
-    got, want = jax.grad(loss)(z, how), jax.grad(loss)(z, "two_pass")
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("how", ["one_pass", "dot"])
-def test_one_pass_statistics_do_not_cancel_near_the_running_mean(how):
-    """``E[z²] − E[z]²`` of features with ``|μ|/σ`` = 1000 loses every digit in float32; shifted
-    by a running mean near ``μ`` it keeps them, and only then (the shift is what saves it)."""
-    rng = np.random.default_rng(3)
-    z = (1000.0 + rng.normal(size=(8, 6, 6, 3))).astype(np.float32)
-    v64 = z.astype(np.float64).var(axis=(0, 1, 2))
-
-    def var_with(running_mean):
-        mean = jnp.full(3, running_mean, jnp.float32)
-        _, _, batch = ops.batch_norm(jnp.asarray(z), mean=mean, var=jnp.ones(3), gamma=None,
-                                     beta=None, train=True, stats=how)  # fmt: skip
-        return np.asarray(batch.var)
-
-    np.testing.assert_allclose(var_with(999.9), v64, rtol=1e-4)
-    assert np.max(np.abs(var_with(0.0) / v64 - 1)) > 1e-2  # unshifted: cancellation
 
 
 def test_batch_norm_inference_uses_running_statistics(bn_inputs):
@@ -411,18 +366,6 @@ def test_batch_norm_bf16_output_rounded_once(train):
     assert err <= 1.5 * floor, (err, floor)
 
 
-@pytest.mark.parametrize("how", ["one_pass", "dot"])
-def test_statistics_forms_keep_float32_accuracy_from_a_zero_running_mean(how):
-    """Step 0 (running mean 0) at |μ|/σ = 6.5 over 128×32×32 pixels: the variance to 1e-4 (one
-    serial sum of all 131,072 rows in the ``dot`` form was off by 1e-3)."""
-    rng = np.random.default_rng(5)
-    z = (6.5 + rng.normal(size=(128, 32, 32, 2))).astype(np.float32)
-    _, _, batch = ops.batch_norm(jnp.asarray(z), mean=jnp.zeros(2), var=jnp.ones(2), gamma=None,
-                                 beta=None, train=True, stats=how)  # fmt: skip
-    np.testing.assert_allclose(np.asarray(batch.var), z.astype(np.float64).var(axis=(0, 1, 2)),
-                               rtol=1e-4)  # fmt: skip
-
-
 def test_update_running():
     run = ops.BNStats(jnp.asarray([1.0, 2.0]), jnp.asarray([3.0, 4.0]))
     batch = ops.BNStats(jnp.asarray([5.0, -1.0]), jnp.asarray([0.5, 2.0]))
@@ -431,14 +374,14 @@ def test_update_running():
     np.testing.assert_allclose(np.asarray(new.var), [0.9 * 3 + 0.05, 0.9 * 4 + 0.2], rtol=1e-6)
 
 
-def test_conv_is_jittable_and_differentiable(fold_batch):
+def test_conv_is_jittable_and_differentiable(conv):
     """The filter gradient of ⟨A_K x, y⟩ is the correlation of x with y, summed over the batch
     (dense check), and the input gradient is ``A_K^T y``."""
     rng = np.random.default_rng(8)
     x, y, k = rand(rng, 3, 4, 5, 2), rand(rng, 3, 4, 5, 3), rand(rng, 3, 3, 2, 3)
 
     def inner(x, k):
-        return jnp.vdot(ops.conv(x, k, fold_batch=fold_batch), jnp.asarray(y))
+        return jnp.vdot(conv(x, k), jnp.asarray(y))
 
     gx, gk = jax.jit(jax.grad(inner, (0, 1)))(jnp.asarray(x), jnp.asarray(k))
     ref = np.zeros_like(k, dtype=np.float64)
@@ -452,7 +395,7 @@ def test_conv_is_jittable_and_differentiable(fold_batch):
 
 
 @pytest.mark.parametrize("padding", ["circular", "zeros"])
-def test_conv_forward_mode_agrees_with_reverse_mode(fold_batch, padding):
+def test_conv_forward_mode_agrees_with_reverse_mode(conv, padding):
     """``A_K x`` is linear in ``x`` and in ``K``: forward mode gives ``A_K t`` and ``A_T x``, and
     ``⟨jvp, y⟩ = ⟨t, vjp(y)⟩`` (the side-by-side form pads with a custom derivative)."""
     rng = np.random.default_rng(9)
@@ -460,13 +403,13 @@ def test_conv_forward_mode_agrees_with_reverse_mode(fold_batch, padding):
     k, kt = jnp.asarray(rand(rng, 3, 3, 3, 2)), jnp.asarray(rand(rng, 3, 3, 3, 2))
     y = jnp.asarray(rand(rng, 4, 6, 5, 2))
 
-    def conv(x, k):
-        return ops.conv(x, k, padding=padding, fold_batch=fold_batch)
+    def a(x, k):
+        return conv(x, k, padding=padding)
 
-    out, tangent = jax.jit(lambda x, k, t, kt: jax.jvp(conv, (x, k), (t, kt)))(x, k, t, kt)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(conv(x, k)), rtol=1e-6, atol=1e-6)
-    want = conv(t, k) + conv(x, kt)
+    out, tangent = jax.jit(lambda x, k, t, kt: jax.jvp(a, (x, k), (t, kt)))(x, k, t, kt)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(a(x, k)), rtol=1e-6, atol=1e-6)
+    want = a(t, k) + a(x, kt)
     np.testing.assert_allclose(np.asarray(tangent), np.asarray(want), rtol=1e-5, atol=1e-5)
-    gx, gk = jax.vjp(conv, x, k)[1](y)
+    gx, gk = jax.vjp(a, x, k)[1](y)
     lhs = float(jnp.vdot(tangent, y))
     assert lhs == pytest.approx(float(jnp.vdot(t, gx) + jnp.vdot(kt, gk)), rel=1e-5)

@@ -26,7 +26,7 @@ def long_overrides(steps: int, every: int = 10) -> list[str]:
     dispatching 5 steps at a time."""
     return [*short_overrides(steps, variant="resnet_d", n=1), f"--config.log_every={every}",
             f"--config.checkpoint_every={every}", f"--config.eval_every={2 * every}",
-            "--config.steps_per_dispatch=5"]  # fmt: skip
+            "--config.runtime.steps_per_dispatch=5"]  # fmt: skip
 
 
 def snapshot(folder: pathlib.Path) -> dict[str, str]:

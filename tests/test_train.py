@@ -22,7 +22,7 @@ def short_run(tmp_path_factory):
     """One 60-step ResNet-D run on the digits, evaluated and logged every 20 steps."""
     workdir = os.fspath(tmp_path_factory.mktemp("short"))
     config = small_config("resnet_d", steps=60, eval_every=20, log_every=20, checkpoint_every=20)
-    config.data.eval_batch_size = 100  # does not divide the 360 test images: padding + mask
+    config.runtime.eval_batch_size = 100  # does not divide the 360 test images: padding + mask
     results = train.train_and_evaluate(config, workdir)
     return workdir, config, results
 
@@ -177,7 +177,7 @@ def test_straightforward_path_matches_fast_path(tmp_path):
     epoch boundary (22 steps an epoch)."""
     fast = train.train_and_evaluate(small_config("resnet_d", steps=30), os.fspath(tmp_path / "a"))
     slow_config = small_config("resnet_d", steps=30)
-    slow_config.data.on_device = False
+    slow_config.runtime.on_device = False
     slow = train.train_and_evaluate(slow_config, os.fspath(tmp_path / "b"))
     assert slow["params_norm"] == pytest.approx(fast["params_norm"], rel=1e-6)
     assert slow["train_loss"] == pytest.approx(fast["train_loss"], rel=1e-6)
@@ -226,7 +226,7 @@ def test_two_processes_match_one(tmp_path, on_device):
     cmd = [sys.executable, "-m", "experiments.main", f"--config={REPO}/experiments/configs/"
            "quickstart.py", f"--workdir={multi}", *short_overrides(20), "--cpu_devices=2",
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-           f"--config.data.on_device={on_device}"]  # fmt: skip
+           f"--config.runtime.on_device={on_device}"]  # fmt: skip
     procs = [
         subprocess.Popen(
             cmd + [f"--process_id={i}"],
@@ -307,7 +307,7 @@ def test_skipped_steps_keep_the_schedule_in_step():
 def test_preemption_logs_the_steps_since_the_last_row(tmp_path, monkeypatch):
     """A stop between two training rows writes the steps since the last one (their loss would
     otherwise be missing from metrics.jsonl after the resume)."""
-    config = small_config("resnet_d", steps=30, steps_per_dispatch=3)
+    config = small_config("resnet_d", steps=30, **{"runtime.steps_per_dispatch": 3})
     assert config.log_every == 30
     monkeypatch.setattr(train._StopSignal, "requested", lambda self: True)  # after a dispatch
     workdir = os.fspath(tmp_path / "w")

@@ -256,7 +256,7 @@ def test_a_failing_metrics_write_is_one_line(tmp_path, monkeypatch):
 
 
 def test_an_absurd_evaluation_batch_allocates_nothing(tmp_path):
-    results = train.train_and_evaluate(tiny(5, **{"data.eval_batch_size": 10**12}),
+    results = train.train_and_evaluate(tiny(5, **{"runtime.eval_batch_size": 10**12}),
                                        os.fspath(tmp_path / "w"))  # fmt: skip
     assert results["test_accuracy"] is not None
 
@@ -471,3 +471,32 @@ def test_an_older_workdir_is_upgraded_evaluated_and_resumed(tmp_path):
         assert resumed[key] == straight[key], key
     rewritten = strict_json((workdir / "config.json").read_text())
     assert "segments" not in rewritten and rewritten["loss"]["name"] == "cross_entropy"
+
+
+def test_a_workdir_from_before_the_runtime_section_resumes_exactly(tmp_path):
+    """A ``config.json`` with the speed settings at their old keys (``model.conv_impl``,
+    ``model.bn_stats``, ``optim.norm_method``, ``optim.norm_screen``, ``steps_per_dispatch``,
+    ``data.on_device``, ``data.eval_batch_size``): read in today's layout, resumed to the run
+    that never stopped, and a resume that changes a moved field that changes the numbers
+    (``bn_stats``) is refused by its new name."""
+    from stabnet import runs
+
+    workdir, whole = tmp_path / "old", os.fspath(tmp_path / "whole")
+    train.train_and_evaluate(tiny(5), os.fspath(workdir))
+    recorded = strict_json((workdir / "config.json").read_text())
+    runtime = recorded.pop("runtime")
+    for old, new in config.MOVED_FIELDS.items():
+        section, _, leaf = old.rpartition(".")
+        value = runtime[new.split(".")[1]] if new else False
+        (recorded[section] if section else recorded)[leaf] = value
+    (workdir / "config.json").write_text(json.dumps(recorded))
+    assert runs.load_config(os.fspath(workdir)).to_dict() == tiny(5).to_dict()
+    with pytest.raises(config.ConfigError, match="runtime.bn_stats 'one_pass' -> 'two_pass'"):
+        train.train_and_evaluate(tiny(10, **{"runtime.bn_stats": "two_pass"}), os.fspath(workdir))
+    resumed = train.train_and_evaluate(tiny(10), os.fspath(workdir))
+    straight = train.train_and_evaluate(tiny(10), whole)
+    for key in ("test_accuracy", "test_loss", "train_loss", "params_norm"):
+        assert resumed[key] == straight[key], key
+    rewritten = strict_json((workdir / "config.json").read_text())
+    assert "segments" not in rewritten and rewritten["runtime"] == runtime
+    assert "norm_screen" not in rewritten["optim"] and "conv_impl" not in rewritten["model"]

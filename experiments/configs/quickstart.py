@@ -10,7 +10,6 @@ def get_config():
     config.data.source = "embedded"
     config.data.augment_pad = 0  # 8×8 images: no crop (98% with 1, 99% without)
     config.data.augment_flip = False  # digits are not mirror-symmetric
-    config.data.eval_batch_size = 360
     config.model.variant = "resnet_d"
     config.model.n = 2
     config.batch_size = 64
@@ -19,6 +18,7 @@ def get_config():
     config.log_every = 50
     config.checkpoint_every = 500
     config.final_average_steps = 500
-    config.steps_per_dispatch = 50
+    config.runtime.steps_per_dispatch = 50
+    config.runtime.eval_batch_size = 360
     config.optim.decay_every = 1000
     return config

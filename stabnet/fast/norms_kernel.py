@@ -13,7 +13,7 @@ Grams of :func:`stabnet.norms.conv_gram` are Hermitian to rounding only; the squ
 rounding at its level (they agree with ``squaring`` and ``eigh`` to float32 rounding).
 
 Pallas's Triton backend is deprecated from jax 0.11 (its successor, Mosaic GPU, targets
-Hopper's warpgroup instructions); ``optim.norm_method=squaring`` is the same computation in XLA
+Hopper's warpgroup instructions); ``runtime.norm_method=squaring`` is the same computation in XLA
 ops, on every backend.
 """
 

@@ -8,15 +8,18 @@ convolutions").
 :func:`conv_valid` is the "VALID" cross-correlation of ``x`` [N,H,W,Ci] with ``kernel``
 [kh,kw,Ci,Co] at a given stride, in the dtypes :func:`supports` (float32; bfloat16 with AVX-512),
 differentiable in reverse mode (a ``custom_vjp`` over oneDNN's backward-data and
-backward-weights passes). It has no forward-mode or batching rule, so :func:`stabnet.ops.conv`
-uses it only where asked to (``impl="onednn"``), which the training step does on single-device
-CPUs (``model.conv_impl``); analysis code keeps XLA's convolutions.
+backward-weights passes). It has no forward-mode or batching rule, so it and
+:func:`stabnet.fast.conv.onednn` (the form of ``A_K x`` built on it) serve the training step
+only, on single-device CPUs (:func:`stabnet.fast.select`, ``runtime.conv_impl``); analysis code
+keeps XLA's convolutions.
 
 The library is compiled on first use from ``csrc/onednn_conv.cc`` against the installed jaxlib's
-FFI headers and the ``onednn-cpu-gomp`` wheels (dependencies on x86-64 Linux) with the C++
-compiler ``$CXX`` (default ``g++``), into ``$STABNET_CACHE`` (default ``~/.cache/stabnet``),
-once per source, jaxlib and oneDNN version. Where any of that is missing, :func:`available` is
-``False`` and :func:`unavailable_reason` says why; ``STABNET_ONEDNN=0`` turns the path off.
+FFI headers and the ``onednn-cpu-gomp`` wheels (the ``cpu`` extra, ``pip install -e ".[cpu]"``;
+Linux x86-64) with the C++ compiler ``$CXX`` (default ``g++``), into ``$STABNET_CACHE`` (default
+``~/.cache/stabnet``), once per source, jaxlib and oneDNN version, where the training step asks
+for it (one CPU device). Nothing is compiled off CPUs, nor where the extra is missing:
+:func:`available` is then ``False``, :func:`unavailable_reason` says why, and the training step
+runs XLA's convolutions; ``STABNET_ONEDNN=0`` turns the path off.
 """
 
 from __future__ import annotations
@@ -66,8 +69,8 @@ def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
         if (include / "oneapi/dnnl/dnnl.hpp").is_file() and (lib / "libdnnl.so").exists():
             return include, lib
     raise Unavailable(
-        "oneDNN is not installed; pip install onednn-cpu-gomp onednn-devel-cpu-gomp "
-        "(dependencies of stabnet on x86-64 Linux)"
+        'oneDNN is not installed; pip install -e ".[cpu]" (the wheels onednn-cpu-gomp and '
+        "onednn-devel-cpu-gomp, x86-64 Linux)"
     )
 
 
@@ -184,7 +187,7 @@ def conv_valid(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     ``x`` [N,H,W,Ci] with ``kernel`` [kh,kw,Ci,Co] at stride ``s``:
     ``[N, (H−kh)//s + 1, (W−kw)//s + 1, Co]``, in the dtype of both (float32, or bfloat16 with
     float32 accumulation). The linear map ``A_K`` of docs/mathematics.md §1 once ``x`` is padded
-    (:func:`stabnet.ops.conv`)."""
+    (:func:`stabnet.fast.conv.onednn`)."""
     if not available():
         raise Unavailable(f"oneDNN convolutions are unavailable: {unavailable_reason()}")
     if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
