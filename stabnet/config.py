@@ -239,13 +239,8 @@ def move_fields(raw: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(node, dict) or name not in node:
             continue
         value = node.pop(name)
-        if new is None:
-            continue
-        *sections, name = new.split(".")
-        node = raw
-        for section in sections:
-            node = node.setdefault(section, {})
-        node.setdefault(name, value)
+        if new is not None:
+            _set_default(raw, new, value)
     for (key, value), replacement in RETIRED_VALUES.items():
         section, name = key.split(".")
         if raw.get(section, {}).get(name) == value:
@@ -263,12 +258,17 @@ def upgrade_config(
     raw = config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
     raw = move_fields(raw)
     for key, value in OLDER_WORKDIR_DEFAULTS.items():
-        *sections, name = key.split(".")
-        node = raw
-        for section in sections:
-            node = node.setdefault(section, {})
-        node.setdefault(name, value)
+        _set_default(raw, key, value)
     return ml_collections.ConfigDict(raw)
+
+
+def _set_default(raw: dict[str, Any], key: str, value: Any) -> None:
+    """``raw[a][b] = value`` for ``key = "a.b"`` unless the field is set (sections created)."""
+    *sections, name = key.split(".")
+    node = raw
+    for section in sections:
+        node = node.setdefault(section, {})
+    node.setdefault(name, value)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -55,8 +55,7 @@ class TrainedNetwork:
 
     def logits(self, images_uint8: Any) -> jax.Array:
         """Inference logits (running BN statistics) for uint8 images ``[N, H, W, C]``."""
-        x = data.normalize(jax.numpy.asarray(images_uint8), self.mean)
-        return self.model.apply(self.variables, x, train=False)
+        return self.model.apply(self.variables, self.normalize(images_uint8), train=False)
 
     @functools.cached_property
     def inference_model(self) -> networks.StableResNet:
