@@ -19,8 +19,10 @@ Lipschitz bound of the network in its own input is one of the map ``[0,1]``-imag
    layer (4.4) ``‖P‖₂ + ‖Ã_p‖₂``; space-to-depth downsampling ``‖M‖₂``; global pooling (4.5)
    ``(hw)^{-1/2}``; fully connected (4.6) ``‖W‖₂``. For the Lipschitz ResNet-S the norms are
    :mod:`stabnet.lipschitz`'s exact float64 ones. For an image classified correctly with logit
-   margin ``m`` (top minus runner-up), no ``δ`` with ``‖δ‖₂ < m/(√2 L)`` changes the prediction
-   (:func:`certify`).
+   margin ``m`` (top minus runner-up), no ``δ`` with ``‖δ‖₂ < m/(√2 L)`` changes the prediction;
+   the report certifies the larger ``min_j (f_y − f_j)/L_yj`` with the constants
+   ``L_yj = ‖w_y − w_j‖₂ L_g ≤ √2 L`` of the logit differences (:func:`pair_lipschitz`,
+   :func:`certify`).
 3. **PGD** in ℓ₂ (:func:`pgd_fooled`): projected gradient ascent on the cross-entropy (4.6)
    with ``δ`` in the ℓ₂ ball of radius ``r`` and ``x + δ`` clipped to ``[0, 1]``, random start.
    Since every PGD iterate is a perturbation the certificate covers, *certified accuracy ≤ PGD
@@ -543,28 +545,55 @@ def lipschitz_bound(
     return LipschitzBound(total, rows, source)
 
 
+def pair_lipschitz(net: TrainedNetwork, lip: LipschitzBound) -> np.ndarray:
+    """Lipschitz constants ``L_ij`` of the logit differences ``f_i − f_j`` ([K, K], float64).
+
+    The fully connected layer (4.6) is the last, ``f = W g + b`` with ``g`` the globally pooled
+    features, so ``f_i − f_j = (w_i − w_j)ᵀ g + b_i − b_j`` has the constant
+    ``‖w_i − w_j‖₂ · L_g``, ``L_g`` the product of every other layer's bound in ``lip``; never
+    more than the global ``√2 L`` (``‖w_i − w_j‖₂ ≤ √2 ‖W‖₂``), and the smaller of the two is
+    kept (docs/mathematics.md §6, "Certified radii"). The diagonal is 0 (never used)."""
+    (fc,) = [row for row in lip.layers if row["kind"] == "fc"]
+    l_g = float(np.prod([row["bound"] for row in lip.layers if row is not fc]))
+    w = np.asarray(net.variables["params"][fc["name"]]["W"], np.float64)  # [features, K]
+    dist = np.linalg.norm(w[:, :, None] - w[:, None, :], axis=0)
+    return np.minimum(math.sqrt(2.0) * lip.total, dist * l_g)
+
+
 def certify(
     net: TrainedNetwork,
     images: np.ndarray,
     labels: np.ndarray,
-    lipschitz: float,
+    lipschitz: float | np.ndarray,
     *,
     batch_size: int = DEFAULT_BATCH,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Certified ℓ₂ radii ``margin/(√2 L)`` of correctly classified images (0 for the others).
+    """Certified ℓ₂ radii of correctly classified images (0 for the others).
 
-    For the predicted class ``y`` and any ``j ≠ y``, ``(f_y − f_j)(x + δ) ≥ (f_y − f_j)(x) −
-    ‖e_y − e_j‖₂ L ‖δ‖₂ = (f_y − f_j)(x) − √2 L‖δ‖₂``, so no ``‖δ‖₂ < margin/(√2 L)`` changes the
-    prediction (``margin`` = top logit − runner-up). Returns ``{"radius", "correct", "margin",
-    "logits"}`` as numpy arrays.
+    ``lipschitz``: the global bound ``L`` of the logits, or the ``[K, K]`` constants ``L_ij`` of
+    the logit differences (:func:`pair_lipschitz`). For the predicted class ``y`` and any
+    ``j ≠ y``, ``(f_y − f_j)(x + δ) ≥ (f_y − f_j)(x) − L_yj ‖δ‖₂``, so no
+    ``‖δ‖₂ < min_j (f_y − f_j)(x)/L_yj`` changes the prediction; with the global bound
+    ``L_yj = ‖e_y − e_j‖₂ L = √2 L`` and the radius is ``margin/(√2 L)`` (``margin`` = top
+    logit − runner-up). Returns ``{"radius", "correct", "margin", "logits"}`` as numpy arrays.
     """
     logits = forward_logits(net, images, batch_size=batch_size, on_batch=on_batch)
     top2 = np.sort(logits, axis=-1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
-    correct = np.argmax(logits, -1) == np.asarray(labels)
-    radius = np.where(correct, margin / (math.sqrt(2.0) * lipschitz), 0.0)
-    return {"radius": radius, "correct": correct, "margin": margin, "logits": logits}
+    pred = np.argmax(logits, -1)
+    correct = pred == np.asarray(labels)
+    if np.ndim(lipschitz) == 0:
+        radius = margin / (math.sqrt(2.0) * float(lipschitz))
+    else:
+        gaps = np.take_along_axis(logits, pred[:, None], axis=-1) - logits
+        own = np.arange(logits.shape[-1])[None, :] == pred[:, None]
+        pair = np.where(own, 0.0, np.asarray(lipschitz, np.float64)[pred])
+        # gap/L_yj; a constant difference (L_yj = 0) never flips, and the own class never counts
+        free = np.where((gaps > 0) | own, np.inf, 0.0)
+        radius = np.divide(gaps, pair, out=free, where=pair > 0).min(axis=-1)
+    return {"radius": np.where(correct, radius, 0.0), "correct": correct, "margin": margin,
+            "logits": logits}  # fmt: skip
 
 
 def certified_accuracy(certificate: Mapping[str, np.ndarray], radii: Sequence[float]) -> list:
@@ -1016,6 +1045,7 @@ class Attacks:
 
     radii: tuple[float, ...]
     lipschitz: LipschitzBound
+    pairs: np.ndarray  # [K, K] constants of the logit differences (pair_lipschitz)
     certificate: dict[str, np.ndarray]
     pgd: np.ndarray
     random: np.ndarray
@@ -1033,14 +1063,16 @@ def certify_and_attack(
     batch_size: int,
     stage: Callable[..., Callable[[int], None] | None],
 ) -> Attacks:
-    """The global Lipschitz bound (:func:`lipschitz_bound`), the certified radii of the test
-    images ``indices`` and their PGD and random-noise attacks at every radius."""
+    """The global Lipschitz bound (:func:`lipschitz_bound`) and the pair constants
+    (:func:`pair_lipschitz`), the certified radii of the test images ``indices`` and their PGD
+    and random-noise attacks at every radius."""
     n_att = len(indices)
     xa, ya = net.dataset.x_test[indices], net.dataset.y_test[indices]
     tick = stage("Lipschitz bound and certificates", n_att, f"{n_att} images")
     lip = lipschitz_bound(net.inference_model, net.variables, net.image_hw,
                           effective=net.effective_operators)  # fmt: skip
-    cert = certify(net, xa, ya, lip.total, batch_size=batch_size, on_batch=tick)
+    pairs = pair_lipschitz(net, lip)
+    cert = certify(net, xa, ya, pairs, batch_size=batch_size, on_batch=tick)
     attacked = sum(r > 0 for r in radii)
     tick = stage("PGD", attacked * n_att * restarts,
                  f"{attacked} radii × {n_att} images × {restarts} start(s), at most "
@@ -1051,7 +1083,7 @@ def certify_and_attack(
     )  # fmt: skip
     tick = stage("random noise", len(radii) * n_att, f"{len(radii)} radii × {n_att} images")
     rnd = random_noise_fooled(net, xa, ya, radii, seed=seed, batch_size=batch_size, on_batch=tick)
-    return Attacks(radii, lip, cert, pgd, rnd)
+    return Attacks(radii, lip, pairs, cert, pgd, rnd)
 
 
 def _header(net: TrainedNetwork, indices: np.ndarray, attack_indices: np.ndarray, *, seed: int,
@@ -1115,10 +1147,17 @@ def certified_section(attacks: Attacks, *, steps: int, rel_step: float, restarts
     radii, cert, pgd, rnd = attacks.radii, attacks.certificate, attacks.pgd, attacks.random
     correct_radii = cert["radius"][cert["correct"]]
     certified_right = [cert["correct"] & (cert["radius"] >= r) for r in radii]
+    pairs = attacks.pairs[~np.eye(len(attacks.pairs), dtype=bool)]
+    global_radius = cert["margin"] / (math.sqrt(2.0) * attacks.lipschitz.total)
+    global_cert = {"correct": cert["correct"], "radius": global_radius}
     return {
         "radii": list(radii),
         "certified_accuracy": certified_accuracy(cert, radii),
         "certified_accuracy_ci95": [runs.accuracy_interval(c) for c in certified_right],
+        # the radius min_j (f_y − f_j)/L_yj (pair_lipschitz), and margin/(√2 L) beside it
+        "certificate": "pairwise",
+        "pair_lipschitz_range": [float(pairs.min()), float(pairs.max())],
+        "global_certified_accuracy": certified_accuracy(global_cert, radii),
         "pgd_accuracy": [float(np.mean(~f)) for f in pgd],
         "pgd_accuracy_ci95": [runs.accuracy_interval(~f) for f in pgd],
         "random_noise_accuracy": [float(np.mean(~f)) for f in rnd],
@@ -1312,6 +1351,21 @@ def _lipschitz_markdown(lip: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _certificate_sentence(c: Mapping[str, Any], report: Mapping[str, Any]) -> str:
+    """How the radii were certified: pairwise (with the global bound's accuracy beside it) or,
+    in reports written before the pairwise certificate, margin/(√2·L)."""
+    if c.get("certificate") != "pairwise":
+        return "Certified radius = margin/(√2·L);"
+    lo, hi = c["pair_lipschitz_range"]
+    glob = ", ".join(f"{100 * a:.1f}" for a in c["global_certified_accuracy"])
+    return (
+        f"Certified radius = min over j ≠ y of (f_y − f_j)/L_yj, L_yj = min(√2·L, "
+        f"‖w_y − w_j‖₂·L_g) from {lo:.3g} to {hi:.3g} (√2·L = "
+        f"{math.sqrt(2.0) * report['lipschitz']['bound']:.3g}); the global margin/(√2·L) "
+        f"certifies {glob} % at the same radii;"
+    )
+
+
 def _certified_markdown_section(report: Mapping[str, Any]) -> list[str]:
     """The section of certified vs attacked accuracy, with the check certified ≤ PGD."""
     c = report["certified"]
@@ -1320,7 +1374,7 @@ def _certified_markdown_section(report: Mapping[str, Any]) -> list[str]:
         "",
         "## Certified vs attacked accuracy (ℓ₂, [0,1]-pixel units)",
         "",
-        f"{sample_sentence(report, 'attack_sample')}. Certified radius = margin/(√2·L); PGD: "
+        f"{sample_sentence(report, 'attack_sample')}. {_certificate_sentence(c, report)} PGD: "
         f"at most {p['steps']} "
         f"steps, step {p['rel_step']:g}·r/steps, {p['restarts']} random start(s), cross-entropy; "
         "an image fooled at a radius counts as fooled at every larger one. "

@@ -448,7 +448,10 @@ def test_robustness_certified_never_above_pgd(bounded_run):
     assert c["pgd_accuracy"][-1] < 1.0  # the attack breaks images at the largest radius
     assert not report["violation"] and report["violations"] == []
 
-    wrong = robustness.LipschitzBound(total / 100, [], "deliberately too small")
+    # every layer's bound as computed but the first's 100 times too small: L and L_ij ÷ 100
+    layers = [dict(row) for row in report["lipschitz"]["layers"]]
+    layers[0]["bound"] /= 100
+    wrong = robustness.LipschitzBound(total / 100, layers, "deliberately too small")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(robustness, "lipschitz_bound", lambda *a, **k: wrong)
         with pytest.warns(robustness.CertificateViolation):

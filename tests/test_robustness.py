@@ -203,11 +203,50 @@ def test_pgd_ascends_the_loss_beyond_random_noise(evaluated, variant):
     assert np.mean(attacked) > np.mean(random_same_norm) + 0.1
 
 
+def test_pair_constants_bound_every_logit_difference(evaluated):
+    """``|Δ(f_i − f_j)| ≤ L_ij ‖Δx‖₂`` for every class pair on nearby, far and unrelated image
+    pairs, with ``L_ij`` ≤ the global ``√2 L`` and smaller for some pair (the pairwise certificate
+    can only gain); the pairwise radius is never below the global ``margin/(√2 L)``."""
+    key = jax.random.PRNGKey(3)
+    for variant, e in evaluated.items():
+        net = e["run"]
+        lip = robustness.lipschitz_bound(net.inference_model, net.variables, (8, 8))
+        pairs = robustness.pair_lipschitz(net, lip)
+        k = pairs.shape[0]
+        off = ~np.eye(k, dtype=bool)
+        np.testing.assert_array_equal(pairs, pairs.T)
+        assert np.all(pairs[off] <= math.sqrt(2.0) * lip.total) and np.all(pairs[off] > 0)
+        assert pairs[off].min() < math.sqrt(2.0) * lip.total * 0.99, variant
+        x = robustness.to_unit(net.dataset.x_test[:32])
+        others = [jnp.clip(x + s * jax.random.normal(key, x.shape), 0, 1) for s in (0.05, 1.0)]
+        fx = robustness.forward_logits(net, x, batch_size=BATCH)
+        for y in [*others, x[::-1], jax.random.uniform(key, x.shape)]:
+            fy = robustness.forward_logits(net, np.asarray(y), batch_size=BATCH)
+            dist = np.linalg.norm(np.asarray(x - y, np.float64).reshape(len(x), -1), axis=1)
+            d = fx - fy  # [N, K]: |Δ(f_i − f_j)| = |d_i − d_j|
+            moved = np.abs(d[:, :, None] - d[:, None, :])
+            keep = dist > 0
+            allowed = pairs[None] * dist[:, None, None] * (1 + 1e-4) + 1e-6
+            assert np.all(moved[keep] <= allowed[keep]), variant
+        xs, ys = _images(net)
+        pairwise = robustness.certify(net, xs, ys, pairs, batch_size=BATCH)
+        glob = robustness.certify(net, xs, ys, lip.total, batch_size=BATCH)
+        assert np.all(pairwise["radius"] >= glob["radius"] * (1 - 1e-12)), variant
+        c = e["report"]["certified"]
+        assert c["certificate"] == "pairwise"
+        for p, g in zip(c["certified_accuracy"], c["global_certified_accuracy"], strict=True):
+            assert p >= g, variant
+
+
 def test_pgd_does_not_flip_a_certified_image(evaluated):
     e = evaluated["resnet_s_certified"]
     x, y = _images(e["run"])
     lip = e["report"]["lipschitz"]["bound"]
-    cert = robustness.certify(e["run"], x, y, lip, batch_size=BATCH)
+    pairs = robustness.pair_lipschitz(
+        e["run"],
+        robustness.lipschitz_bound(e["run"].inference_model, e["run"].variables, (8, 8)),
+    )
+    cert = robustness.certify(e["run"], x, y, pairs, batch_size=BATCH)
     assert np.all(cert["radius"][~cert["correct"]] == 0) and np.all(cert["radius"] >= 0)
     best = int(np.argmax(cert["radius"]))
     radius = float(cert["radius"][best])
@@ -219,8 +258,9 @@ def test_pgd_does_not_flip_a_certified_image(evaluated):
     )  # fmt: skip
     assert not below[:, best].any()
     assert np.array_equal(below[0], ~cert["correct"] | below[0])  # wrong ones count as fooled
-    # The certificate formula itself, from the training path's logits: margin/(√2·L) where the
+    # The global certificate's formula, from the training path's logits: margin/(√2·L) where the
     # prediction is right (no logit gap moves by more than √2·L·‖δ‖), 0 where it is wrong.
+    cert = robustness.certify(e["run"], x, y, lip, batch_size=BATCH)
     z = np.sort(np.asarray(jax.jit(e["run"].logits)(x), np.float64), axis=-1)
     right = np.argmax(np.asarray(jax.jit(e["run"].logits)(x)), -1) == y
     np.testing.assert_array_equal(cert["correct"], right)
