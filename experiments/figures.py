@@ -132,7 +132,7 @@ def run_info(workdir: str) -> dict[str, Any]:
     results = read_json(os.path.join(workdir, "results.json"))
     model, d = config.get("model", {}), config.get("data", {})
     variant, n = model.get("variant", "?"), model.get("n", 0)
-    if variant not in variants.experiment_names():
+    if variant not in variants.names():
         raise ValueError(f"{workdir}/config.json names no stabnet network (model.variant="
                          f"{variant!r}); is {workdir} a stabnet workdir?")  # fmt: skip
     depth = results["depth"] if results else variants.get(variant).depth(n)

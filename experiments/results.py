@@ -407,9 +407,13 @@ def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
 
 def write_tables(folders: Sequence[str], out: str) -> dict[str, str]:
     """Tables 5.3 and 5.4 (Markdown and CSV) and Figure 5.1 (PNG and CSV) of the runs in
-    ``folders`` into ``out``. Returns the written paths by name."""
+    ``folders`` into ``out``. Returns the written paths by name. The tables are the paper's:
+    runs of a variant beyond it (``variants.experiment_names``, e.g. the Lipschitz ResNet-S,
+    whose loss settings are no ablation of a layer) are left out; their reports stand beside
+    them in their folders."""
     os.makedirs(out, exist_ok=True)
-    infos = [read_run(f) for f in folders]
+    paper = variants.experiment_names()
+    infos = [info for info in map(read_run, folders) if info["variant"] in paper]
     r53, r54 = table_5_3_rows(infos), table_5_4_rows(infos)
     cols_54 = ["network", "depth", "data", "protocol", "source", "run", "status",
                *_table_5_4_columns()]  # fmt: skip

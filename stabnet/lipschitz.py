@@ -53,6 +53,8 @@ cross-entropy at learning rate 0.1, 19 % test accuracy; ``T = 10, m = 0.2``, 19 
 25 % (lr 0.02); the hinge, 19 %; ``T = 100, m = 0.05``, 54 % at lr 0.02 (41 % at 0.005). The
 filters sit at their bounds after a few steps, so the step must be small against them: at
 lr 0.1 the norms before each rescaling were 15–25 % over the bounds, at 0.02 about 1 %.
+On CIFAR-10 (README, short protocol) the temperature trades accuracy for certified radii: at
+``T = 100`` 36.7 % accuracy and 10.6 % certified at 36/255, at ``T = 3`` 19.9 % and 18.4 %.
 """
 
 from __future__ import annotations

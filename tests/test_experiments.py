@@ -396,6 +396,7 @@ def test_results_tables_from_two_tiny_runs(trained_runs, tmp_path):
     for name in ("config.json", "metrics.jsonl"):
         shutil.copyfile(os.path.join(trained_runs["resnet_s"], name), unfinished / name)
     _fake_cifar_run(os.fspath(runs / "d18_cifar"), "resnet_d", 3, 0.81)
+    _fake_cifar_run(os.fspath(runs / "lipschitz"), "resnet_s_lipschitz", 3, 0.3)  # beyond it
     out = os.fspath(tmp_path / "tables")
     written = results.write_tables(results.find_runs(os.fspath(runs)), out)
     _assert_png(written["figure_5_1.png"])
@@ -422,6 +423,7 @@ def test_results_tables_from_two_tiny_runs(trained_runs, tmp_path):
     assert cifar[("ResNet-D", 36)]["status"] == "missing" and cifar[("ResNet-D", 36)]["ours"] == ""
     md = open(os.path.join(out, "table_5_3.md")).read()
     assert "JPEG" in md and "| missing |" in md
+    assert "Lipschitz" not in md and all("Lipschitz" not in r["network"] for r in rows)
 
     rows54 = list(csv_lib.DictReader(open(os.path.join(out, "table_5_4.csv"))))
     ours = {r["network"]: r for r in rows54 if r["source"] == "ours" and r["data"] == "digits"}
