@@ -255,8 +255,7 @@ def upgrade_config(
     :data:`MOVED_FIELDS` under their new keys (:func:`move_fields`), and every field of
     :data:`OLDER_WORKDIR_DEFAULTS` that an older workdir lacks filled in with the value that
     workdir ran with; a new copy (the fields present are kept as they are)."""
-    raw = config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
-    raw = move_fields(raw)
+    raw = move_fields(config.to_dict() if hasattr(config, "to_dict") else dict(config))
     for key, value in OLDER_WORKDIR_DEFAULTS.items():
         _set_default(raw, key, value)
     return ml_collections.ConfigDict(raw)

@@ -580,20 +580,26 @@ def certify(
     """
     logits = forward_logits(net, images, batch_size=batch_size, on_batch=on_batch)
     top2 = np.sort(logits, axis=-1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    pred = np.argmax(logits, -1)
-    correct = pred == np.asarray(labels)
-    if np.ndim(lipschitz) == 0:
-        radius = margin / (math.sqrt(2.0) * float(lipschitz))
-    else:
-        gaps = np.take_along_axis(logits, pred[:, None], axis=-1) - logits
-        own = np.arange(logits.shape[-1])[None, :] == pred[:, None]
-        pair = np.where(own, 0.0, np.asarray(lipschitz, np.float64)[pred])
-        # gap/L_yj; a constant difference (L_yj = 0) never flips, and the own class never counts
-        free = np.where((gaps > 0) | own, np.inf, 0.0)
-        radius = np.divide(gaps, pair, out=free, where=pair > 0).min(axis=-1)
-    return {"radius": np.where(correct, radius, 0.0), "correct": correct, "margin": margin,
+    correct = np.argmax(logits, -1) == np.asarray(labels)
+    radius = np.where(correct, prediction_radius(logits, lipschitz), 0.0)
+    return {"radius": radius, "correct": correct, "margin": top2[:, 1] - top2[:, 0],
             "logits": logits}  # fmt: skip
+
+
+def prediction_radius(logits: np.ndarray, lipschitz: float | np.ndarray) -> np.ndarray:
+    """``min_{j≠y} (f_y − f_j)/L_yj`` for the predicted class ``y`` of each row of ``logits``:
+    the ℓ₂ radius in which the prediction cannot change (:func:`certify`); a scalar
+    ``lipschitz`` ``L`` stands for ``L_yj = √2 L``, the radius ``margin/(√2 L)``."""
+    k = logits.shape[-1]
+    if np.ndim(lipschitz) == 0:
+        lipschitz = np.full((k, k), math.sqrt(2.0) * float(lipschitz))
+    pred = np.argmax(logits, -1)
+    gaps = np.take_along_axis(logits, pred[:, None], axis=-1) - logits
+    own = np.arange(k)[None, :] == pred[:, None]
+    pair = np.where(own, 0.0, np.asarray(lipschitz, np.float64)[pred])
+    # gap/L_yj; a constant difference (L_yj = 0) never flips, and the own class never counts
+    free = np.where((gaps > 0) | own, np.inf, 0.0)
+    return np.divide(gaps, pair, out=free, where=pair > 0).min(axis=-1)
 
 
 def certified_accuracy(certificate: Mapping[str, np.ndarray], radii: Sequence[float]) -> list:
@@ -1148,7 +1154,7 @@ def certified_section(attacks: Attacks, *, steps: int, rel_step: float, restarts
     correct_radii = cert["radius"][cert["correct"]]
     certified_right = [cert["correct"] & (cert["radius"] >= r) for r in radii]
     pairs = attacks.pairs[~np.eye(len(attacks.pairs), dtype=bool)]
-    global_radius = cert["margin"] / (math.sqrt(2.0) * attacks.lipschitz.total)
+    global_radius = prediction_radius(cert["logits"], attacks.lipschitz.total)
     global_cert = {"correct": cert["correct"], "radius": global_radius}
     return {
         "radii": list(radii),

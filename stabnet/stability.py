@@ -469,40 +469,6 @@ def _magnitudes(magnitudes: Sequence[float], ascent_radius: float) -> tuple[floa
     return mags if ascent_radius in mags else (*mags, float(ascent_radius))
 
 
-def measure_sensitivity(
-    fn: Callable,
-    variables: Any,
-    x: jax.Array,
-    seed: int | Sequence[int],
-    *,
-    magnitudes: Sequence[float],
-    ascent_radius: float,
-    ascent_steps: int,
-    forward: Callable[[jax.Array], jax.Array] | None = None,
-    scale: float | None = None,
-    on_step: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Random and ascent sensitivity of ``fn`` at the inputs ``x`` (radii relative to ``scale``,
-    by default the mean ``‖x‖₂`` of the batch; one Gaussian direction per example and radius,
-    seeded by ``seed``).
-
-    Returns plain floats: ``random`` (per magnitude: radius, mean/max ratio in ℓ₂, max in ℓ∞),
-    ``ascent`` (mean/max in ℓ₂, see :func:`gradient_ascent`), ``l2_max`` (the largest ℓ₂ ratio
-    seen) and ``linf_max`` (the largest ℓ∞ ratio of the random probes)."""
-    mags = _magnitudes(magnitudes, ascent_radius)
-    if scale is None:
-        scale = float(jnp.mean(_norm(x)))
-    scale = scale if scale > 0 else 1.0
-    radii = np.asarray([m * scale for m in mags], np.float64)
-    r2, rinf, asc = sensitivity_arrays(
-        fn, variables, x, np.random.default_rng(seed), radii,
-        ascent_index=mags.index(float(ascent_radius)), ascent_steps=ascent_steps,
-        forward=forward, on_step=on_step,
-    )  # fmt: skip
-    return sensitivity_summary(mags, radii, scale, r2, rinf, asc, ascent_radius=ascent_radius,
-                               ascent_steps=ascent_steps)  # fmt: skip
-
-
 # --------------------------------------------------------------------------------------------
 # Bounds and their checks.
 # --------------------------------------------------------------------------------------------
